@@ -1,0 +1,91 @@
+"""Typed errors of the replica layer.
+
+Every error carries a stable `code` so it can cross the wire (replica/protocol.py) and be
+rebuilt as the same type on the client side. Callers branch on types, never on messages.
+"""
+
+from __future__ import annotations
+
+
+class ReplicaError(Exception):
+    code = "EIO"
+
+
+class StaleEpoch(ReplicaError):
+    """A request carried an epoch below the highest the volume was opened with (invariant 4)."""
+
+    code = "STALE_EPOCH"
+
+
+class NoSpace(ReplicaError):
+    code = "ENOSPC"
+
+
+class OutOfRange(ReplicaError):
+    code = "EINVAL"
+
+
+class UnknownVolume(ReplicaError):
+    code = "UNKNOWN_VOLUME"
+
+
+class ReplicaUnavailable(ReplicaError):
+    """The replica could not be reached or did not answer in time."""
+
+    code = "UNAVAILABLE"
+
+
+class ProtocolError(ReplicaError):
+    code = "PROTOCOL"
+
+
+class DiskError(ReplicaError):
+    """A disk cannot be used as it is."""
+
+    code = "DISK"
+
+
+class NotFormatted(DiskError):
+    code = "NOT_FORMATTED"
+
+
+class CorruptSuperblock(DiskError):
+    code = "CORRUPT_SUPERBLOCK"
+
+
+class UnsupportedFormat(DiskError):
+    code = "UNSUPPORTED_FORMAT"
+
+
+class ForeignDisk(DiskError):
+    """The disk was formatted for another cluster."""
+
+    code = "FOREIGN_DISK"
+
+
+class DiskInUse(DiskError):
+    code = "DISK_IN_USE"
+
+
+_BY_CODE: dict[str, type[ReplicaError]] = {
+    cls.code: cls
+    for cls in (
+        ReplicaError,
+        StaleEpoch,
+        NoSpace,
+        OutOfRange,
+        UnknownVolume,
+        ReplicaUnavailable,
+        ProtocolError,
+        DiskError,
+        NotFormatted,
+        CorruptSuperblock,
+        UnsupportedFormat,
+        ForeignDisk,
+        DiskInUse,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> ReplicaError:
+    return _BY_CODE.get(code, ReplicaError)(message)
