@@ -1,0 +1,1 @@
+"""Cluster membership and state through etcd. Imports neither `replica` nor `pxcluster`."""

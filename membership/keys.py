@@ -1,0 +1,78 @@
+"""The etcd key schema: the only module that builds key strings.
+
+Everything lives under `/pxc/<cluster>/`; see DESIGN.md "etcd keys".
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        self.root = f"/pxc/{cluster}/"
+
+    def _k(self, *parts: str) -> bytes:
+        return (self.root + "/".join(parts)).encode()
+
+    def cluster_record(self) -> bytes:
+        return self._k("cluster")
+
+    def leader(self) -> bytes:
+        return self._k("leader")
+
+    def nodes_prefix(self) -> bytes:
+        return self._k("nodes", "")
+
+    def node(self, node_id: str) -> bytes:
+        return self._k("nodes", node_id)
+
+    def alive_prefix(self) -> bytes:
+        return self._k("alive", "")
+
+    def alive(self, node_id: str) -> bytes:
+        return self._k("alive", node_id)
+
+    def volumes_prefix(self) -> bytes:
+        return self._k("volumes", "")
+
+    def volume(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id)
+
+    def volume_sub_prefix(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "")
+
+    def epoch(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "epoch")
+
+    def attachment(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "attachment")
+
+    def target(self, volume_id: str) -> bytes:
+        """Desired attach node, written by the CLI/API, reconciled by node agents."""
+        return self._k("volumes", volume_id, "target")
+
+    def replicas_prefix(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "replicas", "")
+
+    def replica(self, volume_id: str, node_id: str) -> bytes:
+        return self._k("volumes", volume_id, "replicas", node_id)
+
+    def name(self, volume_name: str) -> bytes:
+        return self._k("names", volume_name)
+
+    def trash_prefix(self, node_id: str) -> bytes:
+        return self._k("trash", node_id, "")
+
+    def trash(self, node_id: str, volume_id: str) -> bytes:
+        """A deleted volume whose chunks `node_id` still has to free."""
+        return self._k("trash", node_id, volume_id)
+
+    def ops_prefix(self) -> bytes:
+        return self._k("ops", "")
+
+    def op(self, op_id: str) -> bytes:
+        return self._k("ops", op_id)
+
+    def split(self, key: bytes) -> list[str]:
+        """Parts of a key below the cluster root."""
+        return key.decode().removeprefix(self.root).split("/")

@@ -1,0 +1,94 @@
+"""Typed records stored in etcd, as JSON. `to_dict`/`from_dict` live here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Self
+
+NODE_STATES = ("active", "cordoned", "draining", "drained", "removed")
+REPLICA_STATES = ("in_sync", "stale", "rebuilding")
+
+
+class _Record:
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Self:
+        return cls.from_dict(json.loads(raw))
+
+
+@dataclass(frozen=True)
+class ClusterRecord(_Record):
+    name: str
+    id: str
+    created: float
+
+
+@dataclass(frozen=True)
+class DiskRecord(_Record):
+    path: str
+    disk_id: str
+    capacity: int
+    used: int
+
+
+@dataclass(frozen=True)
+class NodeRecord(_Record):
+    id: str
+    name: str
+    address: str
+    data_port: int
+    nbd_port: int
+    api_port: int
+    zone: str = ""
+    state: str = "active"
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    capacity: int = 0
+    used: int = 0
+    boot_id: str = ""
+    data_dir: str = ""
+
+    def disk_records(self) -> list[DiskRecord]:
+        return [DiskRecord.from_dict(d) for d in self.disks]
+
+
+@dataclass(frozen=True)
+class VolumeRecord(_Record):
+    id: str
+    name: str
+    size: int
+    chunk_size: int
+    repl: int
+    replica_nodes: list[str]
+    sync_writes: bool = False
+    state: str = "ready"
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class Attachment(_Record):
+    node: str
+    epoch: int
+    state: str = "opening"  # opening -> serving
+
+
+@dataclass(frozen=True)
+class AttachTarget(_Record):
+    node: str
+
+
+@dataclass(frozen=True)
+class ReplicaState(_Record):
+    node: str
+    state: str  # one of REPLICA_STATES
+    since_epoch: int = 0

@@ -1,0 +1,28 @@
+"""Send one call to every replica at once and sort the outcomes by replica."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+from replica.api import ReplicaAPI
+
+T = TypeVar("T")
+
+
+async def fan_out(
+    replicas: Mapping[str, ReplicaAPI], call: Callable[[ReplicaAPI], Awaitable[T]]
+) -> tuple[dict[str, T], dict[str, BaseException]]:
+    names = list(replicas)
+    results = await asyncio.gather(*(call(replicas[n]) for n in names), return_exceptions=True)
+    ok: dict[str, T] = {}
+    failed: dict[str, BaseException] = {}
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            failed[name] = result
+        else:
+            ok[name] = result
+    return ok, failed

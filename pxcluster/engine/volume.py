@@ -1,0 +1,250 @@
+"""The volume engine: one per attached volume, on the attach node.
+
+It is an NBD `Export`: it splits requests at chunk boundaries, sends each write to every
+in-sync replica at once and acknowledges only when all hold it (invariant 1). A replica that
+fails is dropped from the in-sync set only after etcd recorded it stale under this engine's
+epoch (invariant 2); if that cannot be recorded, the write fails. Before any acknowledgement
+the engine checks that its node's lease is safe (invariant 4, self-fencing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
+from pxcluster.engine.fanout import fan_out
+from pxcluster.engine.reconcile import reconcile_dirty
+from pxcluster.engine.state import ReplicaStateWriter
+from replica.api import ReplicaAPI, VolumeInfo
+from replica.errors import StaleEpoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    chunk: int
+    offset: int  # inside the chunk
+    start: int  # inside the request
+    length: int
+
+
+def split(offset: int, length: int, chunk_size: int) -> Iterator[Piece]:
+    pos = offset
+    end = offset + length
+    while pos < end:
+        chunk, inner = divmod(pos, chunk_size)
+        n = min(chunk_size - inner, end - pos)
+        yield Piece(chunk, inner, pos - offset, n)
+        pos += n
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    id: str
+    name: str
+    size: int
+    chunk_size: int
+    sync_writes: bool
+
+
+@dataclass(frozen=True)
+class OpenReport:
+    opened: list[str]
+    marked_stale: list[str]
+    reconciled_chunks: int
+
+
+class VolumeEngine:
+    def __init__(
+        self,
+        spec: VolumeSpec,
+        epoch: int,
+        replicas: dict[str, ReplicaAPI],
+        *,
+        local_node: str,
+        state: ReplicaStateWriter,
+        lease_ok: Callable[[], bool],
+        on_fenced: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.size = spec.size
+        self.epoch = epoch
+        self.local_node = local_node
+        self._all = replicas
+        self.in_sync: dict[str, ReplicaAPI] = {}
+        self._state = state
+        self._lease_ok = lease_ok
+        self._on_fenced = on_fenced
+        self._seq = itertools.count(1)
+        self._dirty: set[int] = set()
+        self.fenced = False
+        self._degrade_lock = asyncio.Lock()
+
+    # --- lifecycle
+
+    async def open(self) -> OpenReport:
+        """Open every replica with this epoch; at least one must open (invariant 3)."""
+        s = self.spec
+
+        async def do_open(r: ReplicaAPI) -> VolumeInfo:
+            return await r.open(s.id, self.epoch, s.size, s.chunk_size, sync_writes=s.sync_writes)
+
+        infos, failed = await fan_out(self._all, do_open)
+        for node, err in failed.items():
+            log.warning(
+                "volume %s epoch %d: replica %s did not open: %r", s.name, self.epoch, node, err
+            )
+        if not infos:
+            raise NoInSyncReplica(f"volume {s.name}: no in-sync replica could be opened")
+        if failed and not await self._state.mark_stale(sorted(failed)):
+            raise Fenced(f"volume {s.name}: epoch {self.epoch} is no longer current")
+        self.in_sync = {n: self._all[n] for n in sorted(infos)}
+        count = await reconcile_dirty(s.id, self.epoch, self.in_sync, infos)
+        return OpenReport(sorted(infos), sorted(failed), count)
+
+    async def close(self) -> None:
+        """Clean detach: flush everywhere, then record every chunk as clean."""
+        if self.fenced:
+            return
+        await self.flush()
+        dirty = sorted(self._dirty)
+        if dirty:
+            await self._fan_write(lambda r: r.mark_clean(self.spec.id, self.epoch, dirty))
+        self._dirty.clear()
+
+    # --- Export (NBD frontend)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        parts = [await self._read_piece(p) for p in split(offset, length, self.spec.chunk_size)]
+        self._guard()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self._check(offset, len(data))
+        seq = next(self._seq)
+        durable = fua or self.spec.sync_writes
+        pieces = list(split(offset, len(data), self.spec.chunk_size))
+        self._dirty.update(p.chunk for p in pieces)
+        vid, epoch = self.spec.id, self.epoch
+
+        async def one(r: ReplicaAPI) -> None:
+            if len(pieces) == 1:
+                p = pieces[0]
+                await r.write(vid, epoch, p.chunk, p.offset, data, seq=seq, durable=durable)
+                return
+            await asyncio.gather(
+                *(
+                    r.write(
+                        vid,
+                        epoch,
+                        p.chunk,
+                        p.offset,
+                        data[p.start : p.start + p.length],
+                        seq=seq,
+                        durable=durable,
+                    )
+                    for p in pieces
+                )
+            )
+
+        await self._fan_write(one)
+
+    async def flush(self) -> None:
+        await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._check(offset, length)
+        seq = next(self._seq)
+        pieces = list(split(offset, length, self.spec.chunk_size))
+        self._dirty.update(p.chunk for p in pieces)
+        vid, epoch = self.spec.id, self.epoch
+
+        async def one(r: ReplicaAPI) -> None:
+            for p in pieces:
+                await r.trim(vid, epoch, p.chunk, p.offset, p.length, seq=seq)
+            if fua or self.spec.sync_writes:
+                await r.flush(vid, epoch)
+
+        await self._fan_write(one)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        # Trim zero-fills partial ranges and frees whole chunks: the same bytes either way.
+        await self.trim(offset, length, fua)
+
+    # --- internals
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfBounds(f"range {offset}+{length} outside volume of {self.size} bytes")
+
+    def _guard(self) -> None:
+        if self.fenced:
+            raise Fenced(f"volume {self.name}: engine fenced")
+        if not self._lease_ok():
+            self._fence("node lease not safely renewed")
+            raise Fenced(f"volume {self.name}: node lease at risk, I/O stopped")
+
+    def _fence(self, why: str) -> None:
+        if self.fenced:
+            return
+        self.fenced = True
+        log.error("volume %s epoch %d: fenced: %s", self.name, self.epoch, why)
+        if self._on_fenced is not None:
+            asyncio.get_running_loop().create_task(self._on_fenced())
+
+    async def _fan_write(self, call: Callable[[ReplicaAPI], Awaitable[None]]) -> None:
+        self._guard()
+        replicas = dict(self.in_sync)
+        if not replicas:
+            raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+        _, failed = await fan_out(replicas, call)
+        if failed:
+            await self._degrade(failed)
+        self._guard()
+
+    async def _degrade(self, failed: dict[str, BaseException]) -> None:
+        if any(isinstance(e, StaleEpoch) for e in failed.values()):
+            self._fence("a replica holds a newer epoch")
+            raise Fenced(f"volume {self.name}: a newer epoch took over")
+        async with self._degrade_lock:
+            gone = sorted(n for n in failed if n in self.in_sync)
+            if gone:
+                for n in gone:
+                    log.warning(
+                        "volume %s epoch %d: replica %s failed: %r",
+                        self.name,
+                        self.epoch,
+                        n,
+                        failed[n],
+                    )
+                # Invariant 2: the stale mark is durable in etcd before anything is acknowledged.
+                if not await self._state.mark_stale(gone):
+                    raise VolumeIOError(
+                        f"volume {self.name}: could not record replicas {gone} stale; write failed"
+                    )
+                for n in gone:
+                    self.in_sync.pop(n, None)
+        if not self.in_sync:
+            raise NoInSyncReplica(f"volume {self.name}: every in-sync replica failed")
+
+    async def _read_piece(self, p: Piece) -> bytes:
+        order = sorted(self.in_sync, key=lambda n: n != self.local_node)
+        for node in order:
+            try:
+                return await self.in_sync[node].read(
+                    self.spec.id, self.epoch, p.chunk, p.offset, p.length
+                )
+            except StaleEpoch:
+                self._fence("a replica holds a newer epoch")
+                raise Fenced(f"volume {self.name}: a newer epoch took over") from None
+            except Exception as e:
+                if node in self.in_sync:
+                    await self._degrade({node: e})
+        raise NoInSyncReplica(f"volume {self.name}: no replica could serve the read")

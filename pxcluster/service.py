@@ -1,0 +1,343 @@
+"""The one service layer behind the CLI and the REST API: reads and writes desired state in
+etcd. Node agents and controllers reconcile it; nothing here talks to a replica directly."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from membership.election import current_leader
+from membership.etcd import Etcd
+from membership.keys import Keys
+from membership.records import (
+    Attachment,
+    AttachTarget,
+    ClusterRecord,
+    NodeRecord,
+    ReplicaState,
+    VolumeRecord,
+)
+from pxcluster.errors import (
+    DuplicateName,
+    InvalidArgument,
+    NodeBusy,
+    OperationTimeout,
+    UnknownNode,
+    UnknownVolume,
+    VolumeBusy,
+)
+from pxcluster.placement import Candidate, place
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_VOLUME_SIZE = 1 << 50
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    """A volume with everything etcd says about it, read at one moment."""
+
+    record: VolumeRecord
+    epoch: int
+    attachment: Attachment | None
+    target: AttachTarget | None
+    replicas: dict[str, ReplicaState]
+
+
+class Service:
+    def __init__(self, etcd: Etcd, cluster: str) -> None:
+        self.etcd = etcd
+        self.keys = Keys(cluster)
+
+    # --- nodes
+
+    async def cluster_record(self) -> ClusterRecord | None:
+        kv = await self.etcd.get(self.keys.cluster_record())
+        return None if kv is None else ClusterRecord.decode(kv.value)
+
+    async def nodes(self) -> list[NodeRecord]:
+        kvs = await self.etcd.get_prefix(self.keys.nodes_prefix())
+        return sorted((NodeRecord.decode(kv.value) for kv in kvs), key=lambda n: n.name)
+
+    async def alive(self) -> set[str]:
+        kvs = await self.etcd.get_prefix(self.keys.alive_prefix())
+        return {self.keys.split(kv.key)[-1] for kv in kvs}
+
+    async def find_node(self, name_or_id: str) -> NodeRecord:
+        for n in await self.nodes():
+            if name_or_id in (n.name, n.id) and n.state != "removed":
+                return n
+        raise UnknownNode(f"unknown node {name_or_id!r}")
+
+    async def node_list(self) -> list[dict[str, Any]]:
+        alive = await self.alive()
+        return [
+            {
+                "id": n.id,
+                "name": n.name,
+                "address": n.address,
+                "state": n.state,
+                "up": n.id in alive,
+                "capacity": n.capacity,
+                "used": n.used,
+                "zone": n.zone,
+                "data_port": n.data_port,
+                "nbd_port": n.nbd_port,
+                "api_port": n.api_port,
+            }
+            for n in await self.nodes()
+            if n.state != "removed"
+        ]
+
+    async def cluster_status(self) -> dict[str, Any]:
+        record = await self.cluster_record()
+        nodes = await self.node_list()
+        leader_id = await current_leader(self.etcd, self.keys)
+        names = {n["id"]: n["name"] for n in nodes}
+        volumes = await self.etcd.get_prefix(self.keys.volumes_prefix())
+        return {
+            "cluster": self.keys.cluster,
+            "id": record.id if record else None,
+            "etcd": self.etcd.url,
+            "leader": names.get(leader_id or "", leader_id),
+            "nodes_up": sum(1 for n in nodes if n["up"]),
+            "nodes_total": len(nodes),
+            "capacity": sum(n["capacity"] for n in nodes),
+            "used": sum(n["used"] for n in nodes),
+            "volumes": sum(1 for kv in volumes if len(self.keys.split(kv.key)) == 2),
+        }
+
+    async def set_node_state(self, name: str, state: str, *, allowed_from: tuple[str, ...]) -> None:
+        for _ in range(10):
+            node = await self.find_node(name)
+            kv = await self.etcd.get(self.keys.node(node.id))
+            assert kv is not None
+            if node.state == state:
+                return
+            if node.state not in allowed_from:
+                raise NodeBusy(f"node {node.name} is {node.state}; cannot make it {state}")
+            updated = NodeRecord.from_dict({**node.to_dict(), "state": state})
+            txn = self.etcd.txn().unchanged(self.keys.node(node.id), kv.mod_revision)
+            if await self.etcd.commit(txn.put(self.keys.node(node.id), updated.encode())):
+                return
+        raise OperationTimeout(f"node {name} kept changing; try again")
+
+    async def remove_node(self, name: str) -> None:
+        node = await self.find_node(name)
+        if node.id in await self.alive():
+            raise NodeBusy(f"node {node.name} is up; stop it (or drain it) before removing it")
+        holders = [v.record.name for v in await self.volumes() if node.id in v.replicas]
+        if holders:
+            held = ", ".join(sorted(holders))
+            raise NodeBusy(f"node {node.name} still holds replicas of {held}; drain it first")
+        await self.etcd.delete(self.keys.node(node.id))
+
+    # --- volumes
+
+    async def volume_id(self, name: str) -> str:
+        kv = await self.etcd.get(self.keys.name(name))
+        if kv is None:
+            raise UnknownVolume(f"unknown volume {name!r}")
+        return kv.value.decode()
+
+    async def volume(self, name: str) -> VolumeView:
+        return await self._volume_by_id(await self.volume_id(name), name)
+
+    async def _volume_by_id(self, vid: str, name: str = "") -> VolumeView:
+        kvs = await self.etcd.get_prefix(self.keys.volume_sub_prefix(vid))
+        record_kv = await self.etcd.get(self.keys.volume(vid))
+        if record_kv is None:
+            raise UnknownVolume(f"unknown volume {name or vid!r}")
+        return self._view(VolumeRecord.decode(record_kv.value), kvs)
+
+    def _view(self, record: VolumeRecord, kvs: list[Any]) -> VolumeView:
+        epoch, attachment, target = 0, None, None
+        replicas: dict[str, ReplicaState] = {}
+        for kv in kvs:
+            parts = self.keys.split(kv.key)[2:]
+            if parts == ["epoch"]:
+                epoch = int(kv.value)
+            elif parts == ["attachment"]:
+                attachment = Attachment.decode(kv.value)
+            elif parts == ["target"]:
+                target = AttachTarget.decode(kv.value)
+            elif len(parts) == 2 and parts[0] == "replicas":
+                replicas[parts[1]] = ReplicaState.decode(kv.value)
+        return VolumeView(record, epoch, attachment, target, replicas)
+
+    async def volumes(self) -> list[VolumeView]:
+        kvs = await self.etcd.get_prefix(self.keys.volumes_prefix())
+        by_id: dict[str, list[Any]] = {}
+        records: dict[str, VolumeRecord] = {}
+        for kv in kvs:
+            parts = self.keys.split(kv.key)
+            if len(parts) == 2:
+                records[parts[1]] = VolumeRecord.decode(kv.value)
+            else:
+                by_id.setdefault(parts[1], []).append(kv)
+        views = [self._view(rec, by_id.get(vid, [])) for vid, rec in records.items()]
+        return sorted(views, key=lambda v: v.record.name)
+
+    async def create_volume(
+        self, name: str, size: int, repl: int = 1, *, sync_writes: bool = False
+    ) -> VolumeView:
+        if not _DNS_LABEL.match(name):
+            raise InvalidArgument(
+                f"invalid volume name {name!r}: use a DNS label (a-z, 0-9, '-', at most 63)"
+            )
+        if not 1 <= repl <= 3:
+            raise InvalidArgument(f"invalid --repl {repl}: must be 1, 2 or 3")
+        if size <= 0 or size > MAX_VOLUME_SIZE or size % 512:
+            raise InvalidArgument(f"invalid size {size}: a positive multiple of 512 bytes")
+        if await self.etcd.get(self.keys.name(name)) is not None:
+            raise DuplicateName(f"volume {name!r} already exists")
+        nodes = await self.nodes()
+        alive = await self.alive()
+        candidates = [Candidate(n, n.id in alive, n.capacity - n.used) for n in nodes]
+        placed = place([c for c in candidates if c.node.state != "removed"], repl, size)
+        vid = uuid.uuid4().hex[:16]
+        record = VolumeRecord(
+            id=vid,
+            name=name,
+            size=size,
+            chunk_size=DEFAULT_CHUNK_SIZE,
+            repl=repl,
+            replica_nodes=placed,
+            sync_writes=sync_writes,
+            created=time.time(),
+        )
+        txn = (
+            self.etcd.txn()
+            .absent(self.keys.name(name))
+            .put(self.keys.name(name), vid.encode())
+            .put(self.keys.volume(vid), record.encode())
+            .put(self.keys.epoch(vid), b"0")
+        )
+        for node_id in placed:
+            txn.put(self.keys.replica(vid, node_id), ReplicaState(node_id, "in_sync", 0).encode())
+        if not await self.etcd.commit(txn):
+            raise DuplicateName(f"volume {name!r} already exists")
+        return await self._volume_by_id(vid, name)
+
+    async def delete_volume(self, name: str) -> None:
+        view = await self.volume(name)
+        vid = view.record.id
+        if view.attachment is not None or view.target is not None:
+            where = await self._node_name(view.attachment.node if view.attachment else "")
+            raise VolumeBusy(f"volume {name!r} is attached{where}; detach it first")
+        txn = (
+            self.etcd.txn()
+            .absent(self.keys.attachment(vid))
+            .absent(self.keys.target(vid))
+            .delete(self.keys.name(name))
+            .delete(self.keys.volume(vid))
+            .delete_prefix(self.keys.volume_sub_prefix(vid))
+        )
+        # Each replica node frees its chunks when it sees its trash entry, even if it is down now.
+        for node_id in view.replicas:
+            txn.put(self.keys.trash(node_id, vid), name.encode())
+        if not await self.etcd.commit(txn):
+            raise VolumeBusy(f"volume {name!r} changed while deleting (attached?); try again")
+
+    async def _node_name(self, node_id: str) -> str:
+        for n in await self.nodes():
+            if n.id == node_id:
+                return f" on {n.name}"
+        return ""
+
+    async def attach(self, name: str, node_name: str) -> VolumeView:
+        view = await self.volume(name)
+        node = await self.find_node(node_name)
+        vid = view.record.id
+        if view.target is not None and view.target.node != node.id:
+            other = await self._node_name(view.target.node)
+            raise VolumeBusy(
+                f"volume {name!r} is attached{other}; detach it or use 'volume failover' first"
+            )
+        if node.state not in ("active",) and not (view.target and view.target.node == node.id):
+            raise NodeBusy(f"node {node.name} is {node.state}: no new attachments land there")
+        if node.id not in await self.alive():
+            raise NodeBusy(f"node {node.name} is down")
+        txn = self.etcd.txn().present(self.keys.volume(vid))
+        if view.target is None:
+            txn.absent(self.keys.target(vid))
+        if await self.etcd.commit(txn.put(self.keys.target(vid), AttachTarget(node.id).encode())):
+            return await self.volume(name)
+        raise VolumeBusy(f"volume {name!r} changed while attaching; try again")
+
+    async def detach(self, name: str) -> VolumeView:
+        view = await self.volume(name)
+        await self.etcd.delete(self.keys.target(view.record.id))
+        return await self.volume(name)
+
+    async def wait_attached(self, name: str, node_id: str, timeout: float) -> VolumeView:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.volume(name)
+            a = view.attachment
+            if a is not None and a.node == node_id and a.state == "serving":
+                return view
+            if view.target is None or view.target.node != node_id:
+                raise VolumeBusy(f"volume {name!r}: attach to this node was cancelled")
+            if time.monotonic() > deadline:
+                raise OperationTimeout(
+                    f"volume {name!r} not serving after {timeout:.0f}s (attach still pending)"
+                )
+            await asyncio.sleep(0.1)
+
+    async def wait_detached(self, name: str, timeout: float) -> VolumeView:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.volume(name)
+            if view.attachment is None:
+                return view
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"volume {name!r} still attached after {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+    async def inspect(self, view: VolumeView) -> dict[str, Any]:
+        nodes = {n.id: n for n in await self.nodes()}
+        a = view.attachment
+        attached = nodes.get(a.node) if a is not None and a.state == "serving" else None
+        if attached is not None:
+            state = "attached"
+        elif view.target is not None:
+            state = "attaching"
+        elif a is not None:
+            state = "detaching"
+        else:
+            state = "detached"
+        replicas = [
+            {
+                "node": nodes[r.node].name if r.node in nodes else r.node,
+                "node_id": r.node,
+                "state": r.state,
+                "since_epoch": r.since_epoch,
+            }
+            for r in sorted(view.replicas.values(), key=lambda r: r.node)
+        ]
+        return {
+            "id": view.record.id,
+            "name": view.record.name,
+            "size": view.record.size,
+            "repl": view.record.repl,
+            "state": state,
+            "health": "healthy"
+            if all(r.state == "in_sync" for r in view.replicas.values())
+            and len(view.replicas) >= view.record.repl
+            else "degraded",
+            "attached_node": attached.name if attached else None,
+            "nbd_uri": nbd_uri(attached, view.record.name) if attached else None,
+            "epoch": view.epoch,
+            "sync_writes": view.record.sync_writes,
+            "chunk_size": view.record.chunk_size,
+            "replicas": replicas,
+        }
+
+
+def nbd_uri(node: NodeRecord, volume_name: str) -> str:
+    return f"nbd://{node.address}:{node.nbd_port}/{volume_name}"
