@@ -4,6 +4,7 @@ replicas before the volume serves I/O, so an unacknowledged write is everywhere 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from pxcluster.engine.fanout import fan_out
 from replica.api import Generation, ReplicaAPI, VolumeInfo
@@ -43,9 +44,7 @@ async def reconcile_dirty(
             source = choose_source(chunk, gens, infos)
             data, gen = await replicas[source].read_chunk(volume, epoch, chunk)
             targets = {n: r for n, r in replicas.items() if n != source}
-            _, failed = await fan_out(
-                targets, lambda r, c=chunk, d=data, g=gen: r.write_chunk(volume, epoch, c, d, g)
-            )
+            _, failed = await fan_out(targets, _install(volume, epoch, chunk, data, gen))
             if failed:
                 raise next(iter(failed.values()))
     _, failed = await fan_out(replicas, lambda r: r.flush(volume, epoch))
@@ -56,3 +55,9 @@ async def reconcile_dirty(
         raise next(iter(failed.values()))
     log.info("volume %s epoch %d: reconciled %d dirty chunks", volume, epoch, len(dirty))
     return len(dirty)
+
+
+def _install(
+    volume: str, epoch: int, chunk: int, data: bytes | None, gen: Generation
+) -> Callable[[ReplicaAPI], Awaitable[None]]:
+    return lambda r: r.write_chunk(volume, epoch, chunk, data, gen)

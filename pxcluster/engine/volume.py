@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.fanout import fan_out
@@ -69,7 +70,7 @@ class VolumeEngine:
         local_node: str,
         state: ReplicaStateWriter,
         lease_ok: Callable[[], bool],
-        on_fenced: Callable[[], Awaitable[None]] | None = None,
+        on_fenced: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
