@@ -1,0 +1,239 @@
+"""The node agent: makes this node's engines match what etcd asks for.
+
+It attaches volumes whose target is this node (invariant 3: epoch bump and attachment bound to
+this node's lease, in one transaction, before the engine opens the replicas), detaches those no
+longer targeted here, fences every engine when the lease is at risk, and frees the chunks of
+deleted volumes. State is re-read on every pass, so a missed event or a CLI that died half way
+costs one pass, never a stuck volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from membership.etcd import Etcd, EtcdUnavailable
+from membership.keys import Keys
+from membership.lease import LeaseKeeper
+from membership.records import Attachment, NodeRecord
+from pxcluster.engine.state import EtcdReplicaState
+from pxcluster.engine.volume import VolumeEngine, VolumeSpec
+from pxcluster.nbd.export import ExportRegistry
+from pxcluster.service import Service, VolumeView
+from replica.api import ReplicaAPI
+from replica.client import ReplicaClient
+
+log = logging.getLogger(__name__)
+
+
+class Peers:
+    """One replica client per peer node, reused by every engine on this node."""
+
+    def __init__(self, local_id: str, local: ReplicaAPI) -> None:
+        self.local_id = local_id
+        self.local = local
+        self._clients: dict[str, tuple[tuple[str, int], ReplicaClient]] = {}
+
+    def get(self, node: NodeRecord) -> ReplicaAPI:
+        if node.id == self.local_id:
+            return self.local
+        where = (node.address, node.data_port)
+        known = self._clients.get(node.id)
+        if known is None or known[0] != where:
+            client = ReplicaClient(node.address, node.data_port)
+            self._clients[node.id] = (where, client)
+            return client
+        return known[1]
+
+    async def close(self) -> None:
+        for _, client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        node_id: str,
+        etcd: Etcd,
+        keys: Keys,
+        lease: LeaseKeeper,
+        peers: Peers,
+        registry: ExportRegistry,
+        *,
+        retry_after: float = 1.0,
+        pass_interval: float = 1.0,
+    ) -> None:
+        self.node_id = node_id
+        self.etcd = etcd
+        self.keys = keys
+        self.service = Service(etcd, keys.cluster)
+        self.lease = lease
+        self.peers = peers
+        self.registry = registry
+        self.engines: dict[str, VolumeEngine] = {}
+        self.wake = asyncio.Event()
+        self._retry_after = retry_after
+        self._pass_interval = pass_interval
+        self._failures: dict[str, float] = {}
+
+    async def run(self) -> None:
+        watcher = asyncio.create_task(self.etcd.wake_on_changes(self.keys.root.encode(), self.wake))
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self._pass_interval)
+                self.wake.clear()
+                try:
+                    await self.reconcile()
+                except EtcdUnavailable as e:
+                    log.warning("agent pass skipped: %s", e)
+                except Exception:
+                    log.exception("agent pass failed")
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        if not self.lease.healthy():
+            await self.fence_all("node lease at risk")
+            return
+        views = {v.record.id: v for v in await self.service.volumes()}
+        for vid, engine in list(self.engines.items()):
+            view = views.get(vid)
+            mine = view is not None and view.target is not None and view.target.node == self.node_id
+            attached = (
+                view is not None
+                and view.attachment is not None
+                and view.attachment.node == self.node_id
+                and view.attachment.epoch == engine.epoch
+            )
+            if engine.fenced or not attached:
+                await self._drop(
+                    vid, engine, reason="fenced" if engine.fenced else "attachment lost"
+                )
+            elif not mine:
+                await self.detach(vid)
+        for vid, view in views.items():
+            if (
+                view.target is not None
+                and view.target.node == self.node_id
+                and vid not in self.engines
+            ):
+                now = asyncio.get_running_loop().time()
+                if now >= self._failures.get(vid, 0.0):
+                    await self.attach(view)
+        await self._empty_trash()
+
+    async def attach(self, view: VolumeView) -> None:
+        rec = view.record
+        vid = rec.id
+        if view.attachment is not None and view.attachment.node != self.node_id:
+            return  # still held by another node; its lease or its detach will free it
+        epoch_kv = await self.etcd.get(self.keys.epoch(vid))
+        if epoch_kv is None:
+            return
+        epoch = int(epoch_kv.value) + 1
+        txn = (
+            self.etcd.txn()
+            .unchanged(self.keys.epoch(vid), epoch_kv.mod_revision)
+            .absent(self.keys.attachment(vid))
+            .put(self.keys.epoch(vid), str(epoch).encode())
+            .put(
+                self.keys.attachment(vid),
+                Attachment(self.node_id, epoch, "opening").encode(),
+                self.lease.lease_id,
+            )
+        )
+        if not await self.etcd.commit(txn):
+            return
+        nodes = {n.id: n for n in await self.service.nodes()}
+        replicas = {
+            node_id: self.peers.get(nodes[node_id])
+            for node_id, state in view.replicas.items()
+            if state.state == "in_sync" and node_id in nodes
+        }
+        engine = VolumeEngine(
+            VolumeSpec(vid, rec.name, rec.size, rec.chunk_size, rec.sync_writes),
+            epoch,
+            replicas,
+            local_node=self.node_id,
+            state=EtcdReplicaState(self.etcd, self.keys, vid, epoch),
+            lease_ok=self.lease.healthy,
+            on_fenced=lambda: self._on_engine_fenced(vid),
+        )
+        try:
+            report = await engine.open()
+        except Exception as e:
+            log.error("volume %s: attach at epoch %d failed: %s", rec.name, epoch, e)
+            self._failures[vid] = asyncio.get_running_loop().time() + self._retry_after
+            await self._release(vid, epoch)
+            return
+        self._failures.pop(vid, None)
+        self.engines[vid] = engine
+        self.registry.add(engine)
+        serving = Attachment(self.node_id, epoch, "serving").encode()
+        txn = (
+            self.etcd.txn()
+            .value_is(self.keys.epoch(vid), str(epoch).encode())
+            .put(self.keys.attachment(vid), serving, self.lease.lease_id)
+        )
+        if not await self.etcd.commit(txn):
+            await self._drop(vid, engine, reason="epoch moved on while opening")
+            return
+        log.info(
+            "volume %s attached at epoch %d (replicas %s, stale %s, reconciled %d chunks)",
+            rec.name,
+            epoch,
+            report.opened,
+            report.marked_stale,
+            report.reconciled_chunks,
+        )
+
+    async def detach(self, vid: str) -> None:
+        engine = self.engines.pop(vid)
+        await self.registry.remove(engine.name)
+        try:
+            await engine.close()
+        except Exception as e:
+            log.error("volume %s: clean detach failed (%s); chunks stay dirty", engine.name, e)
+        await self._release(vid, engine.epoch)
+        log.info("volume %s detached (epoch %d)", engine.name, engine.epoch)
+
+    async def detach_all(self) -> None:
+        for vid in list(self.engines):
+            await self.detach(vid)
+
+    async def fence_all(self, reason: str) -> None:
+        for vid, engine in list(self.engines.items()):
+            await self._drop(vid, engine, reason=reason)
+
+    async def _drop(self, vid: str, engine: VolumeEngine, *, reason: str) -> None:
+        """Stop serving without touching the replicas: another engine may own them now."""
+        self.engines.pop(vid, None)
+        engine.fenced = True
+        await self.registry.remove(engine.name)
+        log.warning("volume %s epoch %d: stopped serving: %s", engine.name, engine.epoch, reason)
+
+    async def _on_engine_fenced(self, vid: str) -> None:
+        engine = self.engines.get(vid)
+        if engine is not None:
+            await self._drop(vid, engine, reason="fenced")
+        self.wake.set()
+
+    async def _release(self, vid: str, epoch: int) -> None:
+        txn = (
+            self.etcd.txn()
+            .value_is(self.keys.epoch(vid), str(epoch).encode())
+            .delete(self.keys.attachment(vid))
+        )
+        with contextlib.suppress(EtcdUnavailable):
+            await self.etcd.commit(txn)
+
+    async def _empty_trash(self) -> None:
+        for kv in await self.etcd.get_prefix(self.keys.trash_prefix(self.node_id)):
+            vid = self.keys.split(kv.key)[-1]
+            await self.peers.local.delete(vid)
+            await self.etcd.delete(kv.key)
+            log.info("volume %s (%s): chunks freed", kv.value.decode(), vid)
