@@ -1,0 +1,540 @@
+"""The NBD server: one `NbdConnection` (an asyncio BufferedProtocol) per client.
+
+Hot path design, from measurements on our machines (see ENVIRONMENT.md):
+- bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
+  payload straight into its own bytearray once its header is parsed; the export gets a
+  memoryview of it, never a copy of a copy;
+- each request runs as its own task and is answered as soon as it completes (replies go
+  out of order); replies are gathered and written once per loop iteration;
+- backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
+  payload) per connection; past that, or when the client stops reading replies
+  (pause_writing), the transport stops reading, so memory stays bounded and a slow
+  export slows its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Coroutine
+from typing import Any
+
+from pxcluster.nbd import protocol as p
+from pxcluster.nbd.export import Export, ExportRegistry, has_errno, nbd_error
+from pxcluster.nbd.handshake import Negotiation, Next
+
+log = logging.getLogger(__name__)
+
+_RECV_BUFFER = 256 * 1024
+# Compact the receive buffer when less than this is free at its tail.
+_COMPACT_BELOW = 32 * 1024
+
+_PHASE_CLIENT_FLAGS = 0
+_PHASE_OPTIONS = 1
+_PHASE_TRANSMISSION = 2
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_closing",
+        "_cookie",
+        "_end",
+        "_export",
+        "_export_name",
+        "_flush_scheduled",
+        "_fua",
+        "_handshake_timer",
+        "_inflight",
+        "_inflight_bytes",
+        "_loop",
+        "_lost",
+        "_negotiation",
+        "_offset",
+        "_payload",
+        "_payload_filled",
+        "_phase",
+        "_reading_paused",
+        "_replies",
+        "_server",
+        "_skip",
+        "_start",
+        "_structured",
+        "_tasks",
+        "_transport",
+        "_view",
+        "_write_paused",
+    )
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._buf = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._phase = _PHASE_CLIENT_FLAGS
+        self._negotiation = Negotiation(server.registry, server.max_request)
+        self._structured = False
+        self._export: Export | None = None
+        self._export_name = ""
+        self._transport: asyncio.Transport | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        # A WRITE whose payload is still arriving: its buffer, bytes received, header.
+        self._payload: memoryview | None = None
+        self._payload_filled = 0
+        self._cookie = 0
+        self._offset = 0
+        self._fua = False
+        self._skip = 0  # payload bytes of a refused WRITE still to discard
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._replies: list[bytes | bytearray | memoryview] = []
+        self._flush_scheduled = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._closing = False  # no new requests; close once in-flight ones are answered
+        self._closed = False  # transport closed or lost: replies are dropped
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+
+    # --- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are already batched per loop iteration; Nagle would only add latency.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server._connections.add(self)
+        self._handshake_timer = self._loop.call_later(
+            self._server.handshake_timeout, self._handshake_timed_out
+        )
+        transport.write(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.HANDSHAKE_FLAGS))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._closing = True
+        self._replies.clear()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._export is not None:
+            self._server.registry.unbind(self._export_name, self)
+        self._server._connections.discard(self)
+        if not self._lost.done():
+            self._lost.set_result(None)
+        # In-flight export calls are left to finish: cancelling a write halfway through
+        # its replication would leave replicas needlessly diverged.
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload is not None:
+            return self._payload[self._payload_filled :]
+        if len(self._buf) - self._end < _COMPACT_BELOW and self._start > 0:
+            pending = bytes(self._view[self._start : self._end])
+            self._end = len(pending)
+            self._start = 0
+            self._view[: self._end] = pending
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload is not None:
+            self._payload_filled += nbytes
+            if self._payload_filled < len(self._payload):
+                return
+            data = self._payload
+            self._payload = None
+            self._dispatch_write(self._cookie, self._offset, data, self._fua)
+        else:
+            self._end += nbytes
+        self._process()
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        # Keep the write side open so in-flight replies still reach a half-closed client.
+        self._begin_close()
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume()
+
+    # --- input -----------------------------------------------------------------------------
+
+    def _can_dispatch(self) -> bool:
+        return (
+            not self._write_paused
+            and self._inflight < self._server.max_inflight
+            and self._inflight_bytes < self._server.max_inflight_bytes
+        )
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        want = not self._closing and (self._payload is not None or self._can_dispatch())
+        if want and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        elif not want and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+
+    def _resume(self) -> None:
+        """Room again (a request finished, or the client reads again): work through what
+        is already buffered before asking the transport for more."""
+        if self._payload is None and self._end > self._start:
+            self._process()
+        self._update_reading()
+
+    def _process(self) -> None:
+        buf = self._buf
+        while not self._closing and self._payload is None:
+            avail = self._end - self._start
+            if self._skip:
+                n = min(self._skip, avail)
+                self._start += n
+                self._skip -= n
+                if self._skip:
+                    break
+                continue
+            if self._phase == _PHASE_TRANSMISSION:
+                if avail < p.REQUEST.size or not self._can_dispatch():
+                    break
+                magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack_from(buf, self._start)
+                self._start += p.REQUEST.size
+                if magic != p.REQUEST_MAGIC:
+                    log.warning("nbd: bad request magic %#x; closing connection", magic)
+                    self._begin_close()
+                    break
+                self._request(flags, cmd, cookie, offset, length)
+            elif self._phase == _PHASE_OPTIONS:
+                if avail < p.OPTION_HEADER.size:
+                    break
+                magic, option, length = p.OPTION_HEADER.unpack_from(buf, self._start)
+                if magic != p.IHAVEOPT or length > p.MAX_OPTION_LENGTH:
+                    self._abort_handshake()
+                    break
+                if avail < p.OPTION_HEADER.size + length:
+                    break
+                begin = self._start + p.OPTION_HEADER.size
+                data = bytes(self._view[begin : begin + length])
+                self._start = begin + length
+                self._option(option, data)
+            else:
+                if avail < p.CLIENT_FLAGS.size:
+                    break
+                (flags,) = p.CLIENT_FLAGS.unpack_from(buf, self._start)
+                self._start += p.CLIENT_FLAGS.size
+                if not self._negotiation.client_flags(flags):
+                    self._abort_handshake()
+                    break
+                self._phase = _PHASE_OPTIONS
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _abort_handshake(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        if self._phase != _PHASE_TRANSMISSION and not self._closed:
+            log.info("nbd: handshake timed out; closing connection")
+            self._abort_handshake()
+
+    def _option(self, option: int, data: bytes) -> None:
+        assert self._transport is not None
+        outcome = self._negotiation.option(option, data)
+        if outcome.send:
+            self._transport.writelines(outcome.send)
+        if outcome.next is Next.CLOSE:
+            self._abort_handshake()
+        elif outcome.next is Next.TRANSMIT:
+            export = self._server.registry.bind(outcome.export_name, self)
+            if export is None:  # cannot happen within one callback, but never serve None
+                self._abort_handshake()
+                return
+            self._export = export
+            self._export_name = outcome.export_name
+            self._structured = self._negotiation.structured
+            self._phase = _PHASE_TRANSMISSION
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+                self._handshake_timer = None
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _request(self, flags: int, cmd: int, cookie: int, offset: int, length: int) -> None:
+        export = self._export
+        assert export is not None
+        beyond_end = offset + length > export.size
+        if cmd == p.CMD_WRITE:
+            if length > self._server.max_request:
+                # The payload cannot be skipped safely (a hostile length could be 4 GiB),
+                # so the stream is lost: answer, then close.
+                self._reply_error(cookie, p.NBD_EINVAL, "write larger than maximum request")
+                self._begin_close()
+                return
+            if beyond_end:
+                self._reply_error(cookie, p.NBD_EINVAL, "write beyond end of export")
+                self._skip = length
+                return
+            payload = memoryview(bytearray(length))
+            have = min(self._end - self._start, length)
+            payload[:have] = self._view[self._start : self._start + have]
+            self._start += have
+            if have == length:
+                self._dispatch_write(cookie, offset, payload, bool(flags & p.CMD_FLAG_FUA))
+            else:
+                self._payload = payload
+                self._payload_filled = have
+                self._cookie = cookie
+                self._offset = offset
+                self._fua = bool(flags & p.CMD_FLAG_FUA)
+        elif cmd == p.CMD_READ:
+            if length > self._server.max_request:
+                self._reply_error(cookie, p.NBD_EOVERFLOW, "read larger than maximum request")
+            elif beyond_end:
+                self._reply_error(cookie, p.NBD_EINVAL, "read beyond end of export")
+            else:
+                self._spawn(self._read(export, cookie, offset, length), length)
+        elif cmd == p.CMD_FLUSH:
+            self._spawn(self._call(cookie, export.flush()), 0)
+        elif cmd == p.CMD_TRIM:
+            if beyond_end:
+                self._reply_error(cookie, p.NBD_EINVAL, "trim beyond end of export")
+            else:
+                fua = bool(flags & p.CMD_FLAG_FUA)
+                self._spawn(self._call(cookie, export.trim(offset, length, fua)), 0)
+        elif cmd == p.CMD_WRITE_ZEROES:
+            if beyond_end:
+                self._reply_error(cookie, p.NBD_EINVAL, "write zeroes beyond end of export")
+            else:
+                fua = bool(flags & p.CMD_FLAG_FUA)
+                may_trim = not flags & p.CMD_FLAG_NO_HOLE
+                coro = export.write_zeroes(offset, length, fua, may_trim)
+                self._spawn(self._call(cookie, coro), 0)
+        elif cmd == p.CMD_DISC:
+            self._begin_close()
+        else:
+            # Unknown or not advertised (CACHE, BLOCK_STATUS, ...): no payload to skip.
+            self._reply_error(cookie, p.NBD_EINVAL, f"unsupported command {cmd}")
+
+    def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
+        export = self._export
+        assert export is not None
+        self._spawn(self._call(cookie, export.write(offset, data, fua)), len(data))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
+        self._inflight += 1
+        self._inflight_bytes += nbytes
+        task = self._loop.create_task(self._run(coro, nbytes))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
+        try:
+            await coro
+        finally:
+            self._inflight -= 1
+            self._inflight_bytes -= nbytes
+            if self._closing:
+                if self._inflight == 0:
+                    self._finish_close()
+            elif not self._closed:
+                self._resume()
+
+    async def _call(self, cookie: int, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            self._reply_failure(cookie, exc)
+        else:
+            if self._structured:
+                self._queue(
+                    p.STRUCTURED_REPLY.pack(
+                        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0
+                    )
+                )
+            else:
+                self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    async def _read(self, export: Export, cookie: int, offset: int, length: int) -> None:
+        try:
+            data = await export.read(offset, length)
+            size = data.nbytes if isinstance(data, memoryview) else len(data)
+            if size != length:
+                raise RuntimeError(f"export returned {size} bytes for a {length}-byte read")
+        except Exception as exc:
+            self._reply_failure(cookie, exc)
+            return
+        if self._structured:
+            if length == 0:  # an OFFSET_DATA chunk must carry data
+                header = p.STRUCTURED_REPLY.pack(
+                    p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0
+                )
+            else:
+                header = p.STRUCTURED_READ.pack(
+                    p.STRUCTURED_REPLY_MAGIC,
+                    p.REPLY_FLAG_DONE,
+                    p.REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    8 + length,
+                    offset,
+                )
+        else:
+            header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
+        self._queue(header, data)
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _reply_failure(self, cookie: int, exc: Exception) -> None:
+        error = nbd_error(exc)
+        if has_errno(exc):
+            log.debug("nbd: request failed on %s: %r", self._export_name, exc)
+        else:
+            log.error("nbd: request failed on %s", self._export_name, exc_info=exc)
+        self._reply_error(cookie, error, "")
+
+    def _reply_error(self, cookie: int, error: int, message: str) -> None:
+        if self._structured:
+            raw = message.encode()
+            self._queue(
+                p.STRUCTURED_ERROR.pack(
+                    p.STRUCTURED_REPLY_MAGIC,
+                    p.REPLY_FLAG_DONE,
+                    p.REPLY_TYPE_ERROR,
+                    cookie,
+                    6 + len(raw),
+                    error,
+                    len(raw),
+                )
+                + raw
+            )
+        else:
+            self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, cookie))
+
+    def _queue(self, *chunks: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            return
+        self._replies.extend(chunks)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._replies and not self._closed and self._transport is not None:
+            replies = self._replies
+            self._replies = []
+            self._transport.writelines(replies)
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def _begin_close(self) -> None:
+        """Take no new requests; close once every in-flight request has been answered."""
+        if self._closing:
+            return
+        self._closing = True
+        self._update_reading()
+        if self._inflight == 0:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        if self._closed:
+            return
+        self._flush()
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()  # still sends what is buffered
+
+    async def drain_and_close(self, timeout: float) -> None:
+        if self._phase != _PHASE_TRANSMISSION:
+            self._abort_handshake()
+        else:
+            self._begin_close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+        except TimeoutError:
+            log.warning("nbd: connection to %s did not drain in %.1fs", self._export_name, timeout)
+            self.abort()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class NbdServer:
+    """Serves the exports of a registry over TCP and/or unix sockets."""
+
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        *,
+        max_inflight: int = 64,
+        max_request: int = 32 << 20,
+        max_inflight_bytes: int = 64 << 20,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        if max_inflight < 1 or max_request < 1:
+            raise ValueError("max_inflight and max_request must be positive")
+        self.registry = registry
+        self.max_inflight = max_inflight
+        self.max_request = max_request
+        self.max_inflight_bytes = max_inflight_bytes
+        self.handshake_timeout = handshake_timeout
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._connections: set[NbdConnection] = set()
+
+    def _protocol(self) -> NbdConnection:
+        return NbdConnection(self)
+
+    async def start_tcp(self, host: str, port: int) -> int:
+        """Listen on host:port; returns the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        self._servers.append(server)
+        bound: int = server.sockets[0].getsockname()[1]
+        return bound
+
+    async def start_unix(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(self._protocol, path)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def close(self, *, timeout: float = 5.0) -> None:
+        """Stop listening, let every connection answer what it has in flight, then close."""
+        for server in self._servers:
+            server.close()
+        if self._connections:
+            await asyncio.gather(*(c.drain_and_close(timeout) for c in list(self._connections)))
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), timeout)
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
+        self._unix_paths.clear()
