@@ -1,0 +1,513 @@
+"""`pxcluster`: the command line. Each command is a thin shell over pxcluster.service."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from membership.etcd import Etcd, EtcdUnavailable
+from pxcluster import output
+from pxcluster.errors import PxcError
+from pxcluster.service import Service
+from pxcluster.units import parse_size
+from replica.errors import DiskError
+
+T = TypeVar("T")
+EXPECTED = (PxcError, EtcdUnavailable, DiskError)
+
+
+def run(coro: Awaitable[T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[no-any-return]
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep the CLI usable anyway
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+class Ctx:
+    def __init__(self, etcd_url: str, cluster: str) -> None:
+        self.etcd_url = etcd_url
+        self.cluster = cluster
+
+
+def with_service(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run an async command body with a connected Service; expected errors become one line."""
+
+    @click.pass_obj
+    @functools.wraps(fn)
+    def wrapper(ctx: Ctx, *args: Any, **kwargs: Any) -> Any:
+        async def body() -> Any:
+            etcd = Etcd(ctx.etcd_url)
+            try:
+                await etcd.connect()
+                return await fn(Service(etcd, ctx.cluster), *args, **kwargs)
+            finally:
+                await etcd.close()
+
+        try:
+            return run(body())
+        except EXPECTED as e:
+            output.fail(str(e))
+
+    return wrapper
+
+
+def not_implemented(what: str) -> Callable[..., None]:
+    def cmd(*_: Any, **__: Any) -> None:
+        output.fail(f"'{what}' is not implemented yet")
+
+    return cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--etcd",
+    envvar="PXC_ETCD",
+    default="http://127.0.0.1:2379",
+    show_default=True,
+    help="etcd endpoint (env PXC_ETCD)",
+)
+@click.option(
+    "--cluster",
+    envvar="PXC_CLUSTER",
+    default="default",
+    show_default=True,
+    help="cluster name (env PXC_CLUSTER)",
+)
+@click.option("-v", "--verbose", count=True, help="more logging")
+@click.pass_context
+def main(ctx: click.Context, etcd: str, cluster: str, verbose: int) -> None:
+    """pxcluster: synchronously replicated block volumes served over NBD."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Ctx(etcd, cluster)
+
+
+# --- cluster
+
+
+@main.group()
+def cluster() -> None:
+    """Join nodes and see the cluster."""
+
+
+@cluster.command()
+@click.option("--name", required=True, help="node name, unique in the cluster")
+@click.option("--address", required=True, help="IP address every port binds on")
+@click.option("--disk", "disks", multiple=True, required=True, help="raw disk or file (repeat)")
+@click.option("--zone", default="", help="failure domain for replica spreading")
+@click.option("--data-port", default=9002, show_default=True, type=int)
+@click.option("--nbd-port", default=10809, show_default=True, type=int)
+@click.option("--api-port", default=9001, show_default=True, type=int)
+@click.option("--data-dir", default="", help="runtime files (NBD unix socket)")
+@click.option("--lease-ttl", default=5, show_default=True, type=int, help="etcd lease TTL, s")
+@click.option("--wipe", is_flag=True, help="erase disks that belong to another cluster")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.pass_obj
+def join(
+    ctx: Ctx,
+    name: str,
+    address: str,
+    disks: tuple[str, ...],
+    zone: str,
+    data_port: int,
+    nbd_port: int,
+    api_port: int,
+    data_dir: str,
+    lease_ttl: int,
+    wipe: bool,
+    log_level: str,
+) -> None:
+    """Format or recognise the disks, register this node and run it in the foreground."""
+    from pxcluster.node import Node, NodeConfig
+
+    logging.getLogger().setLevel(log_level.upper())
+    config = NodeConfig(
+        name=name,
+        address=address,
+        disks=list(disks),
+        etcd_url=ctx.etcd_url,
+        cluster=ctx.cluster,
+        zone=zone,
+        data_port=data_port,
+        nbd_port=nbd_port,
+        api_port=api_port,
+        data_dir=data_dir,
+        lease_ttl=lease_ttl,
+        wipe=wipe,
+    )
+    try:
+        run(Node(config).run_forever())
+    except (*EXPECTED, OSError) as e:
+        output.fail(f"cannot join: {e}")
+
+
+@cluster.command()
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def status(svc: Service, as_json: bool) -> None:
+    """Cluster name, id, leader, nodes up, capacity."""
+    st = await svc.cluster_status()
+    if as_json:
+        output.emit_json(st)
+        return
+    output.table(
+        None,
+        ["cluster", "id", "etcd", "leader", "nodes up", "capacity", "used", "volumes"],
+        [
+            [
+                st["cluster"],
+                st["id"],
+                st["etcd"],
+                st["leader"],
+                f"{st['nodes_up']}/{st['nodes_total']}",
+                output.size(st["capacity"]),
+                output.size(st["used"]),
+                st["volumes"],
+            ]
+        ],
+    )
+
+
+# --- node
+
+
+@main.group()
+def node() -> None:
+    """Nodes: list, cordon, drain, remove."""
+
+
+@node.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def node_list(svc: Service, as_json: bool) -> None:
+    """Every node with its state, liveness and capacity."""
+    nodes = await svc.node_list()
+    if as_json:
+        output.emit_json(nodes)
+        return
+    output.table(
+        None,
+        ["name", "id", "address", "zone", "state", "up", "capacity", "used"],
+        [
+            [
+                n["name"],
+                n["id"],
+                n["address"],
+                n["zone"],
+                n["state"],
+                "up" if n["up"] else "DOWN",
+                output.size(n["capacity"]),
+                output.size(n["used"]),
+            ]
+            for n in nodes
+        ],
+    )
+
+
+@node.command()
+@click.argument("name")
+@with_service
+async def cordon(svc: Service, name: str) -> None:
+    """No new replicas or attachments land on NAME."""
+    await svc.set_node_state(name, "cordoned", allowed_from=("active", "cordoned"))
+    click.echo(f"node {name} cordoned")
+
+
+@node.command()
+@click.argument("name")
+@with_service
+async def uncordon(svc: Service, name: str) -> None:
+    """Return NAME to service."""
+    await svc.set_node_state(
+        name, "active", allowed_from=("active", "cordoned", "draining", "drained")
+    )
+    click.echo(f"node {name} uncordoned")
+
+
+@node.command()
+@click.argument("name")
+@with_service
+async def remove(svc: Service, name: str) -> None:
+    """Remove a stopped node that holds no replicas."""
+    await svc.remove_node(name)
+    click.echo(f"node {name} removed")
+
+
+node.command("drain", help="Move every replica and attachment off NAME.")(
+    click.argument("name")(
+        click.option("--wait", is_flag=True)(
+            click.option("--timeout", type=float, default=0.0)(not_implemented("node drain"))
+        )
+    )
+)
+
+
+# --- volume
+
+
+@main.group()
+def volume() -> None:
+    """Volumes: create, attach, inspect, delete."""
+
+
+def _print_volume(info: dict[str, Any]) -> None:
+    output.table(
+        None,
+        ["name", "size", "repl", "state", "health", "node", "epoch", "nbd uri"],
+        [
+            [
+                info["name"],
+                output.size(info["size"]),
+                info["repl"],
+                info["state"],
+                info["health"],
+                info["attached_node"],
+                info["epoch"],
+                info["nbd_uri"],
+            ]
+        ],
+    )
+    output.table(
+        None,
+        ["replica node", "state", "since epoch"],
+        [[r["node"], r["state"], r["since_epoch"]] for r in info["replicas"]],
+    )
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", "size_text", required=True, help="e.g. 512M, 10G")
+@click.option("--repl", default=1, show_default=True, type=int, help="replicas, 1..3")
+@click.option("--sync-writes", is_flag=True, help="every write durable before its ack")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_create(
+    svc: Service, name: str, size_text: str, repl: int, sync_writes: bool, as_json: bool
+) -> None:
+    """Create a volume and place its replicas."""
+    view = await svc.create_volume(name, parse_size(size_text), repl, sync_writes=sync_writes)
+    info = await svc.inspect(view)
+    if as_json:
+        output.emit_json(info)
+    else:
+        click.echo(f"volume {name} created ({output.size(info['size'])}, repl {repl})")
+
+
+@volume.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_list(svc: Service, as_json: bool) -> None:
+    """Every volume."""
+    infos = [await svc.inspect(v) for v in await svc.volumes()]
+    if as_json:
+        output.emit_json(infos)
+        return
+    output.table(
+        None,
+        ["name", "size", "repl", "state", "health", "node", "nbd uri"],
+        [
+            [
+                i["name"],
+                output.size(i["size"]),
+                i["repl"],
+                i["state"],
+                i["health"],
+                i["attached_node"],
+                i["nbd_uri"],
+            ]
+            for i in infos
+        ],
+    )
+
+
+@volume.command("inspect")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_inspect(svc: Service, name: str, as_json: bool) -> None:
+    """A volume's state, attachment, epoch and replicas."""
+    info = await svc.inspect(await svc.volume(name))
+    if as_json:
+        output.emit_json(info)
+    else:
+        _print_volume(info)
+
+
+@volume.command("attach")
+@click.argument("name")
+@click.option("--node", "node_name", required=True)
+@click.option("--wait", is_flag=True, help="return once the NBD export is serving")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_attach(
+    svc: Service, name: str, node_name: str, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Attach NAME on a node; prints the NBD URI."""
+    target = await svc.find_node(node_name)
+    view = await svc.attach(name, node_name)
+    if wait:
+        view = await svc.wait_attached(name, target.id, timeout)
+    info = await svc.inspect(view)
+    if as_json:
+        output.emit_json(info)
+        return
+    from pxcluster.service import nbd_uri
+
+    click.echo(info["nbd_uri"] or nbd_uri(target, name))
+
+
+@volume.command("detach")
+@click.argument("name")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@with_service
+async def volume_detach(svc: Service, name: str, wait: bool, timeout: float) -> None:
+    """Flush, mark clean and release the attachment."""
+    await svc.detach(name)
+    if wait:
+        await svc.wait_detached(name, timeout)
+    click.echo(f"volume {name} detached")
+
+
+@volume.command("delete")
+@click.argument("name")
+@with_service
+async def volume_delete(svc: Service, name: str) -> None:
+    """Delete a detached volume and free its chunks on every replica."""
+    await svc.delete_volume(name)
+    click.echo(f"volume {name} deleted")
+
+
+def _stub(group: click.Group, name: str, what: str, *params: Callable[[Any], Any]) -> None:
+    fn: Any = not_implemented(what)
+    for p in params:
+        fn = p(fn)
+    group.command(name)(fn)
+
+
+_stub(volume, "failover", "volume failover", click.argument("name"), click.option("--to"))
+_stub(volume, "resize", "volume resize", click.argument("name"), click.option("--size"))
+_stub(
+    volume,
+    "update",
+    "volume update",
+    click.argument("name"),
+    click.option("--iops-limit"),
+    click.option("--bw-limit"),
+    click.option("--snapshot-schedule"),
+)
+_stub(
+    volume,
+    "clone",
+    "volume clone",
+    click.argument("name"),
+    click.option("--snapshot"),
+    click.option("--name", "new_name"),
+    click.option("--repl"),
+)
+_stub(volume, "revert", "volume revert", click.argument("name"), click.option("--snapshot"))
+
+
+@volume.group()
+def snapshot() -> None:
+    """Snapshots of a volume."""
+
+
+_stub(
+    snapshot,
+    "create",
+    "volume snapshot create",
+    click.argument("name"),
+    click.option("--name", "snap"),
+)
+_stub(
+    snapshot,
+    "list",
+    "volume snapshot list",
+    click.argument("name"),
+    click.option("--json", is_flag=True),
+)
+_stub(snapshot, "delete", "volume snapshot delete", click.argument("name"), click.argument("snap"))
+
+
+@main.group()
+def backup() -> None:
+    """Backups to S3 or a directory."""
+
+
+for _verb in ("create", "list", "inspect", "verify", "delete", "restore"):
+    _stub(
+        backup,
+        _verb,
+        f"backup {_verb}",
+        click.argument("args", nargs=-1),
+        click.option("--target"),
+        click.option("--json", is_flag=True),
+    )
+
+
+# --- dev
+
+
+@main.group()
+def dev() -> None:
+    """The embedded local cluster: etcd plus N nodes on 127.0.0.1."""
+
+
+@dev.command("up")
+@click.option("--nodes", default=3, show_default=True, type=int)
+@click.option("--dir", "directory", default=".pxc-dev", show_default=True)
+@click.option("--disk-size", default="4G", show_default=True, help="sparse disk file per node")
+@click.pass_obj
+def dev_up(ctx: Ctx, nodes: int, directory: str, disk_size: str) -> None:
+    """Start etcd and N nodes in the background, wait until all are up."""
+    from pxcluster import devcluster
+
+    try:
+        devcluster.up(ctx.etcd_url, ctx.cluster, nodes, directory, parse_size(disk_size))
+    except EXPECTED as e:
+        output.fail(str(e))
+    click.get_current_context().invoke(status)
+
+
+@dev.command("down")
+@click.option("--dir", "directory", default=".pxc-dev", show_default=True)
+@click.option("--purge", is_flag=True, help="also delete disks and etcd data")
+def dev_down(directory: str, purge: bool) -> None:
+    """Stop exactly what `dev up` started."""
+    from pxcluster import devcluster
+
+    try:
+        devcluster.down(directory, purge=purge)
+    except EXPECTED as e:
+        output.fail(str(e))
+
+
+@dev.command("status")
+@click.option("--dir", "directory", default=".pxc-dev", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dev_status(directory: str, as_json: bool) -> None:
+    """What `dev up` started, and whether it still runs."""
+    from pxcluster import devcluster
+
+    procs = devcluster.status(directory)
+    if as_json:
+        output.emit_json(procs)
+    else:
+        output.table(
+            None,
+            ["process", "pid", "running", "log"],
+            [[p["name"], p["pid"], p["running"], p["log"]] for p in procs],
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The node daemon: `pxcluster cluster join` runs one in the foreground.
+
+Wiring only: it opens (or formats) the disks, registers the node in etcd under a lease, and
+starts the replica server, the NBD server, the REST/metrics endpoint, the agent and the leader
+election. SIGTERM/SIGINT stop it gracefully: volumes attached here are detached cleanly (flushed,
+chunks marked clean) before the lease is revoked, so a planned stop is never an unclean failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from membership.election import Election
+from membership.etcd import Etcd
+from membership.keys import Keys
+from membership.lease import LeaseKeeper
+from membership.records import ClusterRecord, DiskRecord, NodeRecord
+from pxcluster.agent import NodeAgent, Peers
+from pxcluster.errors import JoinRefused
+from pxcluster.nbd.export import ExportRegistry
+from pxcluster.nbd.server import NbdServer
+from replica.chunkstore import ChunkStore
+from replica.errors import ForeignDisk, NotFormatted
+from replica.fileio import OSFile
+from replica.server import ReplicaServer
+from replica.service import ReplicaService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    address: str
+    disks: list[str]
+    etcd_url: str
+    cluster: str
+    zone: str = ""
+    data_port: int = 9002
+    nbd_port: int = 10809
+    api_port: int = 9001
+    data_dir: str = ""
+    lease_ttl: int = 5
+    wipe: bool = False
+    chunk_size: int = 4 << 20
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+async def ensure_cluster(etcd: Etcd, keys: Keys) -> ClusterRecord:
+    record = ClusterRecord(keys.cluster, uuid.uuid4().hex, time.time())
+    key = keys.cluster_record()
+    await etcd.commit(etcd.txn().absent(key).put(key, record.encode()))
+    kv = await etcd.get(key)
+    assert kv is not None
+    return ClusterRecord.decode(kv.value)
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.keys = Keys(config.cluster)
+        self.etcd = Etcd(config.etcd_url)
+        self.stores: list[ChunkStore] = []
+        self.disk_paths: list[str] = []
+        self.node_id = ""
+        self.cluster_id = ""
+        self.registry = ExportRegistry()
+        self.lease = LeaseKeeper(self.etcd, config.lease_ttl, self._lease_lost)
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.agent: NodeAgent | None = None
+        self.replica_server: ReplicaServer | None = None
+        self.nbd: NbdServer | None = None
+        self.api: web.AppRunner | None = None
+        self.service: ReplicaService | None = None
+
+    # --- join
+
+    async def open_disks(self) -> None:
+        """Recognise this cluster's disks, format new ones, refuse foreign ones (invariant 7)."""
+        files = []
+        try:
+            ids: set[str] = set()
+            fresh: list[int] = []
+            for i, path in enumerate(self.config.disks):
+                f = OSFile.open(path)
+                files.append(f)
+                try:
+                    sb = ChunkStore.read_superblock(f)
+                except NotFormatted:
+                    fresh.append(i)
+                    continue
+                if sb.cluster_id != self.cluster_id:
+                    if not self.config.wipe:
+                        raise ForeignDisk(
+                            f"disk {path} belongs to another cluster ({sb.cluster_id}); "
+                            "pass --wipe to erase it"
+                        )
+                    fresh.append(i)
+                    continue
+                ids.add(sb.node_id)
+            if len(ids) > 1:
+                raise JoinRefused(f"disks belong to different nodes ({', '.join(sorted(ids))})")
+            self.node_id = ids.pop() if ids else await self._new_node_id()
+            for i in fresh:
+                ChunkStore.format(
+                    files[i],
+                    cluster_id=self.cluster_id,
+                    node_id=self.node_id,
+                    disk_id=uuid.uuid4().hex[:12],
+                    chunk_size=self.config.chunk_size,
+                )
+            for f in files:
+                self.stores.append(
+                    ChunkStore.open(f, cluster_id=self.cluster_id, boot_id=boot_id())
+                )
+            self.disk_paths = list(self.config.disks)
+        except BaseException:
+            for f in files[len(self.stores) :]:
+                f.close()
+            raise
+
+    async def _new_node_id(self) -> str:
+        for kv in await self.etcd.get_prefix(self.keys.nodes_prefix()):
+            other = NodeRecord.decode(kv.value)
+            if other.name == self.config.name and other.state != "removed":
+                raise JoinRefused(
+                    f"node name {self.config.name!r} belongs to node {other.id}, whose disks "
+                    "these are not; remove that node first (pxcluster node remove)"
+                )
+        return uuid.uuid4().hex[:12]
+
+    async def check_identity(self) -> None:
+        """Refuse a name used by another live node; take over our own id's stale lease."""
+        alive = {
+            self.keys.split(kv.key)[-1]: kv.lease
+            for kv in await self.etcd.get_prefix(self.keys.alive_prefix())
+        }
+        for kv in await self.etcd.get_prefix(self.keys.nodes_prefix()):
+            other = NodeRecord.decode(kv.value)
+            if other.id != self.node_id and other.name == self.config.name and other.id in alive:
+                raise JoinRefused(f"node name {self.config.name!r} is in use by a live node")
+        old_lease = alive.get(self.node_id)
+        if old_lease:
+            # We hold the disks' locks, so the process behind that lease is gone: its
+            # attachments must go with it before we attach anything at a new epoch.
+            log.warning("revoking lease %x of this node's previous run", old_lease)
+            await self.etcd.revoke_lease(old_lease)
+
+    def node_record(self, state: str) -> NodeRecord:
+        disks = []
+        for path, store in zip(self.disk_paths, self.stores, strict=True):
+            st = store.stats()
+            disks.append(DiskRecord(path, store.superblock.disk_id, st.capacity, st.used).to_dict())
+        c = self.config
+        return NodeRecord(
+            id=self.node_id,
+            name=c.name,
+            address=c.address,
+            data_port=c.data_port,
+            nbd_port=c.nbd_port,
+            api_port=c.api_port,
+            zone=c.zone,
+            state=state,
+            disks=disks,
+            capacity=sum(d["capacity"] for d in disks),
+            used=sum(d["used"] for d in disks),
+            boot_id=boot_id(),
+            data_dir=c.data_dir,
+        )
+
+    async def register(self) -> None:
+        existing = await self.etcd.get(self.keys.node(self.node_id))
+        state = "active"
+        if existing is not None:
+            state = NodeRecord.decode(existing.value).state
+            if state == "removed":
+                state = "active"
+        await self.lease.grant()
+        await self.etcd.put(self.keys.node(self.node_id), self.node_record(state).encode())
+        await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
+
+    async def _lease_lost(self) -> None:
+        if self.agent is not None:
+            await self.agent.fence_all("node lease expired")
+        if self._stopping.is_set():
+            return
+        while not self._stopping.is_set():
+            try:
+                await self.lease.grant()
+                await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
+                self.lease.start()
+                log.warning("rejoined with a new lease %x", self.lease.lease_id)
+                return
+            except Exception as e:
+                log.warning("rejoin failed: %s", e)
+                await asyncio.sleep(1.0)
+
+    # --- run
+
+    async def start(self) -> None:
+        c = self.config
+        await self.etcd.connect()
+        self.cluster_id = (await ensure_cluster(self.etcd, self.keys)).id
+        await self.open_disks()
+        await self.check_identity()
+        if c.data_dir:
+            os.makedirs(c.data_dir, exist_ok=True)
+        self.service = ReplicaService(self.stores)
+        self.replica_server = ReplicaServer(self.service)
+        await self.replica_server.start(c.address, c.data_port)
+        self.nbd = NbdServer(self.registry)
+        await self.nbd.start_tcp(c.address, c.nbd_port)
+        if c.data_dir:
+            sock = os.path.join(c.data_dir, "nbd.sock")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
+            await self.nbd.start_unix(sock)
+        await self._start_api()
+        await self.register()
+        self.lease.start()
+        peers = Peers(self.node_id, self.service)
+        self.agent = NodeAgent(self.node_id, self.etcd, self.keys, self.lease, peers, self.registry)
+        election = Election(self.etcd, self.keys, self.node_id, self.lease.lease_id)
+        self._tasks = [
+            asyncio.create_task(self.agent.run(), name="agent"),
+            asyncio.create_task(election.run(), name="election"),
+            asyncio.create_task(self._refresh_record(), name="node-status"),
+        ]
+        log.info(
+            "node %s (%s) joined cluster %s: data %s:%d nbd %s:%d api %s:%d",
+            c.name,
+            self.node_id,
+            c.cluster,
+            c.address,
+            c.data_port,
+            c.address,
+            c.nbd_port,
+            c.address,
+            c.api_port,
+        )
+
+    async def _start_api(self) -> None:
+        app = web.Application()
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "node": self.config.name})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ok = self.lease.healthy()
+            return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self.api = web.AppRunner(app, access_log=None)
+        await self.api.setup()
+        await web.TCPSite(self.api, self.config.address, self.config.api_port).start()
+
+    async def _refresh_record(self) -> None:
+        last = b""
+        while True:
+            await asyncio.sleep(2.0)
+            with contextlib.suppress(Exception):
+                kv = await self.etcd.get(self.keys.node(self.node_id))
+                if kv is None:
+                    continue
+                state = NodeRecord.decode(kv.value).state
+                value = self.node_record(state).encode()
+                if value != last:
+                    txn = self.etcd.txn().unchanged(self.keys.node(self.node_id), kv.mod_revision)
+                    if await self.etcd.commit(txn.put(self.keys.node(self.node_id), value)):
+                        last = value
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.agent is not None:
+            await self.agent.detach_all()
+            await self.agent.peers.close()
+        if self.nbd is not None:
+            await self.nbd.close()
+        if self.replica_server is not None:
+            await self.replica_server.close()
+        if self.api is not None:
+            await self.api.cleanup()
+        await self.lease.stop(revoke=True)
+        for store in self.stores:
+            await store.close()
+        await self.etcd.close()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        print(f"node {self.config.name} ({self.node_id}) is up", flush=True)
+        await self._stopping.wait()
+        log.info("stopping node %s", self.config.name)
+        await self.stop()
