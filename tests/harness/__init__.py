@@ -1,0 +1,1 @@
+"""Real parts for tests: an etcd server, node processes, NBD client tools."""

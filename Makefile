@@ -1,0 +1,31 @@
+# The two commands of the README: `make up` (a local cluster and a volume in use) and
+# `make test` (everything CI runs). Both install what they need first.
+.PHONY: install up down test lint unit integration contract bench
+
+install:
+	bash scripts/install.sh
+
+up: install
+	bash scripts/demo.sh
+
+down:
+	.venv/bin/pxcluster dev down
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+test: lint
+	.venv/bin/pytest -q -m "not slow" tests
+	@if [ -f ../shared/contract/check.sh ]; then bash ../shared/contract/check.sh .venv/bin/pxcluster; \
+	else echo "../shared/contract/check.sh not found: contract check skipped"; fi
+
+unit: install
+	.venv/bin/pytest -q tests/unit
+
+integration: install
+	.venv/bin/pytest -q tests/integration
+
+bench: install
+	.venv/bin/python bench/run.py

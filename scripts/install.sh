@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what pxcluster and its tests need: system tools through apt (as root), then a venv
+# with the package and its [dev] extra. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v fio >/dev/null || need+=(fio)
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing system packages: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing system tools: ${need[*]}" >&2
+    echo "install them (Debian: sudo apt-get install ${need[*]}) and run this again" >&2
+    exit 1
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi

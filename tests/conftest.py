@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.cluster import Cluster
+from tests.harness.etcd import EtcdServer
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (scripts/install.sh installs it)")
+    server = EtcdServer(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, etcd)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def cluster3(cluster: Cluster) -> Cluster:
+    for name in ("n1", "n2", "n3"):
+        cluster.add_node(name)
+    return cluster

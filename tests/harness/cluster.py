@@ -1,0 +1,178 @@
+"""Node daemons as real processes (`pxcluster cluster join`) on 127.0.x.y addresses."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.harness.etcd import EtcdServer, free_port, wait_port
+
+_subnet = itertools.count(1)
+
+
+def pxcluster(
+    etcd_url: str, cluster: str, *args: str, timeout: float = 60, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "pxcluster.cli", "--etcd", etcd_url, "--cluster", cluster, *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"pxcluster {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+    return res
+
+
+@dataclass
+class NodeProc:
+    name: str
+    address: str
+    disk: Path
+    data_dir: Path
+    ports: dict[str, int]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def nbd_port(self) -> int:
+        return self.ports["nbd"]
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Cluster:
+    """etcd plus node processes, all torn down by `close()`."""
+
+    def __init__(self, tmp: Path, etcd: EtcdServer, name: str = "test", lease_ttl: int = 2) -> None:
+        self.tmp = tmp
+        self.etcd = etcd
+        self.name = name
+        self.lease_ttl = lease_ttl
+        self.nodes: dict[str, NodeProc] = {}
+        self.subnet = next(_subnet) + (os.getpid() % 50) * 4
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return pxcluster(self.etcd.url, self.name, *args, check=check, timeout=timeout)
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def add_node(
+        self, name: str, *, disk_size: int = 1 << 30, zone: str = "", extra: tuple[str, ...] = ()
+    ) -> NodeProc:
+        idx = len(self.nodes) + 1
+        address = f"127.0.{self.subnet % 250 + 2}.{idx}"
+        disk = self.tmp / f"{name}.img"
+        if not disk.exists():
+            with open(disk, "wb") as f:
+                f.truncate(disk_size)
+        node = NodeProc(
+            name,
+            address,
+            disk,
+            self.tmp / f"{name}-data",
+            {"data": free_port(address), "nbd": free_port(address), "api": free_port(address)},
+            self.tmp / f"{name}.log",
+            extra=[*(["--zone", zone] if zone else []), *extra],
+        )
+        self.nodes[name] = node
+        self.start(name)
+        return node
+
+    def start(self, name: str, *, wait: bool = True) -> None:
+        n = self.nodes[name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pxcluster.cli",
+            "--etcd",
+            self.etcd.url,
+            "--cluster",
+            self.name,
+            "cluster",
+            "join",
+            "--name",
+            n.name,
+            "--address",
+            n.address,
+            "--disk",
+            str(n.disk),
+            "--data-port",
+            str(n.ports["data"]),
+            "--nbd-port",
+            str(n.ports["nbd"]),
+            "--api-port",
+            str(n.ports["api"]),
+            "--data-dir",
+            str(n.data_dir),
+            "--lease-ttl",
+            str(self.lease_ttl),
+            *n.extra,
+        ]
+        log = open(n.log, "ab")
+        n.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait:
+            self.wait_up(name)
+
+    def wait_up(self, name: str, timeout: float = 30) -> None:
+        n = self.nodes[name]
+        deadline = time.monotonic() + timeout
+        wait_port(n.address, n.nbd_port, timeout)
+        while time.monotonic() < deadline:
+            nodes = {x["name"]: x for x in self.cli_json("node", "list")}
+            if nodes.get(name, {}).get("up"):
+                return
+            if not n.running():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"node {name} not up; log tail: {self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.nodes[name].log.read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        n = self.nodes[name]
+        if n.proc is not None and n.proc.poll() is None:
+            n.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                n.proc.wait(30)
+
+    def node_state(self, name: str) -> dict[str, Any]:
+        for x in self.cli_json("node", "list"):
+            if x["name"] == name:
+                return dict(x)
+        raise KeyError(name)
+
+    def wait_for(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def close(self) -> None:
+        for n in self.nodes.values():
+            if n.proc is not None and n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGCONT)
+                n.proc.terminate()
+        for n in self.nodes.values():
+            if n.proc is not None:
+                try:
+                    n.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    n.proc.kill()
+                    n.proc.wait(5)
