@@ -1,0 +1,458 @@
+"""The NBD server against a raw client: handshake edge cases, transmission errors, flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pxcluster.nbd import ExportRegistry, MemoryExport, NbdServer, nbd_error
+from pxcluster.nbd import protocol as p
+from tests.harness.nbd_tools import RawNbdClient, error_chunk
+
+SIZE = 1 << 20
+
+
+class Served:
+    def __init__(self, server: NbdServer, registry: ExportRegistry, port: int, sock: str) -> None:
+        self.server = server
+        self.registry = registry
+        self.port = port
+        self.sock = sock
+
+    async def client(self) -> RawNbdClient:
+        return await RawNbdClient.connect_tcp(self.port)
+
+    async def transmit(self, name: str = "vol", *, structured: bool = False) -> RawNbdClient:
+        c = await self.client()
+        await c.go(name, structured=structured)
+        return c
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    registry = ExportRegistry()
+    registry.add(MemoryExport("vol", SIZE))
+    registry.add(MemoryExport("other", 4096))
+    server = NbdServer(registry, max_inflight=8, max_request=1 << 20, handshake_timeout=1.0)
+    port = await server.start_tcp("127.0.0.1", 0)
+    sock = str(tmp_path / "nbd.sock")
+    await server.start_unix(sock)
+    yield Served(server, registry, port, sock)
+    await server.close()
+
+
+# --- handshake -----------------------------------------------------------------------------
+
+
+async def test_greeting_advertises_fixed_newstyle_and_no_zeroes(served: Served) -> None:
+    c = await served.client()
+    flags = await c.greeting()
+    assert flags == p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
+    await c.close()
+
+
+async def test_unknown_client_flags_close(served: Served) -> None:
+    c = await served.client()
+    await c.greeting(client_flags=1 << 7)
+    assert await c.closed()
+
+
+async def test_bad_option_magic_closes(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.send(p.OPTION_HEADER.pack(0x1234, p.OPT_LIST, 0))
+    assert await c.closed()
+
+
+async def test_huge_option_length_closes(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.send(p.OPTION_HEADER.pack(p.IHAVEOPT, p.OPT_GO, 1 << 30))
+    assert await c.closed()
+
+
+async def test_unknown_option_is_unsupported_and_haggling_continues(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    for option in (999, p.OPT_STARTTLS, p.OPT_LIST_META_CONTEXT, p.OPT_EXTENDED_HEADERS):
+        c.option(option, b"xyz")
+        reply_option, reply_type, _ = await c.option_reply()
+        assert (reply_option, reply_type) == (option, p.REP_ERR_UNSUP)
+    size, _ = await c.go("vol", greet=False)
+    assert size == SIZE
+    await c.close()
+
+
+async def test_list(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.option(p.OPT_LIST)
+    names = []
+    while True:
+        _, reply_type, data = await c.option_reply()
+        if reply_type == p.REP_ACK:
+            break
+        assert reply_type == p.REP_SERVER
+        (n,) = p.U32.unpack_from(data)
+        names.append(data[4 : 4 + n].decode())
+    assert sorted(names) == ["other", "vol"]
+    c.option(p.OPT_LIST, b"junk")
+    assert (await c.option_reply())[1] == p.REP_ERR_INVALID
+    await c.close()
+
+
+async def test_info_then_go(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.option(p.OPT_INFO, c.info_data("other", (p.INFO_BLOCK_SIZE, p.INFO_NAME)))
+    infos: dict[int, bytes] = {}
+    while True:
+        option, reply_type, data = await c.option_reply()
+        assert option == p.OPT_INFO
+        if reply_type == p.REP_ACK:
+            break
+        assert reply_type == p.REP_INFO
+        infos[p.U16.unpack_from(data)[0]] = data
+    _, size, flags = p.INFO_EXPORT_REPLY.unpack(infos[p.INFO_EXPORT])
+    assert size == 4096
+    for bit in (
+        p.FLAG_HAS_FLAGS,
+        p.FLAG_SEND_FLUSH,
+        p.FLAG_SEND_FUA,
+        p.FLAG_SEND_TRIM,
+        p.FLAG_SEND_WRITE_ZEROES,
+        p.FLAG_CAN_MULTI_CONN,
+    ):
+        assert flags & bit
+    assert not flags & p.FLAG_READ_ONLY
+    _, minimum, preferred, maximum = p.INFO_BLOCK_SIZE_REPLY.unpack(infos[p.INFO_BLOCK_SIZE])
+    assert (minimum, preferred, maximum) == (1, 4096, 1 << 20)
+    # INFO leaves the client in haggling; GO then works.
+    assert (await c.go("vol", greet=False))[0] == SIZE
+    await c.close()
+
+
+async def test_go_unknown_export_and_malformed(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.option(p.OPT_GO, c.info_data("nope"))
+    assert (await c.option_reply())[1] == p.REP_ERR_UNKNOWN
+    c.option(p.OPT_GO, b"\x00\x00\x00\x09vo")  # name length past the end
+    assert (await c.option_reply())[1] == p.REP_ERR_INVALID
+    c.option(p.OPT_INFO, c.info_data("vol") + b"\x00")  # trailing garbage
+    assert (await c.option_reply())[1] == p.REP_ERR_INVALID
+    c.option(p.OPT_GO, b"\x00")
+    assert (await c.option_reply())[1] == p.REP_ERR_INVALID
+    c.option(p.OPT_STRUCTURED_REPLY, b"x")
+    assert (await c.option_reply())[1] == p.REP_ERR_INVALID
+    await c.close()
+
+
+async def test_export_name_known_with_and_without_zeroes(served: Served) -> None:
+    for client_flags, pad in ((p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES, 0), (1, 124)):
+        c = await served.client()
+        await c.greeting(client_flags)
+        c.option(p.OPT_EXPORT_NAME, b"vol")
+        size, flags = p.EXPORT_NAME_REPLY.unpack(await c.read(p.EXPORT_NAME_REPLY.size))
+        assert size == SIZE and flags & p.FLAG_HAS_FLAGS
+        assert await c.read(pad) == bytes(pad)
+        c.request(p.CMD_READ, 1, 0, 512)
+        assert (await c.simple_reply(512))[:2] == (0, 1)
+        await c.close()
+
+
+async def test_export_name_unknown_closes(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.option(p.OPT_EXPORT_NAME, b"nope")
+    assert await c.closed()
+
+
+async def test_abort_acks_and_closes(served: Served) -> None:
+    c = await served.client()
+    await c.greeting()
+    c.option(p.OPT_ABORT)
+    assert (await c.option_reply())[1] == p.REP_ACK
+    assert await c.closed()
+
+
+async def test_handshake_timeout_closes_idle_client(served: Served) -> None:
+    c = await served.client()
+    await c.read(p.GREETING.size)
+    assert await c.closed(timeout=3.0)
+
+
+async def test_unix_socket(served: Served) -> None:
+    c = await RawNbdClient.connect_unix(served.sock)
+    assert (await c.go("vol"))[0] == SIZE
+    await c.close()
+
+
+# --- transmission: simple replies ------------------------------------------------------------
+
+
+async def test_write_read_flush_trim_zero(served: Served) -> None:
+    c = await served.transmit()
+    data = os.urandom(8192)
+    c.request(p.CMD_WRITE, 1, 4096, len(data), flags=p.CMD_FLAG_FUA)
+    c.send(data)
+    c.request(p.CMD_FLUSH, 2)
+    assert sorted([(await c.simple_reply())[:2] for _ in range(2)]) == [(0, 1), (0, 2)]
+    c.request(p.CMD_READ, 3, 4096, 8192)
+    assert await c.simple_reply(8192) == (0, 3, data)
+    c.request(p.CMD_TRIM, 4, 4096, 4096)
+    assert (await c.simple_reply())[:2] == (0, 4)
+    c.request(p.CMD_WRITE_ZEROES, 5, 8192, 4096, flags=p.CMD_FLAG_NO_HOLE)
+    assert (await c.simple_reply())[:2] == (0, 5)
+    c.request(p.CMD_READ, 6, 4096, 8192)
+    assert await c.simple_reply(8192) == (0, 6, bytes(8192))
+    export = served.registry.get("vol")
+    assert isinstance(export, MemoryExport)
+    assert (export.fua_writes, export.flushes, export.trims, export.no_hole_zeroes) == (1, 1, 1, 1)
+    await c.close()
+
+
+async def test_read_past_end_einval_and_connection_survives(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_READ, 7, SIZE - 512, 1024)
+    assert (await c.simple_reply())[:2] == (p.NBD_EINVAL, 7)
+    c.request(p.CMD_READ, 8, SIZE - 512, 512)
+    assert (await c.simple_reply(512))[:2] == (0, 8)
+    await c.close()
+
+
+async def test_oversized_read_eoverflow(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_READ, 9, 0, (1 << 20) + 1)
+    assert (await c.simple_reply())[:2] == (p.NBD_EOVERFLOW, 9)
+    c.request(p.CMD_READ, 10, 0, 16)
+    assert (await c.simple_reply(16))[:2] == (0, 10)
+    await c.close()
+
+
+async def test_write_past_end_consumes_payload(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_WRITE, 11, SIZE - 100, 200)
+    c.send(bytes(range(200)))
+    assert (await c.simple_reply())[:2] == (p.NBD_EINVAL, 11)
+    c.request(p.CMD_WRITE, 12, 0, 4)
+    c.send(b"abcd")
+    c.request(p.CMD_READ, 13, 0, 4)
+    assert (await c.simple_reply())[:2] == (0, 12)
+    assert await c.simple_reply(4) == (0, 13, b"abcd")
+    await c.close()
+
+
+async def test_oversized_write_einval_then_close(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_WRITE, 14, 0, 64 << 20)
+    assert (await c.simple_reply())[:2] == (p.NBD_EINVAL, 14)
+    assert await c.closed()
+
+
+async def test_bad_request_magic_closes(served: Served) -> None:
+    c = await served.transmit()
+    c.send(b"\xde\xad\xbe\xef" + bytes(24))
+    assert await c.closed()
+
+
+async def test_unknown_command_einval(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_BLOCK_STATUS, 15, 0, 4096)
+    assert (await c.simple_reply())[:2] == (p.NBD_EINVAL, 15)
+    await c.close()
+
+
+async def test_disc_answers_inflight_then_closes(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_READ, 16, 0, 4096)
+    c.request(p.CMD_DISC, 17)
+    c.request(p.CMD_READ, 18, 0, 4096)  # after DISC: ignored
+    assert (await c.simple_reply(4096))[:2] == (0, 16)
+    assert await c.closed()
+
+
+# --- transmission: structured replies ---------------------------------------------------------
+
+
+async def test_structured_read_and_errors(served: Served) -> None:
+    c = await served.transmit(structured=True)
+    c.request(p.CMD_WRITE, 1, 100, 3)
+    c.send(b"xyz")
+    flags, rtype, cookie, payload = await c.structured_chunk()
+    assert (flags, rtype, cookie, payload) == (p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, 1, b"")
+    c.request(p.CMD_READ, 2, 100, 3)
+    flags, rtype, cookie, payload = await c.structured_chunk()
+    assert (flags, rtype, cookie) == (p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, 2)
+    assert payload == (100).to_bytes(8, "big") + b"xyz"
+    c.request(p.CMD_READ, 3, SIZE, 1)
+    flags, rtype, cookie, payload = await c.structured_chunk()
+    assert (flags, rtype, cookie) == (p.REPLY_FLAG_DONE, p.REPLY_TYPE_ERROR, 3)
+    assert error_chunk(payload)[0] == p.NBD_EINVAL
+    await c.close()
+
+
+# --- export errors ----------------------------------------------------------------------------
+
+
+class _Errno(Exception):
+    errno = errno.EPERM
+
+
+class _Coded(Exception):
+    code = "ENOSPC"
+
+
+class FailingExport(MemoryExport):
+    def __init__(self) -> None:
+        super().__init__("failing", SIZE)
+        self.errors: list[BaseException] = []
+
+    async def read(self, offset: int, length: int) -> bytes:
+        raise self.errors[offset // 4096]
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (OSError(errno.ENOSPC, "full"), p.NBD_ENOSPC),
+        (OSError(errno.ESHUTDOWN, "down"), p.NBD_ESHUTDOWN),
+        (OSError(errno.ENOENT, "odd"), p.NBD_EIO),
+        (OSError("no errno"), p.NBD_EIO),
+        (_Errno(), p.NBD_EPERM),
+        (_Coded(), p.NBD_ENOSPC),
+        (RuntimeError("bug"), p.NBD_EIO),
+    ],
+)
+def test_nbd_error_mapping(exc: BaseException, expected: int) -> None:
+    assert nbd_error(exc) == expected
+
+
+async def test_export_exceptions_become_errors_and_server_keeps_running(served: Served) -> None:
+    export = FailingExport()
+    export.errors = [OSError(errno.ENOSPC, "full"), RuntimeError("bug"), _Errno()]
+    served.registry.add(export)
+    c = await served.transmit("failing")
+    for i in range(3):
+        c.request(p.CMD_READ, i, i * 4096, 16)
+    replies = {(await c.simple_reply())[1:2][0]: None for _ in range(3)}
+    assert sorted(replies) == [0, 1, 2]
+    c.request(p.CMD_READ, 0, 0, 16)
+    assert (await c.simple_reply())[:2] == (p.NBD_ENOSPC, 0)
+    c.request(p.CMD_READ, 1, 4096, 16)
+    assert (await c.simple_reply())[:2] == (p.NBD_EIO, 1)
+    c.request(p.CMD_READ, 2, 8192, 16)
+    assert (await c.simple_reply())[:2] == (p.NBD_EPERM, 2)
+    await c.close()
+
+
+# --- concurrency, flow control, lifecycle ------------------------------------------------------
+
+
+class GatedExport(MemoryExport):
+    """Reads at offset 0 wait for the gate; others answer at once."""
+
+    def __init__(self) -> None:
+        super().__init__("gated", SIZE)
+        self.gate = asyncio.Event()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset == 0:
+            await self.gate.wait()
+        return await super().read(offset, length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        await self._enter()
+        try:
+            await self.gate.wait()
+            self._view[offset : offset + data.nbytes] = data
+        finally:
+            self.inflight -= 1
+
+
+async def test_replies_out_of_order(served: Served) -> None:
+    export = GatedExport()
+    served.registry.add(export)
+    c = await served.transmit("gated")
+    c.request(p.CMD_READ, 1, 0, 16)
+    c.request(p.CMD_READ, 2, 4096, 16)
+    assert (await c.simple_reply(16))[1] == 2
+    export.gate.set()
+    assert (await c.simple_reply(16))[1] == 1
+    await c.close()
+
+
+async def test_inflight_bounded_then_all_answered(served: Served) -> None:
+    export = GatedExport()
+    served.registry.add(export)
+    c = await served.transmit("gated")
+    n = 100
+    for i in range(n):
+        c.request(p.CMD_WRITE, i, i * 512, 512)
+        c.send(bytes([i]) * 512)
+    await c.writer.drain()
+    await asyncio.sleep(0.2)
+    assert export.inflight == served.server.max_inflight  # 8: the rest wait unread
+    export.gate.set()
+    cookies = sorted([(await c.simple_reply())[1] for _ in range(n)])
+    assert cookies == list(range(n))
+    assert export.max_inflight_seen == served.server.max_inflight
+    assert export.contents(99 * 512, 512) == bytes([99]) * 512
+    await c.close()
+
+
+async def test_client_disconnect_mid_request_does_not_hurt_others(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_WRITE, 1, 0, 65536)
+    c.send(bytes(1000))  # then vanish halfway through the payload
+    c.writer.transport.abort()
+    await asyncio.sleep(0.05)
+    d = await served.transmit()
+    d.request(p.CMD_READ, 2, 0, 16)
+    assert (await d.simple_reply(16))[:2] == (0, 2)
+    await d.close()
+
+
+async def test_remove_export_closes_its_connections_only(served: Served) -> None:
+    export = GatedExport()
+    served.registry.add(export)
+    c = await served.transmit("gated")
+    other = await served.transmit("vol")
+    c.request(p.CMD_READ, 1, 0, 16)  # in flight while the export is removed
+    await asyncio.sleep(0.05)
+    removal = asyncio.create_task(served.registry.remove("gated"))
+    await asyncio.sleep(0.05)
+    assert not removal.done()
+    export.gate.set()
+    assert (await c.simple_reply(16))[:2] == (0, 1)
+    assert await c.closed()
+    await asyncio.wait_for(removal, 5)
+    assert served.registry.get("gated") is None
+    other.request(p.CMD_READ, 2, 0, 16)
+    assert (await other.simple_reply(16))[:2] == (0, 2)
+    d = await served.client()
+    await d.greeting()
+    d.option(p.OPT_GO, d.info_data("gated"))
+    assert (await d.option_reply())[1] == p.REP_ERR_UNKNOWN
+    await other.close()
+    await d.close()
+
+
+async def test_server_close_closes_clients(tmp_path: Path) -> None:
+    registry = ExportRegistry()
+    registry.add(MemoryExport("vol", SIZE))
+    server = NbdServer(registry)
+    port = await server.start_tcp("127.0.0.1", 0)
+    sock = str(tmp_path / "s.sock")
+    await server.start_unix(sock)
+    c = await RawNbdClient.connect_tcp(port)
+    await c.go("vol")
+    await server.close()
+    assert await c.closed()
+    assert server.connection_count == 0
+    assert not Path(sock).exists()  # noqa: ASYNC240
