@@ -1,0 +1,291 @@
+"""ReplicaClient: the ReplicaAPI of a remote replica, over replica/protocol.py.
+
+One connection per peer, opened lazily and re-opened on the next call after it is lost. Many
+calls are in flight at once (matched by id); requests made in the same loop iteration leave in
+one transport write. Every call is bounded by ``timeout``: a call without a reply in time fails
+with ReplicaUnavailable and the connection is dropped (a peer that stopped answering may be a
+black hole; a fresh connection is the only way to tell), which fails every other call on it too.
+Remote typed errors are raised here as the same types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.errors import ProtocolError, ReplicaUnavailable, error_from_code
+from replica.protocol import FramedProtocol, Header, RxBuffer
+
+Reply = tuple[Header, bytes]
+
+
+class _ClientConnection(FramedProtocol):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.pending: dict[int, asyncio.Future[Reply]] = {}
+
+    def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+        rid = header.get("id")
+        fut = self.pending.pop(rid, None) if type(rid) is int else None
+        if fut is None:
+            if rid == 0 and header.get("ok") is False:
+                # The server could not read one of our frames: we cannot tell which call it
+                # was, so none of them can be trusted to be answered.
+                self.fail(f"server rejected a frame: {header.get('msg')}")
+            return  # a reply to a call that already timed out
+        if not fut.done():
+            # Callers get bytes they own; the receive buffer is reused.
+            fut.set_result((header, bytes(payload) if len(payload) else b""))
+
+    def bad_frame(self, reason: str) -> None:
+        self.fail(f"bad reply frame: {reason}")
+
+    def framing_error(self, reason: str) -> None:
+        self.fail(f"broken reply stream: {reason}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._fail_pending(f"connection to {self.where} lost" + (f": {exc}" if exc else ""))
+
+    def fail(self, reason: str) -> None:
+        """Drop the connection and fail every call waiting on it."""
+        self.closed = True
+        self._fail_pending(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(ReplicaUnavailable(reason))
+
+
+class ReplicaClient:
+    def __init__(
+        self, host: str, port: int, *, timeout: float = 5.0, connect_timeout: float = 2.0
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._where = f"replica {host}:{port}"
+        self._conn: _ClientConnection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._next_id = 1
+        # (deadline, id, future, connection), in call order; the timeout is the same for every
+        # call, so the oldest deadline is always at the front.
+        self._deadlines: deque[tuple[float, int, asyncio.Future[Reply], _ClientConnection]] = (
+            deque()
+        )
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._tick = max(0.01, min(0.5, timeout / 10))
+
+    # -- connection ------------------------------------------------------------------------
+    async def _connect(self) -> _ClientConnection:
+        async with self._connect_lock:
+            c = self._conn
+            if c is not None and not c.closed:
+                return c
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    _, c = await loop.create_connection(
+                        lambda: _ClientConnection(self._where), self.host, self.port
+                    )
+            except (OSError, TimeoutError) as e:
+                raise ReplicaUnavailable(f"{self._where}: cannot connect: {e!r}") from None
+            self._conn = c
+            return c
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        dq = self._deadlines
+        while dq:
+            deadline, rid, fut, conn = dq[0]
+            if fut.done():
+                dq.popleft()
+                continue
+            if deadline > now:
+                break
+            dq.popleft()
+            conn.pending.pop(rid, None)
+            fut.set_exception(ReplicaUnavailable(f"{self._where}: no reply in {self.timeout}s"))
+            conn.fail(f"{self._where}: a call timed out")
+        if dq:
+            self._sweep_handle = loop.call_later(self._tick, self._sweep)
+
+    async def _call(self, header: Header, payload: bytes | memoryview | None = None) -> Reply:
+        c = self._conn
+        if c is None or c.closed:
+            c = await self._connect()
+        loop = asyncio.get_running_loop()
+        if c.write_paused:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await c.drain()
+            except TimeoutError:
+                c.fail(f"{self._where}: send blocked for {self.timeout}s")
+                raise ReplicaUnavailable(f"{self._where}: send blocked") from None
+            if c.closed:
+                raise ReplicaUnavailable(f"{self._where}: connection lost")
+        rid = self._next_id
+        self._next_id = rid + 1
+        header["id"] = rid
+        fut: asyncio.Future[Reply] = loop.create_future()
+        c.pending[rid] = fut
+        self._deadlines.append((loop.time() + self.timeout, rid, fut, c))
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(self._tick, self._sweep)
+        c.send_frame(header, payload)
+        reply, data = await fut
+        if not reply.get("ok"):
+            raise error_from_code(str(reply.get("code")), str(reply.get("msg")))
+        return reply, data
+
+    # -- ReplicaAPI ------------------------------------------------------------------------
+    async def open(
+        self, volume: str, epoch: int, size: int, chunk_size: int, *, sync_writes: bool = False
+    ) -> VolumeInfo:
+        r, _ = await self._call(
+            {
+                "op": "open",
+                "volume": volume,
+                "epoch": epoch,
+                "size": size,
+                "chunk_size": chunk_size,
+                "sync_writes": sync_writes,
+            }
+        )
+        try:
+            return VolumeInfo(
+                volume=volume,
+                size=r["size"],
+                chunk_size=r["chunk_size"],
+                epoch=r["epoch"],
+                dirty=list(r["dirty"]),
+                unclean=r["unclean"],
+            )
+        except KeyError as e:
+            raise ProtocolError(f"open reply lacks {e}") from None
+
+    async def write(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
+    ) -> None:
+        await self._call(
+            {
+                "op": "write",
+                "volume": volume,
+                "epoch": epoch,
+                "chunk": chunk,
+                "offset": offset,
+                "seq": seq,
+                "durable": durable,
+            },
+            data,
+        )
+
+    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+        _, data = await self._call(
+            {
+                "op": "read",
+                "volume": volume,
+                "epoch": epoch,
+                "chunk": chunk,
+                "offset": offset,
+                "length": length,
+            }
+        )
+        return data
+
+    async def trim(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int
+    ) -> None:
+        await self._call(
+            {
+                "op": "trim",
+                "volume": volume,
+                "epoch": epoch,
+                "chunk": chunk,
+                "offset": offset,
+                "length": length,
+                "seq": seq,
+            }
+        )
+
+    async def flush(self, volume: str, epoch: int) -> None:
+        await self._call({"op": "flush", "volume": volume, "epoch": epoch})
+
+    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
+        r, _ = await self._call({"op": "generations", "volume": volume, "epoch": epoch})
+        flat: list[int] = r.get("gens", [])
+        return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat) - 2, 3)}
+
+    async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
+        await self._call(
+            {"op": "mark_clean", "volume": volume, "epoch": epoch, "chunks": list(chunks)}
+        )
+
+    async def read_chunk(
+        self, volume: str, epoch: int, chunk: int
+    ) -> tuple[bytes | None, Generation]:
+        r, data = await self._call(
+            {"op": "read_chunk", "volume": volume, "epoch": epoch, "chunk": chunk}
+        )
+        e, q = r["gen"]
+        return (data if r["present"] else None), (e, q)
+
+    async def write_chunk(
+        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+    ) -> None:
+        await self._call(
+            {
+                "op": "write_chunk",
+                "volume": volume,
+                "epoch": epoch,
+                "chunk": chunk,
+                "present": data is not None,
+                "gen": list(generation),
+            },
+            data,
+        )
+
+    async def delete(self, volume: str) -> None:
+        await self._call({"op": "delete", "volume": volume})
+
+    async def stats(self) -> ReplicaStats:
+        r, _ = await self._call({"op": "stats"})
+        return ReplicaStats(
+            capacity=r["capacity"], used=r["used"], free=r["free"], volumes=r["volumes"]
+        )
+
+    async def ping(self) -> None:
+        await self._call({"op": "ping"})
+
+    async def close(self) -> None:
+        c, self._conn = self._conn, None
+        if c is not None:
+            c.fail(f"{self._where}: client closed")
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        self._deadlines.clear()
+
+
+if TYPE_CHECKING:
+    from replica.api import ReplicaAPI
+
+    _api: ReplicaAPI = ReplicaClient("", 0)  # mypy proves the client satisfies the interface

@@ -1,0 +1,350 @@
+"""The replica wire format, in one place; replica/server.py and replica/client.py both use it.
+
+Frame: ``u32 total | u32 header_len | msgpack header | payload`` (big endian), where ``total``
+counts the bytes after itself (``4 + header_len + len(payload)``). Data bytes travel as the raw
+payload and never through msgpack.
+
+Request header: ``{"id": int, "op": str, ...args}`` (args per op in ``OPS``).
+Reply header: ``{"id": int, "ok": bool, "code": str, "msg": str, ...result}`` + payload.
+
+A frame whose length fields are impossible (``total`` too small or above ``MAX_FRAME``) breaks the
+framing itself: the connection is closed. A frame with an intact boundary but a bad header is
+answered with a ProtocolError reply (id 0 when the id itself is unreadable) and the stream goes on.
+
+``FramedProtocol`` is the shared transport half: it receives with ``recv_into`` into reusable
+buffers (a payload is copied once, kernel -> buffer, and handed on as a memoryview), and it
+gathers outgoing frames into one ``writelines`` per loop iteration, since each transport write
+costs a syscall and, on these VMs, often a cross-CPU wakeup of the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import msgpack
+
+from replica.errors import ProtocolError
+
+PREFIX = struct.Struct("!II")
+_TOTAL = struct.Struct("!I")
+MAX_PAYLOAD = 64 << 20
+MAX_HEADER = 16 << 20  # generations / dirty lists of a large volume travel in the header
+MAX_FRAME = 4 + MAX_HEADER + MAX_PAYLOAD  # largest acceptable ``total``
+
+_RX_SIZE = 256 << 10  # standard receive buffer: many small frames per recv_into
+_RX_MIN_FREE = 16 << 10  # roll to a fresh buffer below this much room, so recv stays large
+_POOL_MAX = 8
+_JOIN_MAX = 16 << 10  # payloads up to this are joined to their header; larger go by reference
+
+Header = dict[str, Any]
+
+# op -> (field, type) of its request arguments. ``int`` means a non-negative int, not a bool.
+OPS: dict[str, tuple[tuple[str, type], ...]] = {
+    "open": (
+        ("volume", str),
+        ("epoch", int),
+        ("size", int),
+        ("chunk_size", int),
+        ("sync_writes", bool),
+    ),
+    "write": (
+        ("volume", str),
+        ("epoch", int),
+        ("chunk", int),
+        ("offset", int),
+        ("seq", int),
+        ("durable", bool),
+    ),
+    "read": (("volume", str), ("epoch", int), ("chunk", int), ("offset", int), ("length", int)),
+    "trim": (
+        ("volume", str),
+        ("epoch", int),
+        ("chunk", int),
+        ("offset", int),
+        ("length", int),
+        ("seq", int),
+    ),
+    "flush": (("volume", str), ("epoch", int)),
+    "generations": (("volume", str), ("epoch", int)),
+    "mark_clean": (("volume", str), ("epoch", int), ("chunks", list)),
+    "read_chunk": (("volume", str), ("epoch", int), ("chunk", int)),
+    "write_chunk": (
+        ("volume", str),
+        ("epoch", int),
+        ("chunk", int),
+        ("present", bool),
+        ("gen", list),
+    ),
+    "delete": (("volume", str),),
+    "stats": (),
+    "ping": (),
+}
+
+_packb = msgpack.Packer(autoreset=True, use_bin_type=True).pack
+
+
+def _is_uint(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def check_request(header: object) -> tuple[int, str]:
+    """Validate a decoded request header; returns (id, op). Raises ProtocolError."""
+    if not isinstance(header, dict):
+        raise ProtocolError("request header is not a map")
+    rid = header.get("id")
+    if not _is_uint(rid):
+        raise ProtocolError("request id missing or not a non-negative int")
+    assert isinstance(rid, int)
+    op = header.get("op")
+    fields = OPS.get(op) if isinstance(op, str) else None
+    if fields is None:
+        raise ProtocolError(f"unknown op {op!r}")
+    assert isinstance(op, str)
+    for name, typ in fields:
+        v = header.get(name)
+        if typ is int:
+            ok = _is_uint(v)
+        elif typ is bool:
+            ok = type(v) is bool
+        else:
+            ok = type(v) is typ
+        if not ok:
+            raise ProtocolError(f"{op}: field {name!r} missing or not {typ.__name__}: {v!r}")
+    if op == "mark_clean" and not all(_is_uint(c) for c in header["chunks"]):
+        raise ProtocolError("mark_clean: chunks must be non-negative ints")
+    if op == "write_chunk":
+        gen = header["gen"]
+        if len(gen) != 2 or not all(_is_uint(g) for g in gen):
+            raise ProtocolError("write_chunk: gen must be [epoch, seq]")
+    return rid, op
+
+
+def encode_frame(
+    header: Header, payload: bytes | memoryview | None = None
+) -> list[bytes | memoryview]:
+    """Pieces of one frame, for ``writelines``. Large payloads are passed by reference."""
+    h = _packb(header)
+    plen = len(payload) if payload is not None else 0
+    if plen > MAX_PAYLOAD or len(h) > MAX_HEADER:
+        raise ProtocolError(f"frame too large (header {len(h)}, payload {plen})")
+    prefix = PREFIX.pack(4 + len(h) + plen, len(h))
+    if not plen:
+        return [prefix + h]
+    assert payload is not None
+    if plen <= _JOIN_MAX:
+        return [b"".join((prefix, h, payload))]
+    return [prefix + h, payload]
+
+
+def decode_header(view: memoryview) -> Header:
+    try:
+        header = msgpack.unpackb(view, raw=False, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"undecodable header: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    return header
+
+
+class RxBuffer:
+    """A receive buffer that frames' payload memoryviews point into.
+
+    ``refs`` counts payloads still in use; a buffer is reused (or pooled) only once it is 0,
+    so a payload handed to an async write is never overwritten under it.
+    """
+
+    __slots__ = ("data", "pool", "refs", "retired", "view")
+
+    def __init__(self, size: int, pool: list[RxBuffer]) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+        self.refs = 0
+        self.retired = False
+        self.pool = pool
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0 and self.retired and len(self.pool) < _POOL_MAX:
+            self.retired = False
+            self.pool.append(self)
+
+
+class FramedProtocol(asyncio.BufferedProtocol):
+    """Framing, receive buffers, batched sends and write flow control, shared by both ends.
+
+    Subclasses implement ``frame_received`` (and may call ``pause_parsing``/``resume_parsing``
+    to bound work in flight) and ``bad_frame`` for frames whose boundary is intact.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._pool: list[RxBuffer] = []
+        self._rx = RxBuffer(_RX_SIZE, self._pool)
+        self._pos = 0
+        self._end = 0
+        self._parsing_paused = False
+        self._out: list[bytes | memoryview] = []
+        self._out_scheduled = False
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # -- hooks -----------------------------------------------------------------------------
+    def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+        raise NotImplementedError
+
+    def bad_frame(self, reason: str) -> None:
+        raise NotImplementedError
+
+    # -- transport callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._out.clear()
+        self._wake_drain_waiters()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport accepts more (or is closed)."""
+        while self.write_paused and not self.closed:
+            w: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        rx = self._rx
+        size = len(rx.data)
+        if size - self._end < _RX_MIN_FREE or self._frame_end() > size:
+            self._roll()
+            rx = self._rx
+        return rx.view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; a half-closed peer sends no more requests
+
+    # -- receive path ----------------------------------------------------------------------
+    def _frame_end(self) -> int:
+        """Where the frame being received ends in the current buffer (a prefix, if unknown)."""
+        if self._end - self._pos < 4:
+            return self._pos + 8
+        total: int = _TOTAL.unpack_from(self._rx.data, self._pos)[0]
+        return self._pos + 4 + min(total, MAX_FRAME)
+
+    def _take(self, size: int) -> RxBuffer:
+        for i, b in enumerate(self._pool):
+            if len(b.data) >= size and len(b.data) <= max(size * 2, _RX_SIZE):
+                del self._pool[i]
+                return b
+        return RxBuffer(size, self._pool)
+
+    def _roll(self) -> None:
+        """Move the unparsed tail to a buffer with room for the whole frame being received."""
+        rx, pos, end = self._rx, self._pos, self._end
+        pending = end - pos
+        need = max(self._frame_end() - pos, _RX_MIN_FREE + pending)
+        if rx.refs == 0 and need <= len(rx.data) and len(rx.data) == _RX_SIZE:
+            rx.data[0:pending] = rx.data[pos:end]  # nobody points into it: reuse in place
+        else:
+            new = self._take(max(need, _RX_SIZE))
+            new.view[0:pending] = rx.view[pos:end]
+            rx.retired = True
+            if rx.refs == 0 and len(self._pool) < _POOL_MAX:
+                rx.retired = False
+                self._pool.append(rx)
+            self._rx = new
+        self._pos = 0
+        self._end = pending
+
+    def pause_parsing(self) -> None:
+        if not self._parsing_paused:
+            self._parsing_paused = True
+            if self.transport is not None and not self.closed:
+                self.transport.pause_reading()
+
+    def resume_parsing(self) -> None:
+        if self._parsing_paused and not self.closed:
+            self._parsing_paused = False
+            self._parse()
+            if not self._parsing_paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    def _parse(self) -> None:
+        rx = self._rx
+        data, view = rx.data, rx.view
+        pos, end = self._pos, self._end
+        unpack = PREFIX.unpack_from
+        while not self._parsing_paused and end - pos >= 8:
+            total, hlen = unpack(data, pos)
+            if total < 4 or total > MAX_FRAME:
+                self._pos = self._end = 0
+                self.framing_error(f"bad frame length {total}")
+                return
+            fend = pos + 4 + total
+            if fend > end:
+                break
+            hstart = pos + 8
+            pstart = hstart + hlen
+            pos = fend
+            if hlen > total - 4 or hlen > MAX_HEADER:
+                self._pos = pos
+                self.bad_frame(f"header length {hlen} exceeds frame length {total}")
+                continue
+            try:
+                header = decode_header(view[hstart:pstart])
+            except ProtocolError as e:
+                self._pos = pos
+                self.bad_frame(str(e))
+                continue
+            self._pos = pos
+            self.frame_received(header, view[pstart:fend], rx)
+            if self.closed:
+                return
+        if pos == end and rx.refs == 0:
+            pos = end = 0  # everything consumed and unreferenced: start over at the front
+        self._pos, self._end = pos, end
+
+    def framing_error(self, reason: str) -> None:
+        """The stream cannot be re-synchronised: drop this connection only."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- send path -------------------------------------------------------------------------
+    def send_frame(self, header: Header, payload: bytes | memoryview | None = None) -> None:
+        if self.closed:
+            return
+        self._out.extend(encode_frame(header, payload))
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._out_scheduled = False
+        out, self._out = self._out, []
+        if out and not self.closed and self.transport is not None:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)

@@ -1,0 +1,321 @@
+"""The replica server: serves a ReplicaAPI (normally a ReplicaService) over replica/protocol.py.
+
+Each connection is pipelined: every request runs as its own task, replies go out as they
+complete (matched by id, in any order) and are gathered into one write per loop iteration.
+Requests in flight per connection are bounded: above ``MAX_INFLIGHT`` the connection stops
+reading, so a fast client cannot grow the server's memory without bound.
+
+Run standalone (tests, benchmarks): ``python -m replica.server --disk PATH ... --cluster-id X
+--node-id N [--host H] [--port P] [--format]``; prints ``READY <port>`` once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from replica.api import ReplicaAPI
+from replica.errors import ProtocolError, ReplicaError
+from replica.protocol import FramedProtocol, Header, RxBuffer, check_request
+
+log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 128
+RESUME_INFLIGHT = 64
+
+Result = tuple[Header | None, bytes | memoryview | None]
+Handler = Callable[[ReplicaAPI, Header, memoryview], Awaitable[Result]]
+
+
+async def _open(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    info = await s.open(
+        h["volume"], h["epoch"], h["size"], h["chunk_size"], sync_writes=h["sync_writes"]
+    )
+    return {
+        "size": info.size,
+        "chunk_size": info.chunk_size,
+        "epoch": info.epoch,
+        "dirty": info.dirty,
+        "unclean": info.unclean,
+    }, None
+
+
+async def _write(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.write(
+        h["volume"], h["epoch"], h["chunk"], h["offset"], p, seq=h["seq"], durable=h["durable"]
+    )
+    return None, None
+
+
+async def _read(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    return None, await s.read(h["volume"], h["epoch"], h["chunk"], h["offset"], h["length"])
+
+
+async def _trim(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.trim(h["volume"], h["epoch"], h["chunk"], h["offset"], h["length"], seq=h["seq"])
+    return None, None
+
+
+async def _flush(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.flush(h["volume"], h["epoch"])
+    return None, None
+
+
+async def _generations(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    gens = await s.generations(h["volume"], h["epoch"])
+    flat: list[int] = []
+    for c, (e, q) in gens.items():
+        flat += (c, e, q)
+    return {"gens": flat}, None
+
+
+async def _mark_clean(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.mark_clean(h["volume"], h["epoch"], h["chunks"])
+    return None, None
+
+
+async def _read_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    data, gen = await s.read_chunk(h["volume"], h["epoch"], h["chunk"])
+    return {"present": data is not None, "gen": list(gen)}, data
+
+
+async def _write_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    e, q = h["gen"]
+    # The store keeps the data beyond this request (a whole chunk): hand it its own copy.
+    data = bytes(p) if h["present"] else None
+    await s.write_chunk(h["volume"], h["epoch"], h["chunk"], data, (e, q))
+    return None, None
+
+
+async def _delete(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.delete(h["volume"])
+    return None, None
+
+
+async def _stats(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    st = await s.stats()
+    return {"capacity": st.capacity, "used": st.used, "free": st.free, "volumes": st.volumes}, None
+
+
+async def _ping(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    return None, None
+
+
+HANDLERS: dict[str, Handler] = {
+    "open": _open,
+    "write": _write,
+    "read": _read,
+    "trim": _trim,
+    "flush": _flush,
+    "generations": _generations,
+    "mark_clean": _mark_clean,
+    "read_chunk": _read_chunk,
+    "write_chunk": _write_chunk,
+    "delete": _delete,
+    "stats": _stats,
+    "ping": _ping,
+}
+
+
+class _Connection(FramedProtocol):
+    def __init__(self, server: ReplicaServer) -> None:
+        super().__init__()
+        self._server = server
+        self._service = server.service
+        self._inflight = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._server._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._server._conns.discard(self)
+
+    def bad_frame(self, reason: str) -> None:
+        self.send_frame({"id": 0, "ok": False, "code": ProtocolError.code, "msg": reason})
+
+    def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+        try:
+            rid, op = check_request(header)
+        except ProtocolError as e:
+            hid = header.get("id")
+            self.send_frame(
+                {"id": hid if type(hid) is int else 0, "ok": False, "code": e.code, "msg": str(e)}
+            )
+            return
+        if op != "write" and op != "write_chunk" and len(payload):
+            self.send_frame(
+                {
+                    "id": rid,
+                    "ok": False,
+                    "code": ProtocolError.code,
+                    "msg": f"{op} takes no payload",
+                }
+            )
+            return
+        held: RxBuffer | None = None
+        if len(payload):
+            rx.refs += 1  # the buffer must not be reused until this request is done with it
+            held = rx
+        self._inflight += 1
+        if self._inflight >= MAX_INFLIGHT:
+            self.pause_parsing()
+        task = self._loop.create_task(self._run(rid, HANDLERS[op], header, payload, held))
+        self._server._tasks.add(task)
+        task.add_done_callback(self._server._tasks.discard)
+
+    async def _run(
+        self, rid: int, handler: Handler, header: Header, payload: memoryview, rx: RxBuffer | None
+    ) -> None:
+        out: bytes | memoryview | None = None
+        try:
+            result, out = await handler(self._service, header, payload)
+            reply: Header = {"id": rid, "ok": True, "code": "", "msg": ""}
+            if result:
+                reply.update(result)
+        except ReplicaError as e:
+            reply = {"id": rid, "ok": False, "code": e.code, "msg": str(e)}
+        except Exception as e:
+            log.exception("request %s failed", header.get("op"))
+            reply = {
+                "id": rid,
+                "ok": False,
+                "code": ReplicaError.code,
+                "msg": f"{type(e).__name__}: {e}",
+            }
+        finally:
+            if rx is not None:
+                try:
+                    # A store that kept the view past its call would see the buffer reused
+                    # under it; releasing makes such a bug fail loudly instead.
+                    payload.release()
+                    rx.release()
+                except BufferError:
+                    log.warning(
+                        "%s payload still in use after the request; not reusing it",
+                        header.get("op"),
+                    )
+            self._inflight -= 1
+            if self._inflight <= RESUME_INFLIGHT and not self.write_paused:
+                self.resume_parsing()
+        self.send_frame(reply, out)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop taking requests until it does.
+        super().pause_writing()
+        self.pause_parsing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._inflight <= RESUME_INFLIGHT:
+            self.resume_parsing()
+
+
+class ReplicaServer:
+    def __init__(self, service: ReplicaAPI) -> None:
+        self.service = service
+        self._server: asyncio.Server | None = None
+        self._conns: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True, backlog=128
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in list(self._conns):
+            if c.transport is not None:
+                c.transport.abort()
+        # Let requests already handed to the store finish: cancelling one half-way through a
+        # store write would leave the store to sort out a torn request for no reason.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    # Imported here so the wire code above does not depend on the store being importable.
+    from replica.chunkstore import ChunkStore
+    from replica.errors import NotFormatted
+    from replica.fileio import OSFile
+    from replica.service import ReplicaService
+
+    stores: list[Any] = []
+    try:
+        for path in args.disk:
+            f = OSFile.open(path)
+            if args.format:
+                try:
+                    ChunkStore.read_superblock(f)
+                except NotFormatted:
+                    ChunkStore.format(
+                        f,
+                        cluster_id=args.cluster_id,
+                        node_id=args.node_id,
+                        disk_id=uuid.uuid4().hex,
+                    )
+            stores.append(ChunkStore.open(f, cluster_id=args.cluster_id, boot_id=_boot_id()))
+    except ReplicaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        for st in stores:
+            await st.close()
+        return 2
+    service = ReplicaService(stores)
+    server = ReplicaServer(service)
+    await server.start(args.host, args.port)
+    print(f"READY {server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+    await service.close_stores()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m replica.server", description=__doc__)
+    p.add_argument("--disk", action="append", required=True, help="disk path (repeatable)")
+    p.add_argument("--cluster-id", required=True)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9002)
+    p.add_argument("--format", action="store_true", help="format disks that are not formatted")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import uvloop
+
+    rc: int = uvloop.run(_serve(args))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""ReplicaService: the ReplicaAPI of this node's replica, in process, over its disks' ChunkStores.
+
+The engine on this node calls it directly; replica/server.py serves the same object to remote
+engines. A volume lives on one store: the one already holding it, else (when first opened) the
+store with the most free space.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.errors import OutOfRange, UnknownVolume
+
+if TYPE_CHECKING:
+    from replica.api import ReplicaAPI
+    from replica.chunkstore import ChunkStore
+
+
+class ReplicaService:
+    def __init__(self, stores: list[ChunkStore]) -> None:
+        self._stores = list(stores)
+        self._where: dict[str, ChunkStore] = {}
+        for store in self._stores:
+            for volume in store.volumes():
+                self._where[volume] = store
+
+    def volume_ids(self) -> list[str]:
+        return sorted(self._where)
+
+    def _store(self, volume: str) -> ChunkStore:
+        store = self._where.get(volume)
+        if store is None:
+            raise UnknownVolume(f"volume {volume!r} is not on this replica")
+        return store
+
+    async def open(
+        self, volume: str, epoch: int, size: int, chunk_size: int, *, sync_writes: bool = False
+    ) -> VolumeInfo:
+        store = self._where.get(volume)
+        if store is None:
+            if not self._stores:
+                raise UnknownVolume("this replica has no disks")
+            store = max(self._stores, key=lambda s: s.stats().free)
+        if chunk_size != store.superblock.chunk_size:
+            raise OutOfRange(
+                f"volume {volume!r}: chunk size {chunk_size} differs from the disk's "
+                f"chunk size {store.superblock.chunk_size}"
+            )
+        meta = await store.open_volume(volume, epoch, size, sync_writes=sync_writes)
+        self._where[volume] = store
+        return VolumeInfo(
+            volume=volume,
+            size=meta.size,
+            chunk_size=meta.chunk_size,
+            epoch=meta.epoch,
+            dirty=sorted(meta.dirty),
+            unclean=meta.unclean_dirty,
+        )
+
+    async def write(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
+    ) -> None:
+        await self._store(volume).write(
+            volume, epoch, chunk, offset, data, seq=seq, durable=durable
+        )
+
+    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+        return self._store(volume).read(volume, epoch, chunk, offset, length)
+
+    async def trim(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int
+    ) -> None:
+        await self._store(volume).trim(volume, epoch, chunk, offset, length, seq=seq)
+
+    async def flush(self, volume: str, epoch: int) -> None:
+        store = self._store(volume)
+        store.check_epoch(volume, epoch)
+        await store.flush()
+
+    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
+        store = self._store(volume)
+        store.check_epoch(volume, epoch)
+        return store.generations(volume)
+
+    async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
+        await self._store(volume).mark_clean(volume, epoch, chunks)
+
+    async def read_chunk(
+        self, volume: str, epoch: int, chunk: int
+    ) -> tuple[bytes | None, Generation]:
+        return self._store(volume).read_chunk(volume, epoch, chunk)
+
+    async def write_chunk(
+        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+    ) -> None:
+        await self._store(volume).write_chunk(volume, epoch, chunk, data, generation)
+
+    async def delete(self, volume: str) -> None:
+        store = self._where.get(volume)
+        if store is None:
+            return
+        await store.delete_volume(volume)
+        del self._where[volume]
+
+    async def stats(self) -> ReplicaStats:
+        capacity = used = free = 0
+        for store in self._stores:
+            st = store.stats()
+            capacity += st.capacity
+            used += st.used
+            free += st.free
+        return ReplicaStats(capacity=capacity, used=used, free=free, volumes=len(self._where))
+
+    async def close(self) -> None:
+        """Nothing to release per handle; the stores outlive their users (close_stores)."""
+
+    async def close_stores(self) -> None:
+        stores, self._stores = self._stores, []
+        self._where.clear()
+        for store in stores:
+            await store.close()
+
+
+if TYPE_CHECKING:
+    _api: ReplicaAPI = ReplicaService([])  # mypy proves the service satisfies the interface

@@ -1,0 +1,340 @@
+"""Framing, request validation, and server+client in process over an in-memory replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+
+from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.client import ReplicaClient
+from replica.errors import OutOfRange, ProtocolError, StaleEpoch, UnknownVolume
+from replica.protocol import (
+    MAX_FRAME,
+    FramedProtocol,
+    Header,
+    RxBuffer,
+    check_request,
+    encode_frame,
+)
+from replica.server import ReplicaServer
+
+
+class Collector(FramedProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[tuple[Header, bytes]] = []
+        self.bad: list[str] = []
+        self.broken: list[str] = []
+
+    def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+        self.frames.append((header, bytes(payload)))
+
+    def bad_frame(self, reason: str) -> None:
+        self.bad.append(reason)
+
+    def framing_error(self, reason: str) -> None:
+        self.broken.append(reason)
+        self.closed = True
+
+
+def wire(header: Header, payload: bytes | None = None) -> bytes:
+    return b"".join(encode_frame(header, payload))
+
+
+def feed(p: FramedProtocol, data: bytes, step: int) -> None:
+    i = 0
+    while i < len(data) and not p.closed:
+        buf = p.get_buffer(-1)
+        n = min(len(buf), step, len(data) - i)
+        assert n > 0
+        buf[:n] = data[i : i + n]
+        p.buffer_updated(n)
+        i += n
+
+
+async def test_round_trip_header_and_payload() -> None:
+    p = Collector()
+    feed(p, wire({"id": 7, "op": "write", "x": [1, 2]}, b"abc" * 1000), 1 << 20)
+    assert p.frames == [({"id": 7, "op": "write", "x": [1, 2]}, b"abc" * 1000)]
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 4096, 65536, 1 << 20])
+async def test_partial_frames_and_many_per_buffer(step: int) -> None:
+    frames = [({"id": i, "op": "write"}, os.urandom(i * 37 % 5000)) for i in range(200)]
+    big = (3 << 20) if step > 100 else (300 << 10)
+    frames.append(({"id": 999, "op": "big"}, os.urandom(big)))  # larger than a rx buffer
+    frames += [({"id": 1000 + i, "op": "read"}, b"") for i in range(50)]
+    p = Collector()
+    feed(p, b"".join(wire(h, d) for h, d in frames), step)
+    assert p.frames == frames
+    assert not p.bad and not p.broken
+
+
+async def test_buffers_are_reused_when_released() -> None:
+    class Holder(Collector):
+        held: list[tuple[memoryview, RxBuffer]] = []
+
+        def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+            rx.refs += 1
+            self.held.append((payload, rx))
+            super().frame_received(header, payload, rx)
+
+    p = Holder()
+    payloads = [os.urandom(4096) for _ in range(300)]
+    data = b"".join(wire({"id": i}, d) for i, d in enumerate(payloads))
+    feed(p, data, 50_000)
+    # Every held view still shows its own bytes: no buffer was overwritten under a holder.
+    assert [bytes(v) for v, _ in p.held] == payloads
+    for _, rx in p.held:
+        rx.release()
+    feed(p, data, 50_000)
+    assert len(p.frames) == 600
+
+
+async def test_bad_header_keeps_stream_and_bad_length_breaks_it() -> None:
+    p = Collector()
+    garbage = b"\xc1\xc1\xc1"  # never valid msgpack
+    bad = struct.pack("!II", 4 + len(garbage), len(garbage)) + garbage
+    too_long_header = struct.pack("!II", 4 + 2, 50) + b"xx"
+    feed(p, bad + too_long_header + wire({"id": 1}), 5)
+    assert len(p.bad) == 2 and p.frames == [({"id": 1}, b"")]
+    feed(p, struct.pack("!II", MAX_FRAME + 1, 0), 100)
+    assert p.broken
+
+
+def test_check_request() -> None:
+    ok = {"id": 3, "op": "read", "volume": "v", "epoch": 1, "chunk": 0, "offset": 0, "length": 4}
+    assert check_request(ok) == (3, "read")
+    for bad in (
+        [1, 2],
+        {**ok, "id": "3"},
+        {**ok, "op": "nope"},
+        {**ok, "epoch": True},
+        {**ok, "offset": -1},
+        {**ok, "length": 1.5},
+        {k: v for k, v in ok.items() if k != "volume"},
+        {
+            "id": 1,
+            "op": "write_chunk",
+            "volume": "v",
+            "epoch": 1,
+            "chunk": 0,
+            "present": True,
+            "gen": [1],
+        },
+        {"id": 1, "op": "mark_clean", "volume": "v", "epoch": 1, "chunks": ["a"]},
+    ):
+        with pytest.raises(ProtocolError):
+            check_request(bad)
+
+
+class MemoryReplica:
+    """A minimal in-memory ReplicaAPI: enough to exercise the wire, not the store."""
+
+    def __init__(self, chunk_size: int = 1 << 20) -> None:
+        self.chunk_size = chunk_size
+        self.vols: dict[str, dict[str, Any]] = {}
+        self.gate: asyncio.Event | None = None
+
+    def _vol(self, volume: str, epoch: int) -> dict[str, Any]:
+        v = self.vols.get(volume)
+        if v is None:
+            raise UnknownVolume(volume)
+        if epoch < v["epoch"]:
+            raise StaleEpoch(f"{epoch} < {v['epoch']}")
+        return v
+
+    async def open(
+        self, volume: str, epoch: int, size: int, chunk_size: int, *, sync_writes: bool = False
+    ) -> VolumeInfo:
+        v = self.vols.setdefault(volume, {"epoch": 0, "size": size, "chunks": {}, "gens": {}})
+        if epoch < v["epoch"]:
+            raise StaleEpoch("stale")
+        v["epoch"] = epoch
+        return VolumeInfo(volume, v["size"], self.chunk_size, epoch, [1, 2], False)
+
+    def _buf(self, v: dict[str, Any], chunk: int) -> bytearray:
+        b: bytearray = v["chunks"].setdefault(chunk, bytearray(self.chunk_size))
+        return b
+
+    async def write(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
+    ) -> None:
+        v = self._vol(volume, epoch)
+        if offset + len(data) > self.chunk_size:
+            raise OutOfRange("past the chunk")
+        if self.gate is not None:
+            await self.gate.wait()
+        self._buf(v, chunk)[offset : offset + len(data)] = data
+        v["gens"][chunk] = (epoch, seq)
+
+    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+        v = self._vol(volume, epoch)
+        return bytes(self._buf(v, chunk)[offset : offset + length])
+
+    async def trim(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int
+    ) -> None:
+        v = self._vol(volume, epoch)
+        self._buf(v, chunk)[offset : offset + length] = bytes(length)
+
+    async def flush(self, volume: str, epoch: int) -> None:
+        self._vol(volume, epoch)
+
+    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
+        return dict(self._vol(volume, epoch)["gens"])
+
+    async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
+        self._vol(volume, epoch)
+
+    async def read_chunk(
+        self, volume: str, epoch: int, chunk: int
+    ) -> tuple[bytes | None, Generation]:
+        v = self._vol(volume, epoch)
+        data = v["chunks"].get(chunk)
+        return (bytes(data) if data is not None else None), v["gens"].get(chunk, (0, 0))
+
+    async def write_chunk(
+        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+    ) -> None:
+        v = self._vol(volume, epoch)
+        if data is None:
+            v["chunks"].pop(chunk, None)
+        else:
+            v["chunks"][chunk] = bytearray(data)
+        v["gens"][chunk] = generation
+
+    async def delete(self, volume: str) -> None:
+        self.vols.pop(volume, None)
+
+    async def stats(self) -> ReplicaStats:
+        return ReplicaStats(100, 10, 90, len(self.vols))
+
+    async def close(self) -> None:
+        pass
+
+
+async def _pair(svc: MemoryReplica, **kw: Any) -> tuple[ReplicaServer, ReplicaClient]:
+    server = ReplicaServer(svc)
+    await server.start("127.0.0.1", 0)
+    return server, ReplicaClient("127.0.0.1", server.port, **kw)
+
+
+async def test_client_server_every_call() -> None:
+    svc = MemoryReplica()
+    server, c = await _pair(svc)
+    try:
+        info = await c.open("v", 3, 10 << 20, 1 << 20)
+        assert info == VolumeInfo("v", 10 << 20, 1 << 20, 3, [1, 2], False)
+        await c.write("v", 3, 2, 4096, b"x" * 4096, seq=1)
+        await c.write("v", 3, 1, 0, memoryview(b"y" * 100_000), seq=2, durable=True)
+        assert await c.read("v", 3, 2, 4096, 4096) == b"x" * 4096
+        assert await c.read("v", 3, 1, 0, 100_000) == b"y" * 100_000
+        await c.trim("v", 3, 2, 4096, 100, seq=3)
+        assert await c.read("v", 3, 2, 4096, 101) == bytes(100) + b"x"
+        await c.flush("v", 3)
+        assert await c.generations("v", 3) == {2: (3, 1), 1: (3, 2)}
+        await c.mark_clean("v", 3, [1, 2])
+        data, gen = await c.read_chunk("v", 3, 1)
+        assert data is not None and data[:3] == b"yyy" and gen == (3, 2)
+        assert await c.read_chunk("v", 3, 9) == (None, (0, 0))
+        await c.write_chunk("v", 3, 9, b"z" * (1 << 20), (3, 7))
+        await c.write_chunk("v", 3, 1, None, (3, 8))
+        assert await c.read_chunk("v", 3, 9) == (b"z" * (1 << 20), (3, 7))
+        assert await c.read_chunk("v", 3, 1) == (None, (3, 8))
+        assert await c.stats() == ReplicaStats(100, 10, 90, 1)
+        with pytest.raises(StaleEpoch):
+            await c.write("v", 2, 0, 0, b"a", seq=9)
+        with pytest.raises(OutOfRange):
+            await c.write("v", 3, 0, (1 << 20) - 1, b"ab", seq=9)
+        with pytest.raises(UnknownVolume):
+            await c.read("nope", 1, 0, 0, 1)
+        await c.delete("v")
+        await c.delete("v")
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_pipelined_out_of_order_and_inflight_bound() -> None:
+    svc = MemoryReplica()
+    server, c = await _pair(svc)
+    try:
+        await c.open("v", 1, 1 << 30, 1 << 20)
+        svc.gate = asyncio.Event()
+        writes = [
+            asyncio.ensure_future(c.write("v", 1, i % 4, i * 4, i.to_bytes(4, "big"), seq=i))
+            for i in range(600)
+        ]
+        await asyncio.sleep(0.2)
+        # The server stops reading at its in-flight bound; the rest wait in socket buffers.
+        assert len(server._tasks) <= 128
+        svc.gate.set()
+        await asyncio.gather(*writes)
+        for i in (0, 299, 599):
+            assert await c.read("v", 1, i % 4, i * 4, 4) == i.to_bytes(4, "big")
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_timeout_then_reconnect() -> None:
+    svc = MemoryReplica()
+    server, c = await _pair(svc, timeout=0.3)
+    try:
+        await c.open("v", 1, 1 << 30, 1 << 20)
+        svc.gate = asyncio.Event()
+        from replica.errors import ReplicaUnavailable
+
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(ReplicaUnavailable):
+            await c.write("v", 1, 0, 0, b"a", seq=1)
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+        svc.gate.set()
+        await c.write("v", 1, 0, 0, b"b", seq=2)
+        assert await c.read("v", 1, 0, 0, 1) == b"b"
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_connect_refused_is_unavailable() -> None:
+    from replica.errors import ReplicaUnavailable
+
+    c = ReplicaClient("127.0.0.1", 1, connect_timeout=0.5)
+    with pytest.raises(ReplicaUnavailable):
+        await c.stats()
+
+
+async def test_raw_bad_frames_get_protocol_errors() -> None:
+    svc = MemoryReplica()
+    server = ReplicaServer(svc)
+    await server.start("127.0.0.1", 0)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        w.write(wire({"id": 5, "op": "read", "volume": 1}))
+        w.write(wire({"id": 6, "op": "bogus"}))
+        w.write(wire({"id": 7, "op": "stats"}))
+        replies = []
+        for _ in range(3):
+            total, hlen = struct.unpack("!II", await r.readexactly(8))
+            replies.append(msgpack.unpackb((await r.readexactly(total - 4))[:hlen]))
+        by_id = {h["id"]: h for h in replies}
+        assert by_id[5]["code"] == "PROTOCOL" and by_id[6]["code"] == "PROTOCOL"
+        assert by_id[7]["ok"] is True
+        w.close()
+    finally:
+        await server.close()
