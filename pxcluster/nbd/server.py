@@ -21,7 +21,7 @@ import os
 import socket
 import stat
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from pxcluster.nbd import protocol as p
 from pxcluster.nbd.export import Export, ExportRegistry, has_errno, nbd_error
@@ -106,7 +106,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     # --- asyncio callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
