@@ -1,0 +1,91 @@
+"""A real replica server process (``python -m replica.server``) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ReplicaProc:
+    """Sparse-file disks in ``workdir``; start/kill/restart keep the disks (and the port)."""
+
+    def __init__(
+        self, workdir: Path, *, disks: int = 1, disk_size: int = 512 << 20, host: str = "127.0.0.1"
+    ) -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.disks = [workdir / f"disk{i}.img" for i in range(disks)]
+        for d in self.disks:
+            if not d.exists():
+                with open(d, "wb") as f:
+                    f.truncate(disk_size)
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "replica.server",
+            "--cluster-id",
+            "test",
+            "--node-id",
+            "n1",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--format",
+        ]
+        for d in self.disks:
+            cmd += ["--disk", str(d)]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY"):
+            self.proc.kill()
+            raise RuntimeError(f"replica server did not start: {line!r} rc={self.proc.wait()}")
+        assert int(line.split()[1]) == self.port
+        assert time.monotonic() < deadline
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        """Graceful SIGTERM; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        return self.proc.wait(15)
+
+    def restart(self) -> None:
+        self.kill()
+        # The kernel may hold the port briefly after a kill; the server binds with SO_REUSEADDR.
+        self.start()

@@ -1,0 +1,101 @@
+"""ReplicaService over real ChunkStores on in-memory disks."""
+
+from __future__ import annotations
+
+import pytest
+
+from replica.api import ReplicaStats
+from replica.chunkstore import ChunkStore
+from replica.errors import OutOfRange, StaleEpoch, UnknownVolume
+from replica.fileio import VolatileFile
+from replica.service import ReplicaService
+
+CHUNK = 1 << 20
+
+
+def _store(size: int, disk_id: str) -> tuple[VolatileFile, ChunkStore]:
+    f = VolatileFile(size)
+    ChunkStore.format(f, cluster_id="c", node_id="n", disk_id=disk_id, chunk_size=CHUNK)
+    return f, ChunkStore.open(f, cluster_id="c")
+
+
+async def test_placement_io_fencing_and_stats() -> None:
+    f1, s1 = _store(32 << 20, "d1")
+    f2, s2 = _store(64 << 20, "d2")
+    svc = ReplicaService([s1, s2])
+    info = await svc.open("a", 5, 8 << 20, CHUNK)
+    assert (info.volume, info.size, info.chunk_size, info.epoch) == ("a", 8 << 20, CHUNK, 5)
+    assert info.dirty == [] and info.unclean is False
+    assert "a" in s2.volumes()  # the store with the most free space
+
+    await svc.write("a", 5, 3, 4096, b"\x07" * 4096, seq=1)
+    await svc.write("a", 5, 2, 0, memoryview(b"\x09" * 8192), seq=2, durable=True)
+    assert await svc.read("a", 5, 3, 4096, 4096) == b"\x07" * 4096
+    assert await svc.read("a", 5, 3, 0, 16) == bytes(16)  # never written: zeros
+    await svc.flush("a", 5)
+    gens = await svc.generations("a", 5)
+    assert gens[3] == (5, 1) and gens[2] == (5, 2)
+    reopened = await svc.open("a", 6, 8 << 20, CHUNK)
+    assert reopened.epoch == 6 and reopened.dirty == [2, 3]
+
+    for call in (
+        svc.write("a", 5, 3, 4096, b"\x01" * 4096, seq=3),
+        svc.read("a", 5, 3, 4096, 4096),
+        svc.trim("a", 5, 3, 4096, 4096, seq=3),
+        svc.flush("a", 5),
+        svc.generations("a", 5),
+        svc.open("a", 5, 8 << 20, CHUNK),
+    ):
+        with pytest.raises(StaleEpoch):
+            await call
+    assert await svc.read("a", 6, 3, 4096, 4096) == b"\x07" * 4096
+
+    with pytest.raises(OutOfRange):
+        await svc.write("a", 6, 3, CHUNK - 1, b"ab", seq=4)
+    with pytest.raises(OutOfRange, match="chunk size"):
+        await svc.open("b", 1, 8 << 20, CHUNK * 2)
+    with pytest.raises(UnknownVolume):
+        await svc.read("nope", 1, 0, 0, 1)
+
+    await svc.mark_clean("a", 6, [2, 3])
+    assert (await svc.open("a", 6, 8 << 20, CHUNK)).dirty == []
+
+    data, gen = await svc.read_chunk("a", 6, 3)
+    assert data is not None and data[4096:8192] == b"\x07" * 4096 and gen == (5, 1)
+    assert await svc.read_chunk("a", 6, 7) == (None, (0, 0))
+    await svc.write_chunk("a", 6, 7, b"\x05" * CHUNK, (6, 9))
+    assert await svc.read_chunk("a", 6, 7) == (b"\x05" * CHUNK, (6, 9))
+
+    b = await svc.open("b", 1, 4 << 20, CHUNK)
+    assert b.epoch == 1
+    st = await svc.stats()
+    s1s, s2s = s1.stats(), s2.stats()
+    assert st == ReplicaStats(
+        capacity=s1s.capacity + s2s.capacity,
+        used=s1s.used + s2s.used,
+        free=s1s.free + s2s.free,
+        volumes=2,
+    )
+    assert svc.volume_ids() == ["a", "b"]
+
+    await svc.delete("a")
+    await svc.delete("a")  # unknown: no-op
+    await svc.delete("never")
+    assert svc.volume_ids() == ["b"]
+    await svc.close()
+    await svc.close_stores()
+
+    # The same disks come back with their volumes where they were.
+    svc2 = ReplicaService(
+        [ChunkStore.open(f1, cluster_id="c"), ChunkStore.open(f2, cluster_id="c")]
+    )
+    assert svc2.volume_ids() == ["b"]
+    assert (await svc2.open("b", 1, 4 << 20, CHUNK)).epoch == 1
+    await svc2.close_stores()
+
+
+async def test_no_disks() -> None:
+    svc = ReplicaService([])
+    with pytest.raises(UnknownVolume):
+        await svc.open("v", 1, 1 << 20, CHUNK)
+    assert await svc.stats() == ReplicaStats(0, 0, 0, 0)
