@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -132,6 +134,27 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (apt-get install libnbd-bin qemu-utils fio)")
     return path
+
+
+@functools.cache
+def _python_with_libnbd() -> str | None:
+    # nbdsh runs `python3 -m nbd`; the python3 first on PATH may not see Debian's
+    # python3-libnbd (ENVIRONMENT.md), so find the interpreter that does.
+    for python in ("/usr/bin/python3", shutil.which("python3")):
+        if python is None:
+            continue
+        probe = subprocess.run([python, "-c", "import nbd"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+def nbdsh_argv() -> list[str]:
+    """argv prefix that runs nbdsh (libnbd's python shell), or skip the test."""
+    python = _python_with_libnbd()
+    if python is None:
+        pytest.skip("python3-libnbd is not installed (apt-get install python3-libnbd)")
+    return [python, "-m", "nbd"]
 
 
 async def run_tool(*argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> str:
