@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from pxcluster.nbd import ExportRegistry, MemoryExport, NbdServer, nbd_error
 from pxcluster.nbd import protocol as p
@@ -33,8 +35,7 @@ class Served:
         return c
 
 
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
+async def _start(tmp_path: Path) -> Served:
     registry = ExportRegistry()
     registry.add(MemoryExport("vol", SIZE))
     registry.add(MemoryExport("other", 4096))
@@ -42,8 +43,14 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     port = await server.start_tcp("127.0.0.1", 0)
     sock = str(tmp_path / "nbd.sock")
     await server.start_unix(sock)
-    yield Served(server, registry, port, sock)
-    await server.close()
+    return Served(server, registry, port, sock)
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    s = await _start(tmp_path)
+    yield s
+    await s.server.close()
 
 
 # --- handshake -----------------------------------------------------------------------------
@@ -456,3 +463,65 @@ async def test_server_close_closes_clients(tmp_path: Path) -> None:
     assert await c.closed()
     assert server.connection_count == 0
     assert not Path(sock).exists()  # noqa: ASYNC240
+
+
+class CountingExport(MemoryExport):
+    def __init__(self) -> None:
+        super().__init__("counting", SIZE)
+        self.reads = 0
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        return await super().read(offset, length)
+
+
+async def test_client_not_reading_replies_stops_the_server_reading(served: Served) -> None:
+    export = CountingExport()
+    served.registry.add(export)
+    c = await served.transmit("counting")
+    n = 200
+    for i in range(n):
+        c.request(p.CMD_READ, i, 0, SIZE)  # 200 MiB of replies if nothing held back
+    await c.writer.drain()
+    await asyncio.sleep(0.3)
+    # Socket buffers absorb a few replies; after that the server must stop serving.
+    stalled_at = export.reads
+    assert stalled_at < 40
+    for _ in range(n):
+        error, _, data = await c.simple_reply(SIZE)
+        assert error == 0 and len(data) == SIZE
+    assert export.reads == n
+    await c.close()
+
+
+# The node runs on uvloop; its transports differ from asyncio's (buffer handling, flow
+# control callbacks), so the scenarios most sensitive to that run on it as well.
+UVLOOP_SCENARIOS = [
+    test_info_then_go,
+    test_write_read_flush_trim_zero,
+    test_write_past_end_consumes_payload,
+    test_oversized_write_einval_then_close,
+    test_bad_request_magic_closes,
+    test_disc_answers_inflight_then_closes,
+    test_structured_read_and_errors,
+    test_replies_out_of_order,
+    test_inflight_bounded_then_all_answered,
+    test_client_disconnect_mid_request_does_not_hurt_others,
+    test_remove_export_closes_its_connections_only,
+    test_client_not_reading_replies_stops_the_server_reading,
+    test_unix_socket,
+]
+
+
+@pytest.mark.parametrize("scenario", UVLOOP_SCENARIOS, ids=lambda f: f.__name__[5:])
+def test_under_uvloop(
+    scenario: Callable[[Served], Coroutine[Any, Any, None]], tmp_path: Path
+) -> None:
+    async def main() -> None:
+        s = await _start(tmp_path)
+        try:
+            await asyncio.wait_for(scenario(s), 30)
+        finally:
+            await s.server.close()
+
+    uvloop.run(main())
