@@ -1,0 +1,290 @@
+"""The volume engine against in-memory replicas (a unit test may fake its collaborators)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
+from pxcluster.engine.reconcile import choose_source
+from pxcluster.engine.volume import VolumeEngine, VolumeSpec, split
+from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.errors import ReplicaUnavailable, StaleEpoch
+
+CHUNK = 64 << 10
+
+
+class FakeReplica:
+    """Keeps chunks in memory; can be told to fail, to stall, or to hold a newer epoch."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.chunks: dict[int, bytearray] = {}
+        self.gens: dict[int, Generation] = {}
+        self.dirty: set[int] = set()
+        self.durable: dict[int, bytes] = {}
+        self.epoch = 0
+        self.fail = False
+        self.gate: asyncio.Event | None = None
+        self.unclean = False
+
+    def _check(self, epoch: int) -> None:
+        if self.fail:
+            raise ReplicaUnavailable(f"{self.name} down")
+        if epoch < self.epoch:
+            raise StaleEpoch(f"{epoch} < {self.epoch}")
+
+    async def open(
+        self, volume: str, epoch: int, size: int, chunk_size: int, *, sync_writes: bool = False
+    ) -> VolumeInfo:
+        self._check(epoch)
+        self.epoch = epoch
+        return VolumeInfo(volume, size, chunk_size, epoch, sorted(self.dirty), self.unclean)
+
+    async def write(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
+    ) -> None:
+        self._check(epoch)
+        if self.gate is not None:
+            await self.gate.wait()
+        self._check(epoch)
+        buf = self.chunks.setdefault(chunk, bytearray(CHUNK))
+        buf[offset : offset + len(data)] = data
+        self.gens[chunk] = (epoch, seq)
+        self.dirty.add(chunk)
+        if durable:
+            self.durable[chunk] = bytes(buf)
+
+    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+        self._check(epoch)
+        return bytes(self.chunks.get(chunk, bytearray(CHUNK))[offset : offset + length])
+
+    async def trim(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int
+    ) -> None:
+        await self.write(volume, epoch, chunk, offset, bytes(length), seq=seq)
+
+    async def flush(self, volume: str, epoch: int) -> None:
+        self._check(epoch)
+        self.durable.update({c: bytes(b) for c, b in self.chunks.items()})
+
+    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
+        self._check(epoch)
+        return dict(self.gens)
+
+    async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
+        self._check(epoch)
+        self.dirty -= set(chunks)
+
+    async def read_chunk(
+        self, volume: str, epoch: int, chunk: int
+    ) -> tuple[bytes | None, Generation]:
+        self._check(epoch)
+        data = self.chunks.get(chunk)
+        return (None if data is None else bytes(data)), self.gens.get(chunk, (0, 0))
+
+    async def write_chunk(
+        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+    ) -> None:
+        self._check(epoch)
+        if data is None:
+            self.chunks.pop(chunk, None)
+        else:
+            self.chunks[chunk] = bytearray(data)
+        self.gens[chunk] = generation
+
+    async def delete(self, volume: str) -> None:
+        self.chunks.clear()
+
+    async def stats(self) -> ReplicaStats:
+        return ReplicaStats(0, 0, 0, 0)
+
+    async def close(self) -> None:
+        pass
+
+
+class Recorder:
+    def __init__(self, succeed: bool = True) -> None:
+        self.succeed = succeed
+        self.calls: list[list[str]] = []
+
+    async def mark_stale(self, nodes: list[str]) -> bool:
+        self.calls.append(nodes)
+        return self.succeed
+
+
+def make(
+    n: int = 3,
+    *,
+    lease: list[bool] | None = None,
+    state: Recorder | None = None,
+    sync: bool = False,
+) -> tuple[VolumeEngine, dict[str, FakeReplica], Recorder]:
+    reps = {f"r{i}": FakeReplica(f"r{i}") for i in range(n)}
+    rec = state or Recorder()
+    ok = lease if lease is not None else [True]
+    eng = VolumeEngine(
+        VolumeSpec("vid", "vol", 8 * CHUNK, CHUNK, sync),
+        5,
+        dict(reps),  # type: ignore[arg-type]
+        local_node="r0",
+        state=rec,
+        lease_ok=lambda: ok[0],
+    )
+    return eng, reps, rec
+
+
+def test_split_at_chunk_boundaries() -> None:
+    pieces = list(split(CHUNK - 10, 30, CHUNK))
+    assert [(p.chunk, p.offset, p.start, p.length) for p in pieces] == [
+        (0, CHUNK - 10, 0, 10),
+        (1, 0, 10, 20),
+    ]
+
+
+async def test_write_acknowledged_only_when_every_replica_holds_it() -> None:
+    eng, reps, _ = make()
+    await eng.open()
+    reps["r2"].gate = asyncio.Event()
+    task = asyncio.create_task(eng.write(100, memoryview(b"abc"), False))
+    await asyncio.sleep(0.05)
+    assert not task.done()  # r2 has not applied it yet: no ack
+    assert reps["r0"].chunks[0][100:103] == b"abc"
+    reps["r2"].gate.set()
+    await asyncio.wait_for(task, 1)
+    assert all(r.chunks[0][100:103] == b"abc" for r in reps.values())
+
+
+async def test_write_across_chunks_and_read_back() -> None:
+    eng, reps, _ = make()
+    await eng.open()
+    data = bytes(range(256)) * 4
+    await eng.write(CHUNK - 500, memoryview(data), False)
+    assert await eng.read(CHUNK - 500, len(data)) == data
+    assert reps["r1"].chunks[1][:524] == data[500:]
+
+
+async def test_fua_and_flush_make_writes_durable_everywhere() -> None:
+    eng, reps, _ = make()
+    await eng.open()
+    await eng.write(0, memoryview(b"x" * 10), True)
+    assert all(r.durable[0][:10] == b"x" * 10 for r in reps.values())
+    await eng.write(CHUNK, memoryview(b"y" * 10), False)
+    assert all(1 not in r.durable for r in reps.values())
+    await eng.flush()
+    assert all(r.durable[1][:10] == b"y" * 10 for r in reps.values())
+
+
+async def test_failed_replica_is_marked_stale_before_the_ack() -> None:
+    eng, reps, rec = make()
+    await eng.open()
+    reps["r1"].fail = True
+    await eng.write(0, memoryview(b"z"), False)
+    assert rec.calls == [["r1"]]
+    assert sorted(eng.in_sync) == ["r0", "r2"]
+    await eng.write(1, memoryview(b"z"), False)  # r1 is no longer written to
+    assert rec.calls == [["r1"]]
+
+
+async def test_write_fails_when_stale_mark_cannot_be_recorded() -> None:
+    eng, reps, _rec = make(state=Recorder(succeed=False))
+    await eng.open()
+    reps["r1"].fail = True
+    with pytest.raises(VolumeIOError):
+        await eng.write(0, memoryview(b"z"), False)
+    assert "r1" in eng.in_sync  # the in-sync set shrinks only through etcd
+
+
+async def test_no_replica_left_fails_the_write() -> None:
+    eng, reps, _ = make(1)
+    await eng.open()
+    reps["r0"].fail = True
+    with pytest.raises(NoInSyncReplica):
+        await eng.write(0, memoryview(b"z"), False)
+
+
+async def test_lease_at_risk_fences_the_engine() -> None:
+    lease = [True]
+    eng, _, _ = make(lease=lease)
+    await eng.open()
+    await eng.write(0, memoryview(b"a"), False)
+    lease[0] = False
+    with pytest.raises(Fenced):
+        await eng.write(0, memoryview(b"b"), False)
+    lease[0] = True
+    with pytest.raises(Fenced):  # once fenced, for good
+        await eng.read(0, 1)
+
+
+async def test_newer_epoch_on_a_replica_fences_instead_of_marking_stale() -> None:
+    eng, reps, rec = make()
+    await eng.open()
+    reps["r2"].epoch = 6
+    with pytest.raises(Fenced):
+        await eng.write(0, memoryview(b"a"), False)
+    assert rec.calls == []
+
+
+async def test_out_of_range_is_einval() -> None:
+    eng, _, _ = make()
+    await eng.open()
+    with pytest.raises(OutOfBounds):
+        await eng.write(8 * CHUNK - 1, memoryview(b"ab"), False)
+
+
+async def test_open_marks_unreachable_replicas_stale_and_needs_one() -> None:
+    eng, reps, rec = make()
+    reps["r2"].fail = True
+    report = await eng.open()
+    assert report.marked_stale == ["r2"] and rec.calls == [["r2"]]
+    eng2, reps2, _ = make()
+    for r in reps2.values():
+        r.fail = True
+    with pytest.raises(NoInSyncReplica):
+        await eng2.open()
+
+
+async def test_open_reconciles_dirty_chunks_from_the_highest_generation() -> None:
+    eng, reps, _ = make()
+    # An engine died mid-write: r1 applied (epoch 4, seq 9), the others did not.
+    for r in reps.values():
+        r.chunks[2] = bytearray(b"o" * CHUNK)
+        r.gens[2] = (4, 8)
+        r.dirty.add(2)
+    reps["r1"].chunks[2] = bytearray(b"n" * CHUNK)
+    reps["r1"].gens[2] = (4, 9)
+    report = await eng.open()
+    assert report.reconciled_chunks == 1
+    assert all(bytes(r.chunks[2]) == b"n" * CHUNK for r in reps.values())
+    assert all(not r.dirty for r in reps.values())
+
+
+def test_choose_source_is_deterministic_on_ties() -> None:
+    infos = {n: VolumeInfo("v", 1, 1, 1, [0], unclean=(n == "b")) for n in ("a", "b", "c")}
+    gens = {"a": {0: (3, 1)}, "b": {0: (3, 1)}, "c": {0: (3, 1)}}
+    assert choose_source(0, gens, infos) == "a"
+    gens["c"] = {0: (3, 2)}
+    assert choose_source(0, gens, infos) == "c"
+    # an unclean host loses a tie
+    infos2 = {n: VolumeInfo("v", 1, 1, 1, [0], unclean=(n == "a")) for n in ("a", "b")}
+    assert choose_source(0, {"a": {0: (1, 1)}, "b": {0: (1, 1)}}, infos2) == "b"
+
+
+async def test_detach_marks_written_chunks_clean_after_flush() -> None:
+    eng, reps, _ = make()
+    await eng.open()
+    await eng.write(0, memoryview(b"a"), False)
+    await eng.write(3 * CHUNK, memoryview(b"b"), False)
+    assert all(r.dirty == {0, 3} for r in reps.values())
+    await eng.close()
+    assert all(not r.dirty for r in reps.values())
+    assert all(r.durable[3][:1] == b"b" for r in reps.values())
