@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
@@ -21,13 +20,10 @@ T = TypeVar("T")
 EXPECTED = (PxcError, EtcdUnavailable, DiskError)
 
 
-def run(coro: Awaitable[T]) -> T:
-    try:
-        import uvloop
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    import uvloop
 
-        return uvloop.run(coro)  # type: ignore[no-any-return]
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep the CLI usable anyway
-        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[no-any-return]
 
 
 class Ctx:

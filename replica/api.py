@@ -45,14 +45,23 @@ class ReplicaAPI(Protocol):
         ...
 
     async def write(
-        self, volume: str, epoch: int, chunk: int, offset: int, data: bytes | memoryview,
-        *, seq: int, durable: bool = False,
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
     ) -> None:
         """Apply a write. With `durable` (FUA, or a sync-writes volume) return only once it is on
         stable storage. The chunk is in the durable dirty log before its data is touched."""
         ...
 
-    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes: ...
+    async def read(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int
+    ) -> bytes: ...
 
     async def trim(
         self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int
