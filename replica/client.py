@@ -124,7 +124,7 @@ class ReplicaClient:
         c = self._conn
         if c is None or c.closed:
             c = await self._connect()
-        loop = asyncio.get_running_loop()
+        loop = c.loop
         if c.write_paused:
             try:
                 async with asyncio.timeout(self.timeout):

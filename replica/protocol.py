@@ -82,6 +82,7 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
     "ping": (),
 }
 
+_TYPE_NAMES = {int: "a non-negative int", bool: "a bool", str: "a string", list: "a list"}
 _packb = msgpack.Packer(autoreset=True, use_bin_type=True).pack
 
 
@@ -94,24 +95,19 @@ def check_request(header: object) -> tuple[int, str]:
     if not isinstance(header, dict):
         raise ProtocolError("request header is not a map")
     rid = header.get("id")
-    if not _is_uint(rid):
+    if type(rid) is not int or rid < 0:
         raise ProtocolError("request id missing or not a non-negative int")
-    assert isinstance(rid, int)
     op = header.get("op")
-    fields = OPS.get(op) if isinstance(op, str) else None
+    fields = OPS.get(op) if type(op) is str else None
     if fields is None:
         raise ProtocolError(f"unknown op {op!r}")
     assert isinstance(op, str)
+    get = header.get
     for name, typ in fields:
-        v = header.get(name)
-        if typ is int:
-            ok = _is_uint(v)
-        elif typ is bool:
-            ok = type(v) is bool
-        else:
-            ok = type(v) is typ
-        if not ok:
-            raise ProtocolError(f"{op}: field {name!r} missing or not {typ.__name__}: {v!r}")
+        v: Any = get(name)
+        # type() rather than isinstance: a bool must not pass for an int
+        if type(v) is not typ or (typ is int and cast(int, v) < 0):
+            raise ProtocolError(f"{op}: field {name!r} missing or not {_TYPE_NAMES[typ]}: {v!r}")
     if op == "mark_clean" and not all(_is_uint(c) for c in header["chunks"]):
         raise ProtocolError("mark_clean: chunks must be non-negative ints")
     if op == "write_chunk":
@@ -185,12 +181,13 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._pos = 0
         self._end = 0
         self._parsing_paused = False
+        self._in_parse = False
         self._out: list[bytes | memoryview] = []
         self._out_scheduled = False
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
 
     # -- hooks -----------------------------------------------------------------------------
     def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
@@ -225,7 +222,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait until the transport accepts more (or is closed)."""
         while self.write_paused and not self.closed:
-            w: asyncio.Future[None] = self._loop.create_future()
+            w: asyncio.Future[None] = self.loop.create_future()
             self._drain_waiters.append(w)
             await w
 
@@ -286,11 +283,19 @@ class FramedProtocol(asyncio.BufferedProtocol):
     def resume_parsing(self) -> None:
         if self._parsing_paused and not self.closed:
             self._parsing_paused = False
-            self._parse()
+            if not self._in_parse:  # else the running parse loop simply carries on
+                self._parse()
             if not self._parsing_paused and self.transport is not None:
                 self.transport.resume_reading()
 
     def _parse(self) -> None:
+        self._in_parse = True
+        try:
+            self._parse_frames()
+        finally:
+            self._in_parse = False
+
+    def _parse_frames(self) -> None:
         rx = self._rx
         data, view = rx.data, rx.view
         pos, end = self._pos, self._end
@@ -338,7 +343,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._out.extend(encode_frame(header, payload))
         if not self._out_scheduled:
             self._out_scheduled = True
-            self._loop.call_soon(self._flush_out)
+            self.loop.call_soon(self._flush_out)
 
     def _flush_out(self) -> None:
         self._out_scheduled = False
