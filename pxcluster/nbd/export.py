@@ -38,6 +38,7 @@ class Export(Protocol):
 
     # `data` is a view of the server's receive buffer for this request; it stays valid
     # (and unchanged) until the call returns, so the export may hand it straight to I/O.
+    # It must not be kept (nor views of it) after returning: the server reuses the buffer.
     async def write(self, offset: int, data: memoryview, fua: bool) -> None: ...
 
     async def flush(self) -> None: ...

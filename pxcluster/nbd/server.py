@@ -20,10 +20,12 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Coroutine
 from typing import Any, cast
 
 from pxcluster.nbd import protocol as p
+from pxcluster.nbd.buffers import BufferPool
 from pxcluster.nbd.export import Export, ExportRegistry, has_errno, nbd_error
 from pxcluster.nbd.handshake import Negotiation, Next
 
@@ -290,7 +292,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._reply_error(cookie, p.NBD_EINVAL, "write beyond end of export")
                 self._skip = length
                 return
-            payload = memoryview(bytearray(length))
+            payload = memoryview(self._server.buffers.take(length))
             have = min(self._end - self._start, length)
             payload[:have] = self._view[self._start : self._start + have]
             self._start += have
@@ -332,9 +334,24 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reply_error(cookie, p.NBD_EINVAL, f"unsupported command {cmd}")
 
     def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
+        self._spawn(self._write(cookie, offset, data, fua), len(data))
+
+    async def _write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
         export = self._export
         assert export is not None
-        self._spawn(self._call(cookie, export.write(offset, data, fua)), len(data))
+        try:
+            await self._call(cookie, export.write(offset, data, fua))
+        finally:
+            buf: object = data.obj
+            try:
+                data.release()
+            except BufferError:  # the export built on `data` and still holds it
+                buf = None
+            # Reuse only what nothing references any more (the export contract says so;
+            # this guards against an export that keeps a slice anyway): our local and the
+            # getrefcount argument are the only two references then.
+            if isinstance(buf, bytearray) and sys.getrefcount(buf) == 2:
+                self._server.buffers.give(buf)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
         self._inflight += 1
@@ -498,6 +515,8 @@ class NbdServer:
         self.max_request = max_request
         self.max_inflight_bytes = max_inflight_bytes
         self.handshake_timeout = handshake_timeout
+        # Enough for a full queue of 1 MiB writes on a couple of connections.
+        self.buffers = BufferPool(min(max_inflight_bytes, 64 << 20))
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[NbdConnection] = set()
