@@ -525,3 +525,30 @@ def test_under_uvloop(
             await s.server.close()
 
     uvloop.run(main())
+
+
+async def test_registry_add_duplicate_and_remove_unknown() -> None:
+    registry = ExportRegistry()
+    registry.add(MemoryExport("a", 4096))
+    with pytest.raises(ValueError):
+        registry.add(MemoryExport("a", 4096))
+    await registry.remove("nope")  # idempotent, for retried detaches
+    assert registry.names() == ["a"]
+
+
+async def test_grown_export_serves_new_range(served: Served) -> None:
+    c = await served.transmit()
+    c.request(p.CMD_READ, 1, SIZE, 4096)
+    assert (await c.simple_reply())[:2] == (p.NBD_EINVAL, 1)
+    export = served.registry.get("vol")
+    assert isinstance(export, MemoryExport)
+    export.resize(2 * SIZE)
+    c.request(p.CMD_WRITE, 2, SIZE, 4)
+    c.send(b"grow")
+    c.request(p.CMD_READ, 3, SIZE, 4)
+    assert (await c.simple_reply())[:2] == (0, 2)
+    assert await c.simple_reply(4) == (0, 3, b"grow")
+    e = await served.client()
+    assert (await e.go("vol"))[0] == 2 * SIZE
+    await c.close()
+    await e.close()
