@@ -10,6 +10,7 @@ the engine checks that its node's lease is safe (invariant 4, self-fencing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -86,6 +87,15 @@ class VolumeEngine:
         self._dirty: set[int] = set()
         self.fenced = False
         self._degrade_lock = asyncio.Lock()
+        # Rebuild support (pxcluster/engine/rebuild.py): replicas catching up get every new
+        # write too; a chunk being copied holds back writes to it, and a copy waits for the
+        # writes already in flight on its chunk.
+        self.rebuilding: dict[str, ReplicaAPI] = {}
+        self.copying: dict[int, asyncio.Event] = {}
+        self.chunk_writes: dict[int, int] = {}
+        self._serial = itertools.count(1)
+        self.inflight: set[int] = set()
+        self._write_done = asyncio.Event()
 
     # --- lifecycle
 
@@ -132,7 +142,6 @@ class VolumeEngine:
         seq = next(self._seq)
         durable = fua or self.spec.sync_writes
         pieces = list(split(offset, len(data), self.spec.chunk_size))
-        self._dirty.update(p.chunk for p in pieces)
         vid, epoch = self.spec.id, self.epoch
 
         async def one(r: ReplicaAPI) -> None:
@@ -155,7 +164,7 @@ class VolumeEngine:
                 )
             )
 
-        await self._fan_write(one)
+        await self._mutate(pieces, one)
 
     async def flush(self) -> None:
         await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
@@ -164,7 +173,6 @@ class VolumeEngine:
         self._check(offset, length)
         seq = next(self._seq)
         pieces = list(split(offset, length, self.spec.chunk_size))
-        self._dirty.update(p.chunk for p in pieces)
         vid, epoch = self.spec.id, self.epoch
 
         async def one(r: ReplicaAPI) -> None:
@@ -173,7 +181,7 @@ class VolumeEngine:
             if fua or self.spec.sync_writes:
                 await r.flush(vid, epoch)
 
-        await self._fan_write(one)
+        await self._mutate(pieces, one)
 
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
         # Trim zero-fills partial ranges and frees whole chunks: the same bytes either way.
@@ -200,14 +208,60 @@ class VolumeEngine:
         if self._on_fenced is not None:
             asyncio.get_running_loop().create_task(self._on_fenced())
 
+    async def _mutate(
+        self, pieces: list[Piece], call: Callable[[ReplicaAPI], Awaitable[None]]
+    ) -> None:
+        chunks = [p.chunk for p in pieces]
+        if self.copying:
+            for c in chunks:
+                gate = self.copying.get(c)
+                if gate is not None:
+                    await gate.wait()
+        self._dirty.update(chunks)
+        serial = next(self._serial)
+        self.inflight.add(serial)
+        counts = self.chunk_writes
+        for c in chunks:
+            counts[c] = counts.get(c, 0) + 1
+        try:
+            await self._fan_write(call)
+        finally:
+            self.inflight.discard(serial)
+            for c in chunks:
+                left = counts[c] - 1
+                if left:
+                    counts[c] = left
+                else:
+                    del counts[c]
+            self._write_done.set()
+
+    async def wait_writes(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()` holds; re-checked each time a write completes."""
+        while not done():
+            self._write_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._write_done.wait(), 0.5)
+
     async def _fan_write(self, call: Callable[[ReplicaAPI], Awaitable[None]]) -> None:
         self._guard()
         replicas = dict(self.in_sync)
         if not replicas:
             raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+        catching_up = self.rebuilding
+        if catching_up:
+            replicas.update(catching_up)
         _, failed = await fan_out(replicas, call)
         if failed:
-            await self._degrade(failed)
+            for node in [n for n in failed if n in catching_up and n not in self.in_sync]:
+                # A replica that is still catching up is stale in etcd already: losing it
+                # only ends its rebuild, it never fails the client's write.
+                err = failed.pop(node)
+                if catching_up.pop(node, None) is not None:
+                    log.warning(
+                        "volume %s: rebuild of replica %s aborted: %r", self.name, node, err
+                    )
+            if failed:
+                await self._degrade(failed)
         self._guard()
 
     async def _degrade(self, failed: dict[str, BaseException]) -> None:

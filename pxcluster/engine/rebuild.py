@@ -1,0 +1,185 @@
+"""Bring a stale replica back (invariant 6): copy only the chunks whose generation differs
+from an in-sync source, while new writes also go to it, then let it rejoin the in-sync set.
+
+Resuming is free: a chunk copied before an interruption has the source's generation, so the
+next run skips it. The copy never races a write: writes to a chunk wait while it is copied,
+and the copy starts only after writes already in flight on it have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pxcluster.engine.errors import VolumeIOError
+from pxcluster.engine.volume import VolumeEngine
+from replica.api import Generation, ReplicaAPI
+
+log = logging.getLogger(__name__)
+
+
+class RebuildAborted(VolumeIOError):
+    pass
+
+
+@dataclass
+class Progress:
+    node: str
+    total_chunks: int = 0
+    done_chunks: int = 0
+    copied_chunks: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    passes: int = 0
+    started: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "total_chunks": self.total_chunks,
+            "done_chunks": self.done_chunks,
+            "copied_chunks": self.copied_chunks,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "passes": self.passes,
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+
+
+class Throttle:
+    """At most `rate` bytes per second on average (0: unlimited)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    async def spend(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+def differing(src: dict[int, Generation], dst: dict[int, Generation]) -> set[int]:
+    return {c for c in src.keys() | dst.keys() if src.get(c) != dst.get(c)}
+
+
+async def rebuild(
+    engine: VolumeEngine,
+    node: str,
+    target: ReplicaAPI,
+    *,
+    mark_in_sync: Callable[[], Awaitable[bool]],
+    on_progress: Callable[[Progress], Awaitable[None]] | None = None,
+    bandwidth: int = 0,
+    parallel: int = 4,
+    max_passes: int = 20,
+) -> Progress:
+    s = engine.spec
+    epoch = engine.epoch
+    progress = Progress(node, started=time.monotonic())
+    info = await target.open(s.id, epoch, s.size, s.chunk_size, sync_writes=s.sync_writes)
+    engine.rebuilding[node] = target
+    try:
+        # Writes that began before the target joined the fan-out must land before we compare.
+        mark = max(engine.inflight, default=0)
+        await engine.wait_writes(lambda: not any(i <= mark for i in engine.inflight))
+        suspect = set(info.dirty)  # may hold torn or lost unflushed writes: copy regardless
+        throttle = Throttle(bandwidth)
+        while True:
+            progress.passes += 1
+            if progress.passes > max_passes:
+                raise RebuildAborted(f"volume {s.name}: replica {node} never caught up")
+            sources_now = {n: engine.in_sync[n] for n in engine.in_sync}
+            if not sources_now:
+                raise RebuildAborted(f"volume {s.name}: no in-sync source left")
+            first = next(iter(sorted(sources_now)))
+            src_gens = await sources_now[first].generations(s.id, epoch)
+            dst_gens = await target.generations(s.id, epoch)
+            todo = sorted(differing(src_gens, dst_gens) | suspect)
+            suspect = set()
+            if progress.passes == 1:
+                progress.total_chunks = len(todo)
+                progress.bytes_total = len(todo) * s.chunk_size
+            if not todo:
+                break
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for c in todo:
+                queue.put_nowait(c)
+            await asyncio.gather(
+                *(
+                    _worker(engine, node, target, queue, throttle, progress, on_progress)
+                    for _ in range(max(1, parallel))
+                )
+            )
+        progress.done_chunks = progress.total_chunks
+        await target.flush(s.id, epoch)
+        if node not in engine.rebuilding:
+            raise RebuildAborted(f"volume {s.name}: replica {node} failed a write")
+        if not await mark_in_sync():
+            raise RebuildAborted(f"volume {s.name}: epoch {epoch} is no longer current")
+        engine.in_sync[node] = target
+        if on_progress is not None:
+            await on_progress(progress)
+        log.info(
+            "volume %s: replica %s in sync after copying %d chunks in %d passes",
+            s.name,
+            node,
+            progress.copied_chunks,
+            progress.passes,
+        )
+        return progress
+    finally:
+        engine.rebuilding.pop(node, None)
+
+
+async def copy_chunk(
+    engine: VolumeEngine, source: ReplicaAPI, target: ReplicaAPI, chunk: int
+) -> None:
+    s = engine.spec
+    gate = asyncio.Event()
+    while chunk in engine.copying:  # another copy of this chunk (a second rebuild) runs
+        await engine.copying[chunk].wait()
+    engine.copying[chunk] = gate
+    try:
+        await engine.wait_writes(lambda: chunk not in engine.chunk_writes)
+        data, gen = await source.read_chunk(s.id, engine.epoch, chunk)
+        await target.write_chunk(s.id, engine.epoch, chunk, data, gen)
+    finally:
+        del engine.copying[chunk]
+        gate.set()
+
+
+async def _worker(
+    engine: VolumeEngine,
+    node: str,
+    target: ReplicaAPI,
+    queue: asyncio.Queue[int],
+    throttle: Throttle,
+    progress: Progress,
+    on_progress: Callable[[Progress], Awaitable[None]] | None,
+) -> None:
+    s = engine.spec
+    while not queue.empty():
+        chunk = queue.get_nowait()
+        # Spread reads over every in-sync replica: a rebuild may read from several sources.
+        names = sorted(engine.in_sync)
+        if not names:
+            raise RebuildAborted(f"volume {s.name}: no in-sync source left")
+        source = engine.in_sync[names[chunk % len(names)]]
+        await copy_chunk(engine, source, target, chunk)
+        await throttle.spend(s.chunk_size)
+        progress.copied_chunks += 1
+        progress.bytes_done += s.chunk_size
+        if progress.passes == 1:
+            progress.done_chunks += 1
+        if node not in engine.rebuilding:
+            raise RebuildAborted(f"volume {s.name}: replica {node} failed a write")
+        if on_progress is not None:
+            await on_progress(progress)
