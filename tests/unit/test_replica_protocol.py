@@ -338,3 +338,73 @@ async def test_raw_bad_frames_get_protocol_errors() -> None:
         w.close()
     finally:
         await server.close()
+
+
+async def test_client_that_stops_reading_bounds_server_memory() -> None:
+    """Replies nobody reads must stop the server reading requests, not pile up in memory."""
+    svc = MemoryReplica()
+    server = ReplicaServer(svc)
+    await server.start("127.0.0.1", 0)
+    try:
+        await svc.open("v", 1, 1 << 30, 1 << 20)
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        req = wire(
+            {
+                "id": 1,
+                "op": "read",
+                "volume": "v",
+                "epoch": 1,
+                "chunk": 0,
+                "offset": 0,
+                "length": 512 << 10,
+            }
+        )
+        for _ in range(600):  # 300 MiB of replies asked for
+            w.write(req)
+        await asyncio.sleep(1.0)
+        (conn,) = server._conns
+        assert conn.transport is not None
+        buffered = conn.transport.get_write_buffer_size()
+        # In flight at the pause, at most: MAX_INFLIGHT replies of 512 KiB.
+        assert buffered <= (128 + 2) * (512 << 10)
+        assert conn._inflight == 0 and conn._parsing_paused
+        # Reading the replies lets it carry on to the end.
+        got = 0
+        while got < 600:
+            total, hlen = struct.unpack("!II", await r.readexactly(8))
+            await r.readexactly(total - 4)
+            got += 1
+        w.close()
+    finally:
+        await server.close()
+
+
+async def test_client_waits_for_a_peer_that_stops_reading() -> None:
+    from replica.errors import ReplicaUnavailable
+
+    stop = asyncio.Event()
+
+    async def never_read(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await stop.wait()
+        w.close()
+
+    srv = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    c = ReplicaClient("127.0.0.1", port, timeout=1.0)
+    try:
+        data = memoryview(bytes(1 << 20))
+        calls = []
+        for i in range(64):
+            calls.append(asyncio.ensure_future(c.write("v", 1, 0, 0, data, seq=i)))
+            await asyncio.sleep(0.005)
+        conn = c._conn
+        assert conn is not None and conn.write_paused and conn.transport is not None
+        # Callers past the pause wait for a drain instead of queueing their data.
+        assert conn.transport.get_write_buffer_size() < 16 << 20
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(e, ReplicaUnavailable) for e in results)
+    finally:
+        await c.close()
+        stop.set()
+        srv.close()
+        await srv.wait_closed()
