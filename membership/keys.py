@@ -51,6 +51,13 @@ class Keys:
         """Desired attach node, written by the CLI/API, reconciled by node agents."""
         return self._k("volumes", volume_id, "target")
 
+    def failover(self, volume_id: str) -> bytes:
+        """The last move of the volume's attachment (FailoverRecord)."""
+        return self._k("volumes", volume_id, "failover")
+
+    def rebuild_op(self, volume_id: str, node_id: str) -> bytes:
+        return self._k("ops", f"rebuild-{volume_id}-{node_id}")
+
     def replicas_prefix(self, volume_id: str) -> bytes:
         return self._k("volumes", volume_id, "replicas", "")
 

@@ -85,6 +85,54 @@ class Attachment(_Record):
 @dataclass(frozen=True)
 class AttachTarget(_Record):
     node: str
+    # "user": attached for clients; "rebuild": attached by the leader only to rebuild replicas of
+    # a detached volume (not exported over NBD, and a user's attach takes it over).
+    reason: str = "user"
+
+
+@dataclass(frozen=True)
+class FailoverRecord(_Record):
+    """One move of an attachment, with wall-clock timestamps of each step."""
+
+    source: str
+    dest: str
+    kind: str  # "automatic" (attach node lost) | "handoff" (clean, by hand) | "forced" | "drill"
+    detected: float  # when the move was decided
+    fenced: float = 0.0  # epoch bumped on the new node
+    reconciled: float = 0.0  # dirty chunks identical everywhere
+    serving: float = 0.0  # NBD export up
+    epoch: int = 0
+    reconciled_chunks: int = 0
+
+    def timings(self) -> dict[str, float | None]:
+        def since(t: float) -> float | None:
+            return round(t - self.detected, 3) if t else None
+
+        return {
+            "fence_s": since(self.fenced),
+            "reconcile_s": round(self.reconciled - self.fenced, 3)
+            if self.reconciled and self.fenced
+            else None,
+            "serve_s": since(self.serving),
+        }
+
+
+@dataclass(frozen=True)
+class RebuildOp(_Record):
+    """Progress of one replica rebuild, under ops/ (written by the engine that runs it)."""
+
+    volume: str
+    node: str
+    epoch: int
+    state: str  # running | done | failed
+    total_chunks: int = 0
+    done_chunks: int = 0
+    copied_chunks: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+    error: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
-from membership.records import Attachment, NodeRecord
+from membership.records import Attachment, FailoverRecord, NodeRecord, RebuildOp, ReplicaState
+from pxcluster.engine.rebuild import Progress, rebuild
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
 from pxcluster.nbd.export import ExportRegistry
@@ -64,6 +66,7 @@ class NodeAgent:
         *,
         retry_after: float = 1.0,
         pass_interval: float = 1.0,
+        rebuild_bandwidth: int = 0,
     ) -> None:
         self.node_id = node_id
         self.etcd = etcd
@@ -77,6 +80,9 @@ class NodeAgent:
         self._retry_after = retry_after
         self._pass_interval = pass_interval
         self._failures: dict[str, float] = {}
+        self.rebuild_bandwidth = rebuild_bandwidth
+        self.rebuilds: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._rebuild_backoff: dict[tuple[str, str], float] = {}
 
     async def run(self) -> None:
         watcher = asyncio.create_task(self.etcd.wake_on_changes(self.keys.root.encode(), self.wake))
@@ -148,6 +154,7 @@ class NodeAgent:
         )
         if not await self.etcd.commit(txn):
             return
+        fenced_at = time.time()
         nodes = {n.id: n for n in await self.service.nodes()}
         replicas = {
             node_id: self.peers.get(nodes[node_id])
@@ -170,9 +177,12 @@ class NodeAgent:
             self._failures[vid] = asyncio.get_running_loop().time() + self._retry_after
             await self._release(vid, epoch)
             return
+        reconciled_at = time.time()
         self._failures.pop(vid, None)
         self.engines[vid] = engine
-        self.registry.add(engine)
+        if view.target is None or view.target.reason == "user":
+            self.registry.add(engine)
+        await self._record_failover(vid, epoch, fenced_at, reconciled_at, report.reconciled_chunks)
         serving = Attachment(self.node_id, epoch, "serving").encode()
         txn = (
             self.etcd.txn()
@@ -192,6 +202,7 @@ class NodeAgent:
         )
 
     async def detach(self, vid: str) -> None:
+        await self._cancel_rebuilds(vid)
         engine = self.engines.pop(vid)
         await self.registry.remove(engine.name)
         try:
@@ -213,6 +224,7 @@ class NodeAgent:
         """Stop serving without touching the replicas: another engine may own them now."""
         self.engines.pop(vid, None)
         engine.fenced = True
+        await self._cancel_rebuilds(vid)
         await self.registry.remove(engine.name)
         log.warning("volume %s epoch %d: stopped serving: %s", engine.name, engine.epoch, reason)
 
@@ -230,6 +242,143 @@ class NodeAgent:
         )
         with contextlib.suppress(EtcdUnavailable):
             await self.etcd.commit(txn)
+
+    async def _record_failover(
+        self, vid: str, epoch: int, fenced: float, reconciled: float, chunks: int
+    ) -> None:
+        kv = await self.etcd.get(self.keys.failover(vid))
+        if kv is None:
+            return
+        rec = FailoverRecord.decode(kv.value)
+        if rec.dest != self.node_id or rec.serving:
+            return
+        done = FailoverRecord.from_dict(
+            rec.to_dict()
+            | {
+                "fenced": fenced,
+                "reconciled": reconciled,
+                "serving": time.time(),
+                "epoch": epoch,
+                "reconciled_chunks": chunks,
+            }
+        )
+        txn = self.etcd.txn().unchanged(self.keys.failover(vid), kv.mod_revision)
+        await self.etcd.commit(txn.put(self.keys.failover(vid), done.encode()))
+
+    # --- rebuilds (invariant 6), run by the engine that serves the volume
+
+    async def _reconcile_rebuilds(
+        self, view: VolumeView, engine: VolumeEngine, alive: set[str]
+    ) -> None:
+        vid = view.record.id
+        now = asyncio.get_running_loop().time()
+        pending = False
+        nodes: dict[str, NodeRecord] | None = None
+        for node_id, state in view.replicas.items():
+            if state.state == "in_sync" or node_id not in alive:
+                continue
+            pending = True
+            key = (vid, node_id)
+            if key in self.rebuilds or node_id in engine.in_sync or node_id in engine.rebuilding:
+                continue
+            if now < self._rebuild_backoff.get(key, 0.0):
+                continue
+            if nodes is None:
+                nodes = {n.id: n for n in await self.service.nodes()}
+            if node_id not in nodes:
+                continue
+            target = self.peers.get(nodes[node_id])
+            self.rebuilds[key] = asyncio.create_task(
+                self._rebuild(vid, engine, node_id, target), name=f"rebuild-{vid}-{node_id}"
+            )
+        if (
+            not pending
+            and not any(k[0] == vid for k in self.rebuilds)
+            and view.target is not None
+            and view.target.reason == "rebuild"
+        ):
+            # The leader attached this volume here only to rebuild it: done, let it go.
+            txn = self.etcd.txn().value_is(self.keys.target(vid), view.target.encode())
+            await self.etcd.commit(txn.delete(self.keys.target(vid)))
+
+    async def _rebuild(
+        self, vid: str, engine: VolumeEngine, node_id: str, target: ReplicaAPI
+    ) -> None:
+        key = (vid, node_id)
+        op_key = self.keys.rebuild_op(vid, node_id)
+        epoch = engine.epoch
+        last_report = 0.0
+
+        def op(state: str, p: Progress | None = None, error: str = "") -> bytes:
+            d = p.to_dict() if p is not None else {}
+            fields = {**d, "volume": vid, "node": node_id, "epoch": epoch, "state": state}
+            return RebuildOp.from_dict({**fields, "error": error}).encode()
+
+        async def report(p: Progress) -> None:
+            nonlocal last_report
+            now = time.monotonic()
+            if now - last_report >= 0.5:
+                last_report = now
+                with contextlib.suppress(EtcdUnavailable):
+                    await self.etcd.put(op_key, op("running", p))
+
+        async def mark_in_sync() -> bool:
+            txn = (
+                self.etcd.txn()
+                .value_is(self.keys.epoch(vid), str(epoch).encode())
+                .present(self.keys.replica(vid, node_id))
+                .put(
+                    self.keys.replica(vid, node_id),
+                    ReplicaState(node_id, "in_sync", epoch).encode(),
+                )
+                .put(op_key, op("done", progress_box[0]))
+            )
+            return await self.etcd.commit(txn)
+
+        progress_box: list[Progress | None] = [None]
+
+        async def track(p: Progress) -> None:
+            progress_box[0] = p
+            await report(p)
+
+        try:
+            txn = (
+                self.etcd.txn()
+                .value_is(self.keys.epoch(vid), str(epoch).encode())
+                .present(self.keys.replica(vid, node_id))
+                .put(
+                    self.keys.replica(vid, node_id),
+                    ReplicaState(node_id, "rebuilding", epoch).encode(),
+                )
+            )
+            if not await self.etcd.commit(txn):
+                return
+            await self.etcd.put(op_key, op("running"))
+            await rebuild(
+                engine,
+                node_id,
+                target,
+                mark_in_sync=mark_in_sync,
+                on_progress=track,
+                bandwidth=self.rebuild_bandwidth,
+            )
+            self._rebuild_backoff.pop(key, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("volume %s: rebuild of replica %s failed: %s", engine.name, node_id, e)
+            self._rebuild_backoff[key] = asyncio.get_running_loop().time() + self._retry_after * 2
+            with contextlib.suppress(Exception):
+                await self.etcd.put(op_key, op("failed", progress_box[0], str(e) or repr(e)))
+        finally:
+            self.rebuilds.pop(key, None)
+            self.wake.set()
+
+    async def _cancel_rebuilds(self, vid: str) -> None:
+        tasks = [t for k, t in self.rebuilds.items() if k[0] == vid]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _empty_trash(self) -> None:
         for kv in await self.etcd.get_prefix(self.keys.trash_prefix(self.node_id)):

@@ -373,6 +373,32 @@ async def volume_detach(svc: Service, name: str, wait: bool, timeout: float) -> 
     click.echo(f"volume {name} detached")
 
 
+@volume.command("failover")
+@click.argument("name")
+@click.option("--to", "to", default=None, help="destination node (default: chosen)")
+@click.option("--drill", is_flag=True, help="a real hand-off on a healthy volume, timed")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_failover(
+    svc: Service, name: str, to: str | None, drill: bool, timeout: float, as_json: bool
+) -> None:
+    """Move the attachment to another node: clean hand-off, or forced if its node is down."""
+    dest = await svc.failover(name, to, drill=drill)
+    view = await svc.wait_attached(name, dest.id, timeout)
+    info = await svc.inspect(view)
+    if as_json:
+        output.emit_json(info)
+        return
+    click.echo(info["nbd_uri"])
+    f = info["last_failover"]
+    if drill and f:
+        click.echo(
+            f"{f['kind']} {f['from']} -> {f['to']}: fenced after {f['fence_s']}s, "
+            f"reconciled in {f['reconcile_s']}s, serving after {f['serve_s']}s"
+        )
+
+
 @volume.command("delete")
 @click.argument("name")
 @with_service
@@ -389,7 +415,6 @@ def _stub(group: click.Group, name: str, what: str, *params: Callable[[Any], Any
     group.command(name)(fn)
 
 
-_stub(volume, "failover", "volume failover", click.argument("name"), click.option("--to"))
 _stub(volume, "resize", "volume resize", click.argument("name"), click.option("--size"))
 _stub(
     volume,

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -26,9 +26,13 @@ from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
 from pxcluster.agent import NodeAgent, Peers
+from pxcluster.controllers.failover import FailoverController
+from pxcluster.controllers.repair import RepairController
+from pxcluster.controllers.runner import ControllerRunner
 from pxcluster.errors import JoinRefused
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
+from pxcluster.service import Service
 from replica.chunkstore import ChunkStore
 from replica.errors import ForeignDisk, NotFormatted
 from replica.fileio import OSFile
@@ -53,7 +57,8 @@ class NodeConfig:
     lease_ttl: int = 5
     wipe: bool = False
     chunk_size: int = 4 << 20
-    extra: dict[str, str] = field(default_factory=dict)
+    replace_after: float = 300.0  # s a replica's node may stay down before it is replaced
+    rebuild_bandwidth: int = 0  # bytes/s per rebuild, 0 = unlimited
 
 
 def boot_id() -> str:
@@ -237,11 +242,27 @@ class Node:
         await self.register()
         self.lease.start()
         peers = Peers(self.node_id, self.service)
-        self.agent = NodeAgent(self.node_id, self.etcd, self.keys, self.lease, peers, self.registry)
+        self.agent = NodeAgent(
+            self.node_id,
+            self.etcd,
+            self.keys,
+            self.lease,
+            peers,
+            self.registry,
+            rebuild_bandwidth=c.rebuild_bandwidth,
+        )
         election = Election(self.etcd, self.keys, self.node_id, self.lease.lease_id)
+        service = Service(self.etcd, c.cluster)
+        runner = ControllerRunner(
+            self.etcd,
+            self.keys.root.encode(),
+            election,
+            [FailoverController(service), RepairController(service, replace_after=c.replace_after)],
+        )
         self._tasks = [
             asyncio.create_task(self.agent.run(), name="agent"),
             asyncio.create_task(election.run(), name="election"),
+            asyncio.create_task(runner.run(), name="controllers"),
             asyncio.create_task(self._refresh_record(), name="node-status"),
         ]
         log.info(

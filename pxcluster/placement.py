@@ -51,3 +51,27 @@ def place(
             f"cannot place {repl} replicas: only {len(chosen)} eligible node(s) ({detail})"
         )
     return [c.node.id for c in chosen]
+
+
+def pick_attach_node(
+    replica_states: dict[str, str],
+    nodes: dict[str, NodeRecord],
+    alive: set[str],
+    *,
+    exclude: frozenset[str] = frozenset(),
+) -> str | None:
+    """Where a volume should be served next: an up, active node holding an in-sync replica
+    (reads stay local), else any up, active node. None when no node qualifies."""
+
+    def usable(node_id: str) -> bool:
+        n = nodes.get(node_id)
+        return n is not None and node_id in alive and n.state == "active" and node_id not in exclude
+
+    holders = sorted(
+        (n for n, st in replica_states.items() if st == "in_sync" and usable(n)),
+        key=lambda n: nodes[n].name,
+    )
+    if holders:
+        return holders[0]
+    others = sorted((n for n in nodes if usable(n)), key=lambda n: nodes[n].name)
+    return others[0] if others else None

@@ -17,7 +17,9 @@ from membership.records import (
     Attachment,
     AttachTarget,
     ClusterRecord,
+    FailoverRecord,
     NodeRecord,
+    RebuildOp,
     ReplicaState,
     VolumeRecord,
 )
@@ -26,11 +28,12 @@ from pxcluster.errors import (
     InvalidArgument,
     NodeBusy,
     OperationTimeout,
+    PlacementError,
     UnknownNode,
     UnknownVolume,
     VolumeBusy,
 )
-from pxcluster.placement import Candidate, place
+from pxcluster.placement import Candidate, pick_attach_node, place
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -46,6 +49,7 @@ class VolumeView:
     attachment: Attachment | None
     target: AttachTarget | None
     replicas: dict[str, ReplicaState]
+    failover: FailoverRecord | None = None
 
 
 class Service:
@@ -155,7 +159,7 @@ class Service:
         return self._view(VolumeRecord.decode(record_kv.value), kvs)
 
     def _view(self, record: VolumeRecord, kvs: list[Any]) -> VolumeView:
-        epoch, attachment, target = 0, None, None
+        epoch, attachment, target, failover = 0, None, None, None
         replicas: dict[str, ReplicaState] = {}
         for kv in kvs:
             parts = self.keys.split(kv.key)[2:]
@@ -165,9 +169,11 @@ class Service:
                 attachment = Attachment.decode(kv.value)
             elif parts == ["target"]:
                 target = AttachTarget.decode(kv.value)
+            elif parts == ["failover"]:
+                failover = FailoverRecord.decode(kv.value)
             elif len(parts) == 2 and parts[0] == "replicas":
                 replicas[parts[1]] = ReplicaState.decode(kv.value)
-        return VolumeView(record, epoch, attachment, target, replicas)
+        return VolumeView(record, epoch, attachment, target, replicas, failover)
 
     async def volumes(self) -> list[VolumeView]:
         kvs = await self.etcd.get_prefix(self.keys.volumes_prefix())
@@ -253,7 +259,8 @@ class Service:
         view = await self.volume(name)
         node = await self.find_node(node_name)
         vid = view.record.id
-        if view.target is not None and view.target.node != node.id:
+        takeover = view.target is not None and view.target.reason == "rebuild"
+        if view.target is not None and view.target.node != node.id and not takeover:
             other = await self._node_name(view.target.node)
             raise VolumeBusy(
                 f"volume {name!r} is attached{other}; detach it or use 'volume failover' first"
@@ -265,9 +272,54 @@ class Service:
         txn = self.etcd.txn().present(self.keys.volume(vid))
         if view.target is None:
             txn.absent(self.keys.target(vid))
+        else:
+            txn.value_is(self.keys.target(vid), view.target.encode())
         if await self.etcd.commit(txn.put(self.keys.target(vid), AttachTarget(node.id).encode())):
             return await self.volume(name)
         raise VolumeBusy(f"volume {name!r} changed while attaching; try again")
+
+    async def failover(self, name: str, to: str | None, *, drill: bool = False) -> NodeRecord:
+        """Move the attachment: a clean hand-off when the attach node is up, forced (fenced by
+        the epoch bump) when it is down. Returns the destination; the caller waits for it."""
+        view = await self.volume(name)
+        vid = view.record.id
+        if view.target is None or view.target.reason != "user":
+            raise VolumeBusy(f"volume {name!r} is not attached; attach it instead")
+        source = view.target.node
+        nodes = {n.id: n for n in await self.nodes()}
+        alive = await self.alive()
+        if to is not None:
+            dest = await self.find_node(to)
+            if dest.id == source:
+                raise InvalidArgument(f"volume {name!r} is already attached on {dest.name}")
+            if dest.id not in alive:
+                raise NodeBusy(f"node {dest.name} is down")
+            if dest.state != "active":
+                raise NodeBusy(f"node {dest.name} is {dest.state}: no new attachments land there")
+        else:
+            states = {n: r.state for n, r in view.replicas.items()}
+            picked = pick_attach_node(states, nodes, alive, exclude=frozenset({source}))
+            if picked is None:
+                raise PlacementError(f"volume {name!r}: no other up, active node to move it to")
+            dest = nodes[picked]
+        kind = "drill" if drill else "handoff" if source in alive else "forced"
+        record = FailoverRecord(source=source, dest=dest.id, kind=kind, detected=time.time())
+        txn = (
+            self.etcd.txn()
+            .value_is(self.keys.target(vid), view.target.encode())
+            .put(self.keys.target(vid), AttachTarget(dest.id).encode())
+            .put(self.keys.failover(vid), record.encode())
+        )
+        if kind == "forced":
+            # The dead node's lease would free the attachment within a TTL; dropping it now is
+            # safe because the new engine's epoch fences every replica it opens (invariant 4).
+            kv = await self.etcd.get(self.keys.attachment(vid))
+            if kv is not None:
+                txn.unchanged(self.keys.attachment(vid), kv.mod_revision)
+                txn.delete(self.keys.attachment(vid))
+        if not await self.etcd.commit(txn):
+            raise VolumeBusy(f"volume {name!r} changed during the failover; try again")
+        return dest
 
     async def detach(self, name: str) -> VolumeView:
         view = await self.volume(name)
@@ -303,7 +355,9 @@ class Service:
         nodes = {n.id: n for n in await self.nodes()}
         a = view.attachment
         attached = nodes.get(a.node) if a is not None and a.state == "serving" else None
-        if attached is not None:
+        if view.target is not None and view.target.reason == "rebuild":
+            state, attached = "detached", None  # attached only to rebuild: not for clients
+        elif attached is not None:
             state = "attached"
         elif view.target is not None:
             state = "attaching"
@@ -336,7 +390,51 @@ class Service:
             "sync_writes": view.record.sync_writes,
             "chunk_size": view.record.chunk_size,
             "replicas": replicas,
+            "last_failover": self._failover_view(view.failover, nodes),
+            "rebuilds": await self._rebuilds(view, nodes),
         }
+
+    @staticmethod
+    def _failover_view(
+        f: FailoverRecord | None, nodes: dict[str, NodeRecord]
+    ) -> dict[str, Any] | None:
+        if f is None:
+            return None
+        name = {n.id: n.name for n in nodes.values()}
+        return {
+            "from": name.get(f.source, f.source),
+            "to": name.get(f.dest, f.dest),
+            "kind": f.kind,
+            "at": f.detected,
+            "epoch": f.epoch,
+            "reconciled_chunks": f.reconciled_chunks,
+            "done": bool(f.serving),
+            **f.timings(),
+        }
+
+    async def _rebuilds(
+        self, view: VolumeView, nodes: dict[str, NodeRecord]
+    ) -> list[dict[str, Any]]:
+        out = []
+        for node_id, r in sorted(view.replicas.items()):
+            if r.state == "in_sync":
+                continue
+            kv = await self.etcd.get(self.keys.rebuild_op(view.record.id, node_id))
+            if kv is None:
+                continue
+            op = RebuildOp.decode(kv.value)
+            out.append(
+                {
+                    "node": nodes[node_id].name if node_id in nodes else node_id,
+                    "state": op.state,
+                    "bytes_done": op.bytes_done,
+                    "bytes_total": op.bytes_total,
+                    "chunks_done": op.done_chunks,
+                    "chunks_total": op.total_chunks,
+                    "error": op.error,
+                }
+            )
+        return out
 
 
 def nbd_uri(node: NodeRecord, volume_name: str) -> str:

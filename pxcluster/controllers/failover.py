@@ -1,0 +1,58 @@
+"""Automatic failover: a volume whose attach node is down moves to a node holding an in-sync
+replica (invariant 3 happens on that node's agent: epoch bump, then open, reconcile, serve)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from membership.records import AttachTarget, FailoverRecord
+from pxcluster.placement import pick_attach_node
+from pxcluster.service import Service
+
+log = logging.getLogger(__name__)
+
+
+class FailoverController:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def run_pass(self) -> None:
+        svc = self.service
+        keys = svc.keys
+        alive = await svc.alive()
+        views = await svc.volumes()
+        if not any(v.target is not None and v.target.node not in alive for v in views):
+            return
+        nodes = {n.id: n for n in await svc.nodes()}
+        for view in views:
+            target = view.target
+            if target is None or target.node in alive:
+                continue
+            if view.attachment is not None and view.attachment.node == target.node:
+                continue  # its lease has not expired yet: the old engine may still be fencing
+            states = {n: r.state for n, r in view.replicas.items()}
+            dest = pick_attach_node(states, nodes, alive, exclude=frozenset({target.node}))
+            if dest is None:
+                log.warning(
+                    "volume %s: attach node down and no node to fail over to", view.record.name
+                )
+                continue
+            vid = view.record.id
+            record = FailoverRecord(
+                source=target.node, dest=dest, kind="automatic", detected=time.time()
+            )
+            txn = (
+                svc.etcd.txn()
+                .value_is(keys.target(vid), target.encode())
+                .put(keys.target(vid), AttachTarget(dest, target.reason).encode())
+            )
+            if target.reason == "user":
+                txn.put(keys.failover(vid), record.encode())
+            if await svc.etcd.commit(txn):
+                log.warning(
+                    "volume %s: node %s is down, failing over to %s",
+                    view.record.name,
+                    nodes[target.node].name if target.node in nodes else target.node,
+                    nodes[dest].name,
+                )

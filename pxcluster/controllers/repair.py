@@ -1,0 +1,93 @@
+"""Keep every volume's redundancy: replace replicas whose node stayed down past the grace
+period, and attach detached volumes that need a rebuild on a node that can run it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from membership.records import AttachTarget, ReplicaState, VolumeRecord
+from pxcluster.errors import PlacementError
+from pxcluster.placement import Candidate, pick_attach_node, place
+from pxcluster.service import Service, VolumeView
+
+log = logging.getLogger(__name__)
+
+
+class RepairController:
+    def __init__(self, service: Service, *, replace_after: float = 300.0) -> None:
+        self.service = service
+        self.replace_after = replace_after
+        self._down_since: dict[str, float] = {}
+
+    async def run_pass(self) -> None:
+        svc = self.service
+        alive = await svc.alive()
+        nodes = {n.id: n for n in await svc.nodes()}
+        now = time.monotonic()
+        for node_id in nodes:
+            if node_id in alive:
+                self._down_since.pop(node_id, None)
+            else:
+                self._down_since.setdefault(node_id, now)
+        for view in await svc.volumes():
+            for node_id in list(view.replicas):
+                since = self._down_since.get(node_id)
+                if since is not None and now - since >= self.replace_after:
+                    await self._replace(view, node_id, alive)
+                    break
+            else:
+                await self._attach_for_rebuild(view, alive)
+
+    async def _replace(self, view: VolumeView, lost: str, alive: set[str]) -> None:
+        svc = self.service
+        keys = svc.keys
+        rec = view.record
+        if not any(r.state == "in_sync" for n, r in view.replicas.items() if n != lost):
+            # The lost node may hold the only good copy: wait for it rather than give it up.
+            return
+        nodes = await svc.nodes()
+        candidates = [Candidate(n, n.id in alive, n.capacity - n.used) for n in nodes]
+        try:
+            (new,) = place(candidates, 1, rec.size, exclude=frozenset(view.replicas))
+        except PlacementError as e:
+            log.warning("volume %s: cannot replace the replica on a lost node: %s", rec.name, e)
+            return
+        kv = await svc.etcd.get(keys.volume(rec.id))
+        if kv is None:
+            return
+        replica_nodes = [n for n in rec.replica_nodes if n != lost] + [new]
+        updated = VolumeRecord.from_dict(rec.to_dict() | {"replica_nodes": replica_nodes})
+        txn = (
+            svc.etcd.txn()
+            .unchanged(keys.volume(rec.id), kv.mod_revision)
+            .present(keys.replica(rec.id, lost))
+            .put(keys.volume(rec.id), updated.encode())
+            .delete(keys.replica(rec.id, lost))
+            .put(keys.replica(rec.id, new), ReplicaState(new, "stale", view.epoch).encode())
+            .put(keys.trash(lost, rec.id), rec.name.encode())
+        )
+        if await svc.etcd.commit(txn):
+            log.warning(
+                "volume %s: replica on lost node %s replaced by one on %s", rec.name, lost, new
+            )
+
+    async def _attach_for_rebuild(self, view: VolumeView, alive: set[str]) -> None:
+        if view.target is not None or view.attachment is not None:
+            return
+        needs = [n for n, r in view.replicas.items() if r.state != "in_sync" and n in alive]
+        if not needs:
+            return
+        states = {n: r.state for n, r in view.replicas.items()}
+        all_nodes = {n.id: n for n in await self.service.nodes()}
+        host = pick_attach_node(states, all_nodes, alive)
+        if host is None or states.get(host) != "in_sync":
+            return
+        keys = self.service.keys
+        vid = view.record.id
+        txn = (
+            self.service.etcd.txn()
+            .absent(keys.target(vid))
+            .put(keys.target(vid), AttachTarget(host, "rebuild").encode())
+        )
+        await self.service.etcd.commit(txn)
