@@ -35,7 +35,7 @@ MAX_FRAME = 4 + MAX_HEADER + MAX_PAYLOAD  # largest acceptable ``total``
 
 _RX_SIZE = 256 << 10  # standard receive buffer: many small frames per recv_into
 _RX_MIN_FREE = 16 << 10  # roll to a fresh buffer below this much room, so recv stays large
-_POOL_MAX = 8
+_POOL_BYTES = 32 << 20  # idle receive buffers kept per connection (saves page faults)
 _JOIN_MAX = 16 << 10  # payloads up to this are joined to their header; larger go by reference
 
 Header = dict[str, Any]
@@ -144,6 +144,30 @@ def decode_header(view: memoryview) -> Header:
     return header
 
 
+class RxPool:
+    """Idle receive buffers of one connection: a fresh large buffer page-faults on first use,
+    which costs more than the copy it receives."""
+
+    __slots__ = ("bufs", "nbytes")
+
+    def __init__(self) -> None:
+        self.bufs: list[RxBuffer] = []
+        self.nbytes = 0
+
+    def put(self, buf: RxBuffer) -> None:
+        if self.nbytes + len(buf.data) <= _POOL_BYTES:
+            self.bufs.append(buf)
+            self.nbytes += len(buf.data)
+
+    def take(self, size: int) -> RxBuffer:
+        for i, b in enumerate(self.bufs):
+            if size <= len(b.data) <= max(size * 2, _RX_SIZE):
+                del self.bufs[i]
+                self.nbytes -= len(b.data)
+                return b
+        return RxBuffer(size, self)
+
+
 class RxBuffer:
     """A receive buffer that frames' payload memoryviews point into.
 
@@ -153,18 +177,18 @@ class RxBuffer:
 
     __slots__ = ("data", "pool", "refs", "retired", "view")
 
-    def __init__(self, size: int, pool: list[RxBuffer]) -> None:
+    def __init__(self, size: int, pool: RxPool) -> None:
         self.data = bytearray(size)
         self.view = memoryview(self.data)
         self.refs = 0
-        self.retired = False
+        self.retired = False  # no longer the connection's current buffer
         self.pool = pool
 
     def release(self) -> None:
         self.refs -= 1
-        if self.refs == 0 and self.retired and len(self.pool) < _POOL_MAX:
+        if self.refs == 0 and self.retired:
             self.retired = False
-            self.pool.append(self)
+            self.pool.put(self)
 
 
 class FramedProtocol(asyncio.BufferedProtocol):
@@ -176,7 +200,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._pool: list[RxBuffer] = []
+        self._pool = RxPool()
         self._rx = RxBuffer(_RX_SIZE, self._pool)
         self._pos = 0
         self._end = 0
@@ -247,14 +271,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if self._end - self._pos < 4:
             return self._pos + 8
         total: int = _TOTAL.unpack_from(self._rx.data, self._pos)[0]
-        return self._pos + 4 + min(total, MAX_FRAME)
-
-    def _take(self, size: int) -> RxBuffer:
-        for i, b in enumerate(self._pool):
-            if len(b.data) >= size and len(b.data) <= max(size * 2, _RX_SIZE):
-                del self._pool[i]
-                return b
-        return RxBuffer(size, self._pool)
+        if not 4 <= total <= MAX_FRAME:
+            return self._pos + 8  # a bad length: room for the prefix is all _parse needs
+        return self._pos + 4 + total
 
     def _roll(self) -> None:
         """Move the unparsed tail to a buffer with room for the whole frame being received."""
@@ -264,12 +283,12 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if rx.refs == 0 and need <= len(rx.data) and len(rx.data) == _RX_SIZE:
             rx.data[0:pending] = rx.data[pos:end]  # nobody points into it: reuse in place
         else:
-            new = self._take(max(need, _RX_SIZE))
+            new = self._pool.take(max(need, _RX_SIZE))
             new.view[0:pending] = rx.view[pos:end]
-            rx.retired = True
-            if rx.refs == 0 and len(self._pool) < _POOL_MAX:
-                rx.retired = False
-                self._pool.append(rx)
+            if rx.refs == 0:
+                self._pool.put(rx)
+            else:
+                rx.retired = True
             self._rx = new
         self._pos = 0
         self._end = pending

@@ -103,7 +103,10 @@ async def test_bad_header_keeps_stream_and_bad_length_breaks_it() -> None:
     too_long_header = struct.pack("!II", 4 + 2, 50) + b"xx"
     feed(p, bad + too_long_header + wire({"id": 1}), 5)
     assert len(p.bad) == 2 and p.frames == [({"id": 1}, b"")]
-    feed(p, struct.pack("!II", MAX_FRAME + 1, 0), 100)
+    # Half a prefix with an impossible length must not make it reserve room for that length.
+    feed(p, struct.pack("!I", MAX_FRAME + 1), 100)
+    assert len(p.get_buffer(-1)) < 1 << 20 and not p.broken
+    feed(p, struct.pack("!I", 0), 100)
     assert p.broken
 
 
