@@ -67,6 +67,7 @@ class NodeAgent:
         retry_after: float = 1.0,
         pass_interval: float = 1.0,
         rebuild_bandwidth: int = 0,
+        clean_after: float = 2.0,
     ) -> None:
         self.node_id = node_id
         self.etcd = etcd
@@ -81,6 +82,7 @@ class NodeAgent:
         self._pass_interval = pass_interval
         self._failures: dict[str, float] = {}
         self.rebuild_bandwidth = rebuild_bandwidth
+        self.clean_after = clean_after
         self.rebuilds: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._rebuild_backoff: dict[tuple[str, str], float] = {}
 
@@ -130,6 +132,11 @@ class NodeAgent:
                 now = asyncio.get_running_loop().time()
                 if now >= self._failures.get(vid, 0.0):
                     await self.attach(view)
+        alive = await self.service.alive()
+        for vid, engine in list(self.engines.items()):
+            view = views.get(vid)
+            if view is not None:
+                await self._reconcile_rebuilds(view, engine, alive)
         await self._empty_trash()
 
     async def attach(self, view: VolumeView) -> None:
@@ -180,6 +187,7 @@ class NodeAgent:
         reconciled_at = time.time()
         self._failures.pop(vid, None)
         self.engines[vid] = engine
+        engine.start_cleaner(self.clean_after)
         if view.target is None or view.target.reason == "user":
             self.registry.add(engine)
         await self._record_failover(vid, epoch, fenced_at, reconciled_at, report.reconciled_chunks)

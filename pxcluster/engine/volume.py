@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,10 @@ class VolumeEngine:
         self._lease_ok = lease_ok
         self._on_fenced = on_fenced
         self._seq = itertools.count(1)
-        self._dirty: set[int] = set()
+        # Chunks this engine wrote and has not yet recorded clean, with the monotonic time their
+        # last write completed. The dirty log on the replicas must cover every one of them.
+        self._dirty_at: dict[int, float] = {}
+        self._cleaner: asyncio.Task[None] | None = None
         self.fenced = False
         self._degrade_lock = asyncio.Lock()
         # Rebuild support (pxcluster/engine/rebuild.py): replicas catching up get every new
@@ -124,10 +128,57 @@ class VolumeEngine:
         if self.fenced:
             return
         await self.flush()
-        dirty = sorted(self._dirty)
+        self.stop_cleaner()
+        dirty = sorted(self._dirty_at)
         if dirty:
             await self._fan_write(lambda r: r.mark_clean(self.spec.id, self.epoch, dirty))
-        self._dirty.clear()
+        self._dirty_at.clear()
+
+    def start_cleaner(self, idle: float = 2.0) -> None:
+        self._cleaner = asyncio.get_running_loop().create_task(self._clean_loop(idle))
+
+    def stop_cleaner(self) -> None:
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            self._cleaner = None
+
+    async def _clean_loop(self, idle: float) -> None:
+        while not self.fenced:
+            await asyncio.sleep(idle)
+            try:
+                await self.clean_idle(idle)
+            except VolumeIOError as e:
+                log.warning("volume %s: marking idle chunks clean failed: %s", self.name, e)
+
+    async def clean_idle(self, idle: float) -> list[int]:
+        """Record chunks idle for `idle` seconds as clean on every replica, so the dirty log
+        (what a crash or a rebuild must resync) stays the working set, not all data written.
+
+        Only chunks whose last write completed before a flush that covers it are cleaned, and
+        writes to them wait while the mark is recorded: a write the log does not cover would be
+        lost to invariant 5."""
+        started = time.monotonic()
+        cutoff = started - idle
+        if not any(t < cutoff for t in self._dirty_at.values()):
+            return []
+        await self.flush()
+        chunks = sorted(
+            c for c, t in self._dirty_at.items() if t < cutoff and c not in self.chunk_writes
+        )
+        gates = {c: asyncio.Event() for c in chunks if c not in self.copying}
+        self.copying.update(gates)
+        try:
+            await self.wait_writes(lambda: not any(c in self.chunk_writes for c in gates))
+            clean = [c for c in gates if self._dirty_at.get(c, started) < cutoff]
+            if clean:
+                await self._fan_write(lambda r: r.mark_clean(self.spec.id, self.epoch, clean))
+                for c in clean:
+                    del self._dirty_at[c]
+            return clean
+        finally:
+            for c, gate in gates.items():
+                del self.copying[c]
+                gate.set()
 
     # --- Export (NBD frontend)
 
@@ -204,6 +255,7 @@ class VolumeEngine:
         if self.fenced:
             return
         self.fenced = True
+        self.stop_cleaner()
         log.error("volume %s epoch %d: fenced: %s", self.name, self.epoch, why)
         if self._on_fenced is not None:
             asyncio.get_running_loop().create_task(self._on_fenced())
@@ -212,12 +264,12 @@ class VolumeEngine:
         self, pieces: list[Piece], call: Callable[[ReplicaAPI], Awaitable[None]]
     ) -> None:
         chunks = [p.chunk for p in pieces]
-        if self.copying:
-            for c in chunks:
-                gate = self.copying.get(c)
-                if gate is not None:
-                    await gate.wait()
-        self._dirty.update(chunks)
+        while self.copying:
+            # Re-check after every wait: another copy or clean may have gated the chunk since.
+            gate = next((g for c in chunks if (g := self.copying.get(c)) is not None), None)
+            if gate is None:
+                break
+            await gate.wait()
         serial = next(self._serial)
         self.inflight.add(serial)
         counts = self.chunk_writes
@@ -226,8 +278,11 @@ class VolumeEngine:
         try:
             await self._fan_write(call)
         finally:
+            done = time.monotonic()
+            dirty_at = self._dirty_at
             self.inflight.discard(serial)
             for c in chunks:
+                dirty_at[c] = done
                 left = counts[c] - 1
                 if left:
                     counts[c] = left

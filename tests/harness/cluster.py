@@ -150,6 +150,25 @@ class Cluster:
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 n.proc.wait(30)
 
+    def etcd_get_prefix(self, prefix: str) -> list[Any]:
+        """JSON values under a key prefix, read with etcdctl (independent of our client)."""
+        res = subprocess.run(
+            [
+                "etcdctl",
+                "--endpoints",
+                self.etcd.url,
+                "get",
+                "--prefix",
+                "--print-value-only",
+                prefix,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
     def node_state(self, name: str) -> dict[str, Any]:
         for x in self.cli_json("node", "list"):
             if x["name"] == name:

@@ -288,3 +288,19 @@ async def test_detach_marks_written_chunks_clean_after_flush() -> None:
     await eng.close()
     assert all(not r.dirty for r in reps.values())
     assert all(r.durable[3][:1] == b"b" for r in reps.values())
+
+
+async def test_idle_chunks_are_marked_clean_after_a_flush_and_hot_ones_stay_dirty() -> None:
+    eng, reps, _ = make()
+    await eng.open()
+    await eng.write(0, memoryview(b"a"), False)
+    await eng.write(2 * CHUNK, memoryview(b"b"), False)
+    await asyncio.sleep(0.06)
+    await eng.write(4 * CHUNK, memoryview(b"c"), False)  # hot: written just now
+    cleaned = await eng.clean_idle(0.05)
+    assert cleaned == [0, 2]
+    for r in reps.values():
+        assert r.dirty == {4}
+        assert r.durable[0][:1] == b"a" and r.durable[2][:1] == b"b"  # flushed before cleaning
+    await eng.write(0, memoryview(b"d"), False)
+    assert all(0 in r.dirty for r in reps.values())  # a new write dirties it again
