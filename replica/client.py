@@ -74,7 +74,7 @@ class ReplicaClient:
         self.connect_timeout = connect_timeout
         self._where = f"replica {host}:{port}"
         self._conn: _ClientConnection | None = None
-        self._connect_lock = asyncio.Lock()
+        self._connecting: asyncio.Future[_ClientConnection] | None = None
         self._next_id = 1
         # (deadline, id, future, connection), in call order; the timeout is the same for every
         # call, so the oldest deadline is always at the front.
@@ -86,20 +86,30 @@ class ReplicaClient:
 
     # -- connection ------------------------------------------------------------------------
     async def _connect(self) -> _ClientConnection:
-        async with self._connect_lock:
-            c = self._conn
-            if c is not None and not c.closed:
-                return c
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    _, c = await loop.create_connection(
-                        lambda: _ClientConnection(self._where), self.host, self.port
-                    )
-            except (OSError, TimeoutError) as e:
-                raise ReplicaUnavailable(f"{self._where}: cannot connect: {e!r}") from None
-            self._conn = c
-            return c
+        # Callers that arrive while a connect is under way share it: queueing each behind the
+        # last one's connect_timeout would let the n-th caller wait n times as long.
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.ensure_future(self._open_connection())
+            attempt.add_done_callback(self._connect_done)
+        return await asyncio.shield(attempt)
+
+    def _connect_done(self, attempt: asyncio.Future[_ClientConnection]) -> None:
+        self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here: every waiter may have given up meanwhile
+
+    async def _open_connection(self) -> _ClientConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, c = await loop.create_connection(
+                    lambda: _ClientConnection(self._where), self.host, self.port
+                )
+        except (OSError, TimeoutError) as e:
+            raise ReplicaUnavailable(f"{self._where}: cannot connect: {e!r}") from None
+        self._conn = c
+        return c
 
     def _sweep(self) -> None:
         self._sweep_handle = None

@@ -246,7 +246,10 @@ class _Connection(FramedProtocol):
             self._inflight -= 1
             if self._inflight <= RESUME_INFLIGHT and not self.write_paused:
                 self.resume_parsing()
-        self.send_frame(reply, out)
+        try:
+            self.send_frame(reply, out)
+        except ProtocolError as e:  # a result too large for a frame: the caller must know
+            self.send_frame({"id": rid, "ok": False, "code": e.code, "msg": str(e)})
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop taking requests until it does.
@@ -308,10 +311,12 @@ async def _serve(args: argparse.Namespace) -> int:
     from replica.fileio import OSFile
     from replica.service import ReplicaService
 
-    stores: list[Any] = []
+    files: list[OSFile] = []
+    stores: list[ChunkStore] = []
     try:
         for path in args.disk:
             f = OSFile.open(path)
+            files.append(f)
             if args.format:
                 try:
                     ChunkStore.read_superblock(f)
@@ -323,23 +328,25 @@ async def _serve(args: argparse.Namespace) -> int:
                         disk_id=uuid.uuid4().hex,
                     )
             stores.append(ChunkStore.open(f, cluster_id=args.cluster_id, boot_id=_boot_id()))
-    except ReplicaError as e:
+        server = ReplicaServer(ReplicaService(stores))
+        await server.start(args.host, args.port)
+        print(f"READY {server.port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+        return 0
+    except (ReplicaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        # A clean close marks the disks clean: the next start trusts their dirty logs.
         for st in stores:
             await st.close()
-        return 2
-    service = ReplicaService(stores)
-    server = ReplicaServer(service)
-    await server.start(args.host, args.port)
-    print(f"READY {server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.close()
-    await service.close_stores()
-    return 0
+        for f in files:
+            f.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,3 +274,34 @@ async def test_unreachable_server_is_unavailable() -> None:
         with pytest.raises(ReplicaUnavailable):
             await c.stats()
         await c.close()
+
+
+def test_disk_in_use_or_foreign_is_refused(server: ReplicaProc) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness.replica_proc import REPO
+
+    def run(cluster: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "replica.server",
+            "--disk",
+            str(server.disks[0]),
+            "--cluster-id",
+            cluster,
+            "--node-id",
+            "n1",
+            "--port",
+            "0",
+            "--format",
+        ]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+
+    busy = run("test")
+    assert busy.returncode == 2 and "in use" in busy.stderr
+    server.stop()
+    foreign = run("another-cluster")
+    assert foreign.returncode == 2 and foreign.stdout == ""
+    assert foreign.stderr.startswith("error:")
