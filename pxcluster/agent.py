@@ -349,24 +349,24 @@ class NodeAgent:
             progress_box[0] = p
             await report(p)
 
-        try:
+        async def mark_rebuilding() -> bool:
+            state = ReplicaState(node_id, "rebuilding", epoch).encode()
             txn = (
                 self.etcd.txn()
                 .value_is(self.keys.epoch(vid), str(epoch).encode())
                 .present(self.keys.replica(vid, node_id))
-                .put(
-                    self.keys.replica(vid, node_id),
-                    ReplicaState(node_id, "rebuilding", epoch).encode(),
-                )
+                .put(self.keys.replica(vid, node_id), state)
+                .put(op_key, op("running"))
             )
-            if not await self.etcd.commit(txn):
-                return
-            await self.etcd.put(op_key, op("running"))
+            return await self.etcd.commit(txn)
+
+        try:
             await rebuild(
                 engine,
                 node_id,
                 target,
                 mark_in_sync=mark_in_sync,
+                on_open=mark_rebuilding,
                 on_progress=track,
                 bandwidth=self.rebuild_bandwidth,
             )

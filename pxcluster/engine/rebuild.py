@@ -76,6 +76,7 @@ async def rebuild(
     target: ReplicaAPI,
     *,
     mark_in_sync: Callable[[], Awaitable[bool]],
+    on_open: Callable[[], Awaitable[bool]] | None = None,
     on_progress: Callable[[Progress], Awaitable[None]] | None = None,
     bandwidth: int = 0,
     parallel: int = 4,
@@ -85,6 +86,8 @@ async def rebuild(
     epoch = engine.epoch
     progress = Progress(node, started=time.monotonic())
     info = await target.open(s.id, epoch, s.size, s.chunk_size, sync_writes=s.sync_writes)
+    if on_open is not None and not await on_open():
+        raise RebuildAborted(f"volume {s.name}: epoch {epoch} is no longer current")
     engine.rebuilding[node] = target
     try:
         # Writes that began before the target joined the fan-out must land before we compare.

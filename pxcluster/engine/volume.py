@@ -174,6 +174,12 @@ class VolumeEngine:
                 await self._fan_write(lambda r: r.mark_clean(self.spec.id, self.epoch, clean))
                 for c in clean:
                     del self._dirty_at[c]
+                log.info(
+                    "volume %s: %d idle chunks marked clean, %d dirty",
+                    self.name,
+                    len(clean),
+                    len(self._dirty_at),
+                )
             return clean
         finally:
             for c, gate in gates.items():
