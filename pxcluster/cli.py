@@ -104,6 +104,19 @@ def cluster() -> None:
 @click.option("--data-dir", default="", help="runtime files (NBD unix socket)")
 @click.option("--lease-ttl", default=5, show_default=True, type=int, help="etcd lease TTL, s")
 @click.option("--wipe", is_flag=True, help="erase disks that belong to another cluster")
+@click.option(
+    "--replace-after",
+    default=300.0,
+    show_default=True,
+    type=float,
+    help="seconds a replica's node may stay down before the replica is replaced",
+)
+@click.option(
+    "--rebuild-bw",
+    default="0",
+    show_default=True,
+    help="rebuild bandwidth limit per replica, e.g. 200M (0 = unlimited)",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_obj
 def join(
@@ -118,6 +131,8 @@ def join(
     data_dir: str,
     lease_ttl: int,
     wipe: bool,
+    replace_after: float,
+    rebuild_bw: str,
     log_level: str,
 ) -> None:
     """Format or recognise the disks, register this node and run it in the foreground."""
@@ -137,6 +152,8 @@ def join(
         data_dir=data_dir,
         lease_ttl=lease_ttl,
         wipe=wipe,
+        replace_after=replace_after,
+        rebuild_bandwidth=0 if rebuild_bw.strip() == "0" else parse_size(rebuild_bw),
     )
     try:
         run(Node(config).run_forever())

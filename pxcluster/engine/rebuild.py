@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pxcluster.engine.errors import VolumeIOError
-from pxcluster.engine.volume import VolumeEngine
+from pxcluster.engine.volume import CatchUp, VolumeEngine
 from replica.api import Generation, ReplicaAPI
+from replica.errors import ReplicaError
 
 log = logging.getLogger(__name__)
 
@@ -88,42 +89,44 @@ async def rebuild(
     info = await target.open(s.id, epoch, s.size, s.chunk_size, sync_writes=s.sync_writes)
     if on_open is not None and not await on_open():
         raise RebuildAborted(f"volume {s.name}: epoch {epoch} is no longer current")
-    engine.rebuilding[node] = target
+    cu = CatchUp(target)
+    engine.rebuilding[node] = cu
     try:
-        # Writes that began before the target joined the fan-out must land before we compare.
-        mark = max(engine.inflight, default=0)
-        await engine.wait_writes(lambda: not any(i <= mark for i in engine.inflight))
         suspect = set(info.dirty)  # may hold torn or lost unflushed writes: copy regardless
         throttle = Throttle(bandwidth)
         while True:
             progress.passes += 1
             if progress.passes > max_passes:
                 raise RebuildAborted(f"volume {s.name}: replica {node} never caught up")
-            sources_now = {n: engine.in_sync[n] for n in engine.in_sync}
-            if not sources_now:
+            # Writes that skipped the target for chunks that no longer count as pending must
+            # have landed on the sources before generations are compared.
+            mark = max(engine.inflight, default=0)
+            await engine.wait_writes(lambda m=mark: not any(i <= m for i in engine.inflight))  # type: ignore[misc]
+            if not engine.in_sync:
                 raise RebuildAborted(f"volume {s.name}: no in-sync source left")
-            first = next(iter(sorted(sources_now)))
-            src_gens = await sources_now[first].generations(s.id, epoch)
+            first = engine.in_sync[min(engine.in_sync)]
+            src_gens = await first.generations(s.id, epoch)
             dst_gens = await target.generations(s.id, epoch)
             todo = sorted(differing(src_gens, dst_gens) | suspect)
             suspect = set()
             if progress.passes == 1:
                 progress.total_chunks = len(todo)
                 progress.bytes_total = len(todo) * s.chunk_size
-            if not todo:
+            if not todo and cu.pending is not None:
                 break
+            cu.pending = set(todo)
             queue: asyncio.Queue[int] = asyncio.Queue()
             for c in todo:
                 queue.put_nowait(c)
             await asyncio.gather(
                 *(
-                    _worker(engine, node, target, queue, throttle, progress, on_progress)
+                    _worker(engine, node, cu, queue, throttle, progress, on_progress)
                     for _ in range(max(1, parallel))
                 )
             )
         progress.done_chunks = progress.total_chunks
         await target.flush(s.id, epoch)
-        if node not in engine.rebuilding:
+        if engine.rebuilding.get(node) is not cu:
             raise RebuildAborted(f"volume {s.name}: replica {node} failed a write")
         if not await mark_in_sync():
             raise RebuildAborted(f"volume {s.name}: epoch {epoch} is no longer current")
@@ -139,21 +142,39 @@ async def rebuild(
         )
         return progress
     finally:
-        engine.rebuilding.pop(node, None)
+        if engine.rebuilding.get(node) is cu:
+            del engine.rebuilding[node]
 
 
-async def copy_chunk(
-    engine: VolumeEngine, source: ReplicaAPI, target: ReplicaAPI, chunk: int
-) -> None:
+async def copy_chunk(engine: VolumeEngine, cu: CatchUp, chunk: int) -> None:
+    """Copy one chunk from an in-sync replica (trying each in turn) to the catching-up one."""
     s = engine.spec
     gate = asyncio.Event()
-    while chunk in engine.copying:  # another copy of this chunk (a second rebuild) runs
+    while chunk in engine.copying:  # another copy or clean of this chunk runs
         await engine.copying[chunk].wait()
     engine.copying[chunk] = gate
     try:
         await engine.wait_writes(lambda: chunk not in engine.chunk_writes)
-        data, gen = await source.read_chunk(s.id, engine.epoch, chunk)
-        await target.write_chunk(s.id, engine.epoch, chunk, data, gen)
+        names = sorted(engine.in_sync)
+        if not names:
+            raise RebuildAborted(f"volume {s.name}: no in-sync source left")
+        # Spread reads over every in-sync replica: a rebuild reads from several sources.
+        order = names[chunk % len(names) :] + names[: chunk % len(names)]
+        last: Exception | None = None
+        for name in order:
+            source = engine.in_sync.get(name)
+            if source is None:
+                continue
+            try:
+                data, gen = await source.read_chunk(s.id, engine.epoch, chunk)
+                break
+            except ReplicaError as e:
+                last = e
+        else:
+            raise RebuildAborted(f"volume {s.name}: no source could serve chunk {chunk}: {last}")
+        await cu.api.write_chunk(s.id, engine.epoch, chunk, data, gen)
+        if cu.pending is not None:
+            cu.pending.discard(chunk)  # before the gate opens: later writes must reach it
     finally:
         del engine.copying[chunk]
         gate.set()
@@ -162,7 +183,7 @@ async def copy_chunk(
 async def _worker(
     engine: VolumeEngine,
     node: str,
-    target: ReplicaAPI,
+    cu: CatchUp,
     queue: asyncio.Queue[int],
     throttle: Throttle,
     progress: Progress,
@@ -171,18 +192,13 @@ async def _worker(
     s = engine.spec
     while not queue.empty():
         chunk = queue.get_nowait()
-        # Spread reads over every in-sync replica: a rebuild may read from several sources.
-        names = sorted(engine.in_sync)
-        if not names:
-            raise RebuildAborted(f"volume {s.name}: no in-sync source left")
-        source = engine.in_sync[names[chunk % len(names)]]
-        await copy_chunk(engine, source, target, chunk)
+        await copy_chunk(engine, cu, chunk)
         await throttle.spend(s.chunk_size)
         progress.copied_chunks += 1
         progress.bytes_done += s.chunk_size
         if progress.passes == 1:
             progress.done_chunks += 1
-        if node not in engine.rebuilding:
+        if engine.rebuilding.get(node) is not cu:
             raise RebuildAborted(f"volume {s.name}: replica {node} failed a write")
         if on_progress is not None:
             await on_progress(progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
-from pxcluster.engine.fanout import fan_out
+from pxcluster.engine.fanout import fan_out, fan_out_calls
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
 from replica.api import ReplicaAPI, VolumeInfo
@@ -44,6 +45,14 @@ def split(offset: int, length: int, chunk_size: int) -> Iterator[Piece]:
         n = min(chunk_size - inner, end - pos)
         yield Piece(chunk, inner, pos - offset, n)
         pos += n
+
+
+@dataclass
+class CatchUp:
+    """A replica being rebuilt: it gets every write except to chunks still to be copied."""
+
+    api: ReplicaAPI
+    pending: set[int] | None = None  # None: nothing copied or compared yet, so no writes
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ class VolumeEngine:
         # Rebuild support (pxcluster/engine/rebuild.py): replicas catching up get every new
         # write too; a chunk being copied holds back writes to it, and a copy waits for the
         # writes already in flight on its chunk.
-        self.rebuilding: dict[str, ReplicaAPI] = {}
+        self.rebuilding: dict[str, CatchUp] = {}
         self.copying: dict[int, asyncio.Event] = {}
         self.chunk_writes: dict[int, int] = {}
         self._serial = itertools.count(1)
@@ -201,8 +210,8 @@ class VolumeEngine:
         pieces = list(split(offset, len(data), self.spec.chunk_size))
         vid, epoch = self.spec.id, self.epoch
 
-        async def one(r: ReplicaAPI) -> None:
-            if len(pieces) == 1:
+        async def one(r: ReplicaAPI, pieces: list[Piece]) -> None:
+            if len(pieces) == 1 and pieces[0].length == len(data):
                 p = pieces[0]
                 await r.write(vid, epoch, p.chunk, p.offset, data, seq=seq, durable=durable)
                 return
@@ -232,7 +241,7 @@ class VolumeEngine:
         pieces = list(split(offset, length, self.spec.chunk_size))
         vid, epoch = self.spec.id, self.epoch
 
-        async def one(r: ReplicaAPI) -> None:
+        async def one(r: ReplicaAPI, pieces: list[Piece]) -> None:
             for p in pieces:
                 await r.trim(vid, epoch, p.chunk, p.offset, p.length, seq=seq)
             if fua or self.spec.sync_writes:
@@ -267,7 +276,7 @@ class VolumeEngine:
             asyncio.get_running_loop().create_task(self._on_fenced())
 
     async def _mutate(
-        self, pieces: list[Piece], call: Callable[[ReplicaAPI], Awaitable[None]]
+        self, pieces: list[Piece], call: Callable[[ReplicaAPI, list[Piece]], Awaitable[None]]
     ) -> None:
         chunks = [p.chunk for p in pieces]
         while self.copying:
@@ -282,7 +291,7 @@ class VolumeEngine:
         for c in chunks:
             counts[c] = counts.get(c, 0) + 1
         try:
-            await self._fan_write(call)
+            await self._fan_write(lambda r: call(r, pieces), pieces, call)
         finally:
             done = time.monotonic()
             dirty_at = self._dirty_at
@@ -303,15 +312,31 @@ class VolumeEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._write_done.wait(), 0.5)
 
-    async def _fan_write(self, call: Callable[[ReplicaAPI], Awaitable[None]]) -> None:
+    async def _fan_write(
+        self,
+        call: Callable[[ReplicaAPI], Awaitable[None]],
+        pieces: list[Piece] | None = None,
+        piece_call: Callable[[ReplicaAPI, list[Piece]], Awaitable[None]] | None = None,
+    ) -> None:
         self._guard()
-        replicas = dict(self.in_sync)
-        if not replicas:
+        if not self.in_sync:
             raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+        calls: dict[str, Callable[[], Awaitable[None]]] = {
+            n: functools.partial(call, r) for n, r in self.in_sync.items()
+        }
         catching_up = self.rebuilding
-        if catching_up:
-            replicas.update(catching_up)
-        _, failed = await fan_out(replicas, call)
+        for n, cu in catching_up.items():
+            if pieces is None or piece_call is None:
+                calls[n] = functools.partial(call, cu.api)
+                continue
+            # Chunks not copied yet get no writes: their generation must keep telling the
+            # rebuild (and a resumed one) that they still differ from the source.
+            if cu.pending is None:
+                continue
+            todo = [p for p in pieces if p.chunk not in cu.pending]
+            if todo:
+                calls[n] = functools.partial(piece_call, cu.api, todo)
+        _, failed = await fan_out_calls(calls)
         if failed:
             for node in [n for n in failed if n in catching_up and n not in self.in_sync]:
                 # A replica that is still catching up is stale in etcd already: losing it
