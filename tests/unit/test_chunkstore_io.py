@@ -299,3 +299,52 @@ async def test_delete_volume_frees_its_chunks() -> None:
     assert after.stats().chunks == 1
     await after.open_volume("v", 1, 8 * CHUNK)
     assert after.read("v", 1, 0, 0, 1) == b"\0"
+
+
+class MetadataOnlyCut(VolatileFile):
+    """Loses power in its `cut_at`-th fdatasync, keeping only the unsynced writes to the
+    superblock, journal and checkpoints: the worst order a page cache may choose."""
+
+    def __init__(self, image: bytes, data_offset: int, cut_at: int) -> None:
+        super().__init__(len(image))
+        super().pwrite(image, 0)
+        super().fdatasync()
+        self.data_offset = data_offset
+        self.cut_at = cut_at
+        self.image: bytes | None = None
+        self.armed = False
+
+    def fdatasync(self) -> None:
+        self.cut_at -= self.armed
+        if self.cut_at == 0:
+            image = bytearray(self.durable_image())
+            for offset, blob in self._pending:
+                if offset < self.data_offset:
+                    image[offset : offset + len(blob)] = blob
+            self.image = bytes(image)
+            raise OSError("power cut")
+        super().fdatasync()
+
+
+async def test_slot_is_zeroed_durably_before_it_is_handed_out() -> None:
+    f = VolatileFile(1 << 20)
+    store = await new_store(f=f)
+    await store.open_volume("v", 1, 4 * CHUNK)
+    await store.close()
+    sb = store.superblock
+    # Free slots holding old data, as after a crash that kept a free record but not its punch.
+    f.pwrite(b"\xee" * (sb.slots * CHUNK), sb.data_offset)
+    f.fdatasync()
+    stale = f.durable_image()
+    for cut_at in range(1, 5):
+        g = MetadataOnlyCut(stale, sb.data_offset, cut_at)
+        store = ChunkStore.open(g)
+        await store.open_volume("v", 1, 4 * CHUNK)
+        g.armed = True
+        with pytest.raises(OSError, match="power cut"):
+            while True:
+                await store.write("v", 1, 0, 0, b"new", seq=1, durable=True)
+        assert g.image is not None
+        after = ChunkStore.open(VolatileFile.from_image(g.image))
+        got = after.read("v", 1, 0, 0, CHUNK)
+        assert got in (bytes(CHUNK), b"new" + bytes(CHUNK - 3)), f"cut at sync {cut_at}"

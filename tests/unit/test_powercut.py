@@ -32,8 +32,10 @@ class PowerCut(Exception):
 class CuttingFile(VolatileFile):
     """Loses power inside its `cut_at`-th fdatasync once armed (before that sync lands)."""
 
-    def __init__(self, size: int, rng: random.Random, cut_at: int) -> None:
-        super().__init__(size)
+    def __init__(self, image: bytes, rng: random.Random, cut_at: int) -> None:
+        super().__init__(len(image))
+        super().pwrite(image, 0)
+        super().fdatasync()
         self.rng = rng
         self.cut_at = cut_at
         self.armed = False
@@ -165,7 +167,7 @@ async def run_ops(store: ChunkStore, f: CuttingFile, m: Model, rng: random.Rando
         else:
             await store.close()
             m.flushed()
-            store = ChunkStore.open(f, boot_id="boot")
+            store = ChunkStore.open(f, boot_id="same boot")
 
 
 def check(store: ChunkStore, m: Model, seed: int) -> None:
@@ -191,24 +193,48 @@ def check(store: ChunkStore, m: Model, seed: int) -> None:
                     assert chunk in meta.dirty, f"{where}: changed since a flush, not dirty"
 
 
-async def one_run(seed: int) -> None:
-    rng = random.Random(seed)
-    f = CuttingFile(DISK, rng, cut_at=rng.randint(1, 40))
-    ChunkStore.format(f, cluster_id="c", node_id="n", disk_id="d", chunk_size=CHUNK)
-    store = ChunkStore.open(f, cluster_id="c", boot_id="boot")
-    for vol, size in SIZES.items():
-        await store.open_volume(vol, 1, size)
+def observed(store: ChunkStore) -> Model:
+    """A model of the disk as it reads now: the next life starts from it."""
     m = Model()
-    f.armed = True
-    try:
-        await run_ops(store, f, m, rng)
-    except PowerCut:
-        pass
-    image = f.cut()
-    # Another boot: unflushed writes are gone as far as the store can tell.
-    after = ChunkStore.open(VolatileFile.from_image(image), cluster_id="c", boot_id="boot-2")
-    assert after.superblock.disk_id == "d"
-    check(after, m, seed)
+    vols = store.volumes()
+    for vol, size in SIZES.items():
+        meta = vols[vol]
+        data = b"".join(
+            store.read(vol, meta.epoch, i, 0, min(CHUNK, size - i * CHUNK))
+            for i in range(-(-size // CHUNK))
+        )
+        for n in range(size // SECTOR):
+            m.versions[(vol, n)] = [data[n * SECTOR : (n + 1) * SECTOR]]
+        m.acked_epoch[vol] = meta.epoch
+        m.epoch = max(m.epoch, meta.epoch)
+    return m
+
+
+async def one_run(seed: int, lives: int = 3) -> None:
+    """Several power cuts in a row: a slot freed in one life may be reused in the next."""
+    rng = random.Random(seed)
+    image = bytes(DISK)
+    m = Model()
+    for life in range(lives):
+        f = CuttingFile(image, rng, cut_at=rng.randint(1, 40))
+        if life == 0:
+            ChunkStore.format(f, cluster_id="c", node_id="n", disk_id="d", chunk_size=CHUNK)
+        store = ChunkStore.open(f, cluster_id="c", boot_id=f"boot-{life}")
+        for vol, size in SIZES.items():
+            await store.open_volume(vol, m.epoch, size)
+        f.armed = True
+        try:
+            await run_ops(store, f, m, rng)
+        except PowerCut:
+            pass
+        image = f.cut()
+        # Another boot: unflushed writes may be gone, and the store must say where.
+        after = ChunkStore.open(
+            VolatileFile.from_image(image), cluster_id="c", boot_id=f"boot-{life + 1}"
+        )
+        assert after.superblock.disk_id == "d"
+        check(after, m, seed)
+        m = observed(after)
 
 
 @pytest.mark.parametrize("block", range(4))
