@@ -183,10 +183,6 @@ def encode_checkpoint(seq: int, body: Any) -> bytes:
     return _CKPT_HEAD.pack(_CKPT_MAGIC, seq, len(payload), crc) + payload
 
 
-def checkpoint_header_size() -> int:
-    return _CKPT_HEAD.size
-
-
 def decode_checkpoint(area: bytes) -> tuple[int, Any] | None:
     """(seq, body) of a valid checkpoint, None for a torn, blank or corrupt area."""
     if len(area) < _CKPT_HEAD.size:
