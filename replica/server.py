@@ -2,8 +2,13 @@
 
 Each connection is pipelined: every request runs as its own task, replies go out as they
 complete (matched by id, in any order) and are gathered into one write per loop iteration.
-Requests in flight per connection are bounded: above ``MAX_INFLIGHT`` the connection stops
-reading, so a fast client cannot grow the server's memory without bound.
+Requests in flight per connection are bounded (``MAX_INFLIGHT`` requests, ``MAX_HELD`` payload
+bytes): above either the connection stops reading, as it does while the client is not reading
+its replies, so a fast client cannot grow the server's memory without bound.
+
+A request's first step runs inline, before any task exists (see ``_Connection._start``): the
+served ReplicaAPI must not need ``asyncio.current_task()`` (e.g. ``asyncio.timeout``) before its
+first real suspension.
 
 Run standalone (tests, benchmarks): ``python -m replica.server --disk PATH ... --cluster-id X
 --node-id N [--host H] [--port P] [--format]``; prints ``READY <port>`` once listening.
@@ -29,6 +34,9 @@ log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 128
 RESUME_INFLIGHT = 64
+# Payload bytes held by requests in flight: 128 whole-chunk writes of a large chunk size would
+# otherwise pin gigabytes of receive buffers.
+MAX_HELD = 64 << 20
 
 Result = tuple[Header | None, bytes | memoryview | None]
 Handler = Callable[[ReplicaAPI, Header, memoryview], Awaitable[Result]]
@@ -154,6 +162,7 @@ class _Connection(FramedProtocol):
         self._server = server
         self._service = server.service
         self._inflight = 0
+        self._held = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -190,9 +199,17 @@ class _Connection(FramedProtocol):
             rx.refs += 1  # the buffer must not be reused until this request is done with it
             held = rx
         self._inflight += 1
+        self._held += len(payload)
         self._start(self._run(rid, HANDLERS[op], header, payload, held))
-        if self._inflight >= MAX_INFLIGHT:
+        if self._inflight >= MAX_INFLIGHT or self._held >= MAX_HELD:
             self.pause_parsing()
+
+    def _may_resume(self) -> bool:
+        return (
+            self._inflight <= RESUME_INFLIGHT
+            and self._held <= MAX_HELD // 2
+            and not self.write_paused
+        )
 
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request's first step right here, and make a task only if it has to wait.
@@ -216,6 +233,7 @@ class _Connection(FramedProtocol):
         self, rid: int, handler: Handler, header: Header, payload: memoryview, rx: RxBuffer | None
     ) -> None:
         out: bytes | memoryview | None = None
+        size = len(payload)
         try:
             result, out = await handler(self._service, header, payload)
             reply: Header = {"id": rid, "ok": True, "code": "", "msg": ""}
@@ -244,7 +262,8 @@ class _Connection(FramedProtocol):
                         header.get("op"),
                     )
             self._inflight -= 1
-            if self._inflight <= RESUME_INFLIGHT and not self.write_paused:
+            self._held -= size
+            if self._may_resume():
                 self.resume_parsing()
         try:
             self.send_frame(reply, out)
@@ -258,7 +277,7 @@ class _Connection(FramedProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._inflight <= RESUME_INFLIGHT:
+        if self._may_resume():
             self.resume_parsing()
 
 

@@ -411,3 +411,25 @@ async def test_client_waits_for_a_peer_that_stops_reading() -> None:
         stop.set()
         srv.close()
         await srv.wait_closed()
+
+
+async def test_payload_bytes_in_flight_are_bounded() -> None:
+    from replica.server import MAX_HELD
+
+    svc = MemoryReplica()
+    server, c = await _pair(svc)
+    try:
+        await c.open("v", 1, 1 << 30, 1 << 20)
+        svc.gate = asyncio.Event()
+        data = memoryview(bytes(1 << 20))
+        writes = [asyncio.ensure_future(c.write("v", 1, i % 4, 0, data, seq=i)) for i in range(100)]
+        await asyncio.sleep(0.5)
+        (conn,) = server._conns
+        assert MAX_HELD // 2 <= conn._held <= MAX_HELD + (1 << 20)
+        assert len(server._tasks) <= MAX_HELD // (1 << 20)
+        svc.gate.set()
+        await asyncio.gather(*writes)
+        assert conn._held == 0 and conn._inflight == 0
+    finally:
+        await c.close()
+        await server.close()
