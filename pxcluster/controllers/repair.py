@@ -19,6 +19,7 @@ class RepairController:
         self.service = service
         self.replace_after = replace_after
         self._down_since: dict[str, float] = {}
+        self._warned: dict[str, str] = {}
 
     async def run_pass(self) -> None:
         svc = self.service
@@ -51,8 +52,11 @@ class RepairController:
         try:
             (new,) = place(candidates, 1, rec.size, exclude=frozenset(view.replicas))
         except PlacementError as e:
-            log.warning("volume %s: cannot replace the replica on a lost node: %s", rec.name, e)
+            if self._warned.get(rec.id) != str(e):  # once per distinct reason, not every pass
+                self._warned[rec.id] = str(e)
+                log.warning("volume %s: cannot replace the replica on a lost node: %s", rec.name, e)
             return
+        self._warned.pop(rec.id, None)
         kv = await svc.etcd.get(keys.volume(rec.id))
         if kv is None:
             return
