@@ -29,6 +29,13 @@ class UnknownVolume(ReplicaError):
     code = "UNKNOWN_VOLUME"
 
 
+class NotOpen(ReplicaError):
+    """The volume was not opened since this replica process started: an engine must open it
+    again (and learn of the restart) before it may trust this replica's data."""
+
+    code = "NOT_OPEN"
+
+
 class ReplicaUnavailable(ReplicaError):
     """The replica could not be reached or did not answer in time."""
 
@@ -75,6 +82,7 @@ _BY_CODE: dict[str, type[ReplicaError]] = {
         NoSpace,
         OutOfRange,
         UnknownVolume,
+        NotOpen,
         ReplicaUnavailable,
         ProtocolError,
         DiskError,

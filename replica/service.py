@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from replica.api import Generation, ReplicaStats, VolumeInfo
-from replica.errors import OutOfRange, UnknownVolume
+from replica.errors import NotOpen, OutOfRange, UnknownVolume
 
 if TYPE_CHECKING:
     from replica.api import ReplicaAPI
@@ -21,6 +21,10 @@ class ReplicaService:
     def __init__(self, stores: list[ChunkStore]) -> None:
         self._stores = list(stores)
         self._where: dict[str, ChunkStore] = {}
+        # Volumes opened since this process started. A replica that restarted (its host may
+        # have lost unflushed writes) refuses I/O until an engine opens it again, so no engine
+        # keeps writing to it as if nothing happened.
+        self._opened: set[str] = set()
         for store in self._stores:
             for volume in store.volumes():
                 self._where[volume] = store
@@ -32,6 +36,8 @@ class ReplicaService:
         store = self._where.get(volume)
         if store is None:
             raise UnknownVolume(f"volume {volume!r} is not on this replica")
+        if volume not in self._opened:
+            raise NotOpen(f"volume {volume!r} was not opened since this replica started")
         return store
 
     async def open(
@@ -49,6 +55,7 @@ class ReplicaService:
             )
         meta = await store.open_volume(volume, epoch, size, sync_writes=sync_writes)
         self._where[volume] = store
+        self._opened.add(volume)
         return VolumeInfo(
             volume=volume,
             size=meta.size,
@@ -110,6 +117,7 @@ class ReplicaService:
             return
         await store.delete_volume(volume)
         del self._where[volume]
+        self._opened.discard(volume)
 
     async def stats(self) -> ReplicaStats:
         capacity = used = free = 0

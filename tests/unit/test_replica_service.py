@@ -6,7 +6,7 @@ import pytest
 
 from replica.api import ReplicaStats
 from replica.chunkstore import ChunkStore
-from replica.errors import OutOfRange, StaleEpoch, UnknownVolume
+from replica.errors import NotOpen, OutOfRange, StaleEpoch, UnknownVolume
 from replica.fileio import VolatileFile
 from replica.service import ReplicaService
 
@@ -99,3 +99,23 @@ async def test_no_disks() -> None:
     with pytest.raises(UnknownVolume):
         await svc.open("v", 1, 1 << 20, CHUNK)
     assert await svc.stats() == ReplicaStats(0, 0, 0, 0)
+
+
+async def test_a_restarted_replica_refuses_io_until_opened_again() -> None:
+    f, store = _store(32 << 20, "d1")
+    svc = ReplicaService([store])
+    await svc.open("a", 3, 4 << 20, CHUNK)
+    await svc.write("a", 3, 0, 0, b"x" * 512, seq=1)
+    await store.flush()
+    # The process restarts: same disk, fresh service. The engine's next write must not land
+    # as if nothing happened; it must open (and so learn of the restart) first.
+    after = ReplicaService(
+        [ChunkStore.open(VolatileFile.from_image(f.durable_image()), cluster_id="c")]
+    )
+    with pytest.raises(NotOpen):
+        await after.write("a", 3, 0, 0, b"y" * 512, seq=2)
+    with pytest.raises(NotOpen):
+        await after.read("a", 3, 0, 0, 512)
+    info = await after.open("a", 3, 4 << 20, CHUNK)
+    assert info.dirty == [0]
+    assert await after.read("a", 3, 0, 0, 512) == b"x" * 512
