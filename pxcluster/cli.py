@@ -117,6 +117,13 @@ def cluster() -> None:
     show_default=True,
     help="rebuild bandwidth limit per replica, e.g. 200M (0 = unlimited)",
 )
+@click.option(
+    "--clean-after",
+    default=2.0,
+    show_default=True,
+    type=float,
+    help="seconds a chunk stays idle before it leaves the dirty-chunk log",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_obj
 def join(
@@ -133,6 +140,7 @@ def join(
     wipe: bool,
     replace_after: float,
     rebuild_bw: str,
+    clean_after: float,
     log_level: str,
 ) -> None:
     """Format or recognise the disks, register this node and run it in the foreground."""
@@ -154,6 +162,7 @@ def join(
         wipe=wipe,
         replace_after=replace_after,
         rebuild_bandwidth=0 if rebuild_bw.strip() == "0" else parse_size(rebuild_bw),
+        clean_after=clean_after,
     )
     try:
         run(Node(config).run_forever())

@@ -59,6 +59,7 @@ class NodeConfig:
     chunk_size: int = 4 << 20
     replace_after: float = 300.0  # s a replica's node may stay down before it is replaced
     rebuild_bandwidth: int = 0  # bytes/s per rebuild, 0 = unlimited
+    clean_after: float = 2.0  # s a chunk stays idle before it leaves the dirty-chunk log
 
 
 def boot_id() -> str:
@@ -250,6 +251,7 @@ class Node:
             peers,
             self.registry,
             rebuild_bandwidth=c.rebuild_bandwidth,
+            clean_after=c.clean_after,
         )
         election = Election(self.etcd, self.keys, self.node_id, self.lease.lease_id)
         service = Service(self.etcd, c.cluster)
