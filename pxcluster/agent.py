@@ -21,6 +21,7 @@ from membership.records import Attachment, FailoverRecord, NodeRecord, RebuildOp
 from pxcluster.engine.rebuild import Progress, rebuild
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
+from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.service import Service, VolumeView
 from replica.api import ReplicaAPI
@@ -68,6 +69,7 @@ class NodeAgent:
         pass_interval: float = 1.0,
         rebuild_bandwidth: int = 0,
         clean_after: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.node_id = node_id
         self.etcd = etcd
@@ -83,6 +85,7 @@ class NodeAgent:
         self._failures: dict[str, float] = {}
         self.rebuild_bandwidth = rebuild_bandwidth
         self.clean_after = clean_after
+        self.metrics = metrics or Metrics()
         self.rebuilds: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._rebuild_backoff: dict[tuple[str, str], float] = {}
 
@@ -137,6 +140,10 @@ class NodeAgent:
             view = views.get(vid)
             if view is not None:
                 await self._reconcile_rebuilds(view, engine, alive)
+        self.metrics.attached_volumes.set(len(self.engines))
+        self.metrics.degraded_volumes.set(
+            sum(1 for vid, e in self.engines.items() if len(e.in_sync) < len(views[vid].replicas))
+        )
         await self._empty_trash()
 
     async def attach(self, view: VolumeView) -> None:
@@ -272,6 +279,12 @@ class NodeAgent:
         )
         txn = self.etcd.txn().unchanged(self.keys.failover(vid), kv.mod_revision)
         await self.etcd.commit(txn.put(self.keys.failover(vid), done.encode()))
+        m = self.metrics
+        m.failovers.labels(rec.kind).inc()
+        m.reconciled_chunks.inc(chunks)
+        m.failover_seconds.labels("fence").observe(max(0.0, fenced - rec.detected))
+        m.failover_seconds.labels("reconcile").observe(max(0.0, reconciled - fenced))
+        m.failover_seconds.labels("serve").observe(max(0.0, done.serving - rec.detected))
 
     # --- rebuilds (invariant 6), run by the engine that serves the volume
 
@@ -361,7 +374,7 @@ class NodeAgent:
             return await self.etcd.commit(txn)
 
         try:
-            await rebuild(
+            progress = await rebuild(
                 engine,
                 node_id,
                 target,
@@ -371,10 +384,13 @@ class NodeAgent:
                 bandwidth=self.rebuild_bandwidth,
             )
             self._rebuild_backoff.pop(key, None)
+            self.metrics.rebuilds.labels("done").inc()
+            self.metrics.rebuild_bytes.inc(progress.bytes_done)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("volume %s: rebuild of replica %s failed: %s", engine.name, node_id, e)
+            self.metrics.rebuilds.labels("failed").inc()
             self._rebuild_backoff[key] = asyncio.get_running_loop().time() + self._retry_after * 2
             with contextlib.suppress(Exception):
                 await self.etcd.put(op_key, op("failed", progress_box[0], str(e) or repr(e)))

@@ -30,6 +30,7 @@ from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
 from pxcluster.controllers.runner import ControllerRunner
 from pxcluster.errors import JoinRefused
+from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
 from pxcluster.service import Service
@@ -88,6 +89,7 @@ class Node:
         self.node_id = ""
         self.cluster_id = ""
         self.registry = ExportRegistry()
+        self.metrics = Metrics()
         self.lease = LeaseKeeper(self.etcd, config.lease_ttl, self._lease_lost)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -252,6 +254,7 @@ class Node:
             self.registry,
             rebuild_bandwidth=c.rebuild_bandwidth,
             clean_after=c.clean_after,
+            metrics=self.metrics,
         )
         election = Election(self.etcd, self.keys, self.node_id, self.lease.lease_id)
         service = Service(self.etcd, c.cluster)
@@ -290,6 +293,15 @@ class Node:
             ok = self.lease.healthy()
             return web.json_response({"ready": ok}, status=200 if ok else 503)
 
+        async def metrics(_: web.Request) -> web.Response:
+            m = self.metrics
+            m.lease_healthy.set(1 if self.lease.healthy() else 0)
+            stats = [st.stats() for st in self.stores]
+            m.capacity.set(sum(x.capacity for x in stats))
+            m.used.set(sum(x.used for x in stats))
+            return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
+
+        app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         self.api = web.AppRunner(app, access_log=None)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,10 @@ def test_manual_failover_clean_handoff_and_drill(cluster3: Cluster) -> None:
     info = inspect(c, "mv")
     assert info["epoch"] == epoch + 1 and info["attached_node"] == holders[1]
     assert info["last_failover"]["kind"] == "handoff"
+    metrics = urllib.request.urlopen(f"http://{n.address}:{n.ports['api']}/metrics", timeout=10)
+    text = metrics.read().decode()
+    assert 'pxc_failovers_total{kind="handoff"} 1.0' in text
+    assert "pxc_failover_seconds_bucket" in text and "pxc_node_capacity_bytes" in text
     assert all(r["state"] == "in_sync" for r in info["replicas"])  # clean: nobody went stale
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "read -P 0x77 0 1M", out],
