@@ -233,33 +233,44 @@ async def node_list(svc: Service, as_json: bool) -> None:
     )
 
 
+async def _print_node(svc: Service, name: str, as_json: bool, message: str) -> None:
+    if as_json:
+        nodes = [n for n in await svc.node_list() if name in (n["name"], n["id"])]
+        output.emit_json(nodes[0] if nodes else {"name": name, "state": "removed"})
+    else:
+        click.echo(message)
+
+
 @node.command()
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
 @with_service
-async def cordon(svc: Service, name: str) -> None:
+async def cordon(svc: Service, name: str, as_json: bool) -> None:
     """No new replicas or attachments land on NAME."""
     await svc.set_node_state(name, "cordoned", allowed_from=("active", "cordoned"))
-    click.echo(f"node {name} cordoned")
+    await _print_node(svc, name, as_json, f"node {name} cordoned")
 
 
 @node.command()
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
 @with_service
-async def uncordon(svc: Service, name: str) -> None:
+async def uncordon(svc: Service, name: str, as_json: bool) -> None:
     """Return NAME to service."""
     await svc.set_node_state(
         name, "active", allowed_from=("active", "cordoned", "draining", "drained")
     )
-    click.echo(f"node {name} uncordoned")
+    await _print_node(svc, name, as_json, f"node {name} uncordoned")
 
 
 @node.command()
 @click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
 @with_service
-async def remove(svc: Service, name: str) -> None:
+async def remove(svc: Service, name: str, as_json: bool) -> None:
     """Remove a stopped node that holds no replicas."""
     await svc.remove_node(name)
-    click.echo(f"node {name} removed")
+    await _print_node(svc, name, as_json, f"node {name} removed")
 
 
 node.command("drain", help="Move every replica and attachment off NAME.")(
