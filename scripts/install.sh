@@ -13,6 +13,9 @@ command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+# The stamped-block workload of the tests speaks NBD through libnbd's Python binding, which
+# Debian builds for its own /usr/bin/python3 only.
+/usr/bin/python3 -c "import nbd" 2>/dev/null || need+=(python3-libnbd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing system packages: ${need[*]}"

@@ -150,6 +150,19 @@ class Cluster:
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 n.proc.wait(30)
 
+    def inspect(self, volume: str) -> dict[str, Any]:
+        return self.cli_json("volume", "inspect", volume)  # type: ignore[no-any-return]
+
+    def attach(self, volume: str, node: str) -> str:
+        """Attach and wait until served; the NBD URI it prints is the node's."""
+        uri = self.cli("volume", "attach", volume, "--node", node, "--wait").stdout.strip()
+        n = self.nodes[node]
+        assert uri == f"nbd://{n.address}:{n.nbd_port}/{volume}", uri
+        return uri
+
+    def replica_states(self, volume: str) -> dict[str, str]:
+        return {r["node"]: r["state"] for r in self.inspect(volume)["replicas"]}
+
     def etcd_get_prefix(self, prefix: str) -> list[Any]:
         """JSON values under a key prefix, read with etcdctl (independent of our client)."""
         res = subprocess.run(

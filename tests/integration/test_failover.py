@@ -8,7 +8,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,14 +15,6 @@ from tests.harness.cluster import Cluster
 from tests.harness.stamps import Writer, check, has_libnbd
 
 pytestmark = pytest.mark.skipif(not has_libnbd(), reason="python3-libnbd (Debian) not installed")
-
-
-def inspect(c: Cluster, name: str) -> dict[str, Any]:
-    return c.cli_json("volume", "inspect", name)  # type: ignore[no-any-return]
-
-
-def attach(c: Cluster, name: str, node: str) -> str:
-    return c.cli("volume", "attach", name, "--node", node, "--wait").stdout.strip()
 
 
 class UriFollower:
@@ -40,7 +31,7 @@ class UriFollower:
         current = self.path.read_text()
         while not self.stop.wait(0.1):
             try:
-                uri = inspect(self.c, self.name)["nbd_uri"]
+                uri = self.c.inspect(self.name)["nbd_uri"]
             except Exception:
                 continue
             if uri and uri != current:
@@ -54,12 +45,12 @@ class UriFollower:
 
 
 def serving_on(c: Cluster, name: str, node: str) -> bool:
-    info = inspect(c, name)
-    return info["attached_node"] == node and info["state"] == "attached"
+    info = c.inspect(name)
+    return bool(info["attached_node"] == node and info["state"] == "attached")
 
 
 def all_in_sync(c: Cluster, name: str) -> bool:
-    return all(r["state"] == "in_sync" for r in inspect(c, name)["replicas"])
+    return all(r["state"] == "in_sync" for r in c.inspect(name)["replicas"])
 
 
 def nbd_serves(uri: str) -> bool:
@@ -74,7 +65,7 @@ def test_kill_attach_node_under_load_fails_over_and_rebuilds(
 ) -> None:
     c = cluster3
     c.cli("volume", "create", "fv", "--size", "64M", "--repl", "3")
-    uri = attach(c, "fv", "n1")
+    uri = c.attach("fv", "n1")
     urifile = tmp_path / "uri"
     urifile.write_text(uri)
     follower = UriFollower(c, "fv", urifile)
@@ -83,10 +74,10 @@ def test_kill_attach_node_under_load_fails_over_and_rebuilds(
     time.sleep(3)
     killed = time.monotonic()
     c.kill("n1")
-    c.wait_for(lambda: inspect(c, "fv")["attached_node"] not in (None, "n1"), 30, "failover")
+    c.wait_for(lambda: c.inspect("fv")["attached_node"] not in (None, "n1"), 30, "failover")
     history = writer.finish()
     follower.close()
-    info = inspect(c, "fv")
+    info = c.inspect("fv")
     assert follower.moves, "the URI never moved"
     moved_after = follower.moves[0][0] - killed
     assert moved_after < c.lease_ttl + 8, moved_after
@@ -100,7 +91,7 @@ def test_kill_attach_node_under_load_fails_over_and_rebuilds(
     # n1 comes back on its old disk: its replica is rebuilt incrementally, then in sync.
     c.start("n1")
     c.wait_for(lambda: all_in_sync(c, "fv"), 60, "n1's replica back in sync")
-    assert inspect(c, "fv")["health"] == "healthy"
+    assert c.inspect("fv")["health"] == "healthy"
 
 
 @pytest.mark.timeout(240)
@@ -109,7 +100,7 @@ def test_sigstop_attach_node_past_ttl_acks_nothing_after_takeover(
 ) -> None:
     c = cluster3
     c.cli("volume", "create", "sv", "--size", "32M", "--repl", "3")
-    uri = attach(c, "sv", "n2")
+    uri = c.attach("sv", "n2")
     urifile = tmp_path / "uri"
     urifile.write_text(uri)
     follower = UriFollower(c, "sv", urifile)
@@ -117,12 +108,12 @@ def test_sigstop_attach_node_past_ttl_acks_nothing_after_takeover(
     writer = Writer(urifile, nblocks, seconds=16, seed=11)
     time.sleep(2)
     c.kill("n2", signal.SIGSTOP)
-    c.wait_for(lambda: inspect(c, "sv")["attached_node"] not in (None, "n2"), 30, "failover")
+    c.wait_for(lambda: c.inspect("sv")["attached_node"] not in (None, "n2"), 30, "failover")
     time.sleep(1)
     c.kill("n2", signal.SIGCONT)
     history = writer.finish()
     follower.close()
-    info = inspect(c, "sv")
+    info = c.inspect("sv")
     result = check(history, info["nbd_uri"], nblocks)
     assert result.ok, result
     # The resumed node stops serving the volume at once: its clients get errors or nothing.
@@ -135,7 +126,7 @@ def test_sigstop_attach_node_past_ttl_acks_nothing_after_takeover(
 def test_replica_node_restart_rebuilds_only_changed_chunks(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "rv", "--size", "256M", "--repl", "3")
-    uri = attach(c, "rv", "n1")
+    uri = c.attach("rv", "n1")
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 200M", uri],
         check=True,
@@ -164,7 +155,7 @@ def test_replica_node_restart_rebuilds_only_changed_chunks(cluster3: Cluster) ->
         capture_output=True,
         timeout=60,
     )
-    assert {r["node"]: r["state"] for r in inspect(c, "rv")["replicas"]}["n3"] == "stale"
+    assert {r["node"]: r["state"] for r in c.inspect("rv")["replicas"]}["n3"] == "stale"
     c.start("n3")
     c.wait_for(lambda: all_in_sync(c, "rv"), 60, "n3 in sync")
     ops = c.etcd_get_prefix("/pxc/test/ops/")
@@ -173,7 +164,7 @@ def test_replica_node_restart_rebuilds_only_changed_chunks(cluster3: Cluster) ->
     assert rebuild[-1]["copied_chunks"] <= 4, rebuild[-1]  # 3 changed chunks, not 50
     # n3's copy is byte for byte the others': serve it from n3 (reads are local there).
     c.cli("volume", "detach", "rv")
-    uri3 = attach(c, "rv", "n3")
+    uri3 = c.attach("rv", "n3")
     subprocess.run(
         [
             "qemu-io",
@@ -199,19 +190,19 @@ def test_replica_node_restart_rebuilds_only_changed_chunks(cluster3: Cluster) ->
 def test_manual_failover_clean_handoff_and_drill(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "mv", "--size", "32M", "--repl", "2")
-    holders = [r["node"] for r in inspect(c, "mv")["replicas"]]
-    uri = attach(c, "mv", holders[0])
+    holders = [r["node"] for r in c.inspect("mv")["replicas"]]
+    uri = c.attach("mv", holders[0])
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1M", uri],
         check=True,
         capture_output=True,
         timeout=60,
     )
-    epoch = inspect(c, "mv")["epoch"]
+    epoch = c.inspect("mv")["epoch"]
     out = c.cli("volume", "failover", "mv", "--to", holders[1]).stdout.strip()
     n = c.nodes[holders[1]]
     assert out == f"nbd://{n.address}:{n.nbd_port}/mv"
-    info = inspect(c, "mv")
+    info = c.inspect("mv")
     assert info["epoch"] == epoch + 1 and info["attached_node"] == holders[1]
     assert info["last_failover"]["kind"] == "handoff"
     metrics = urllib.request.urlopen(f"http://{n.address}:{n.ports['api']}/metrics", timeout=10)
@@ -227,7 +218,7 @@ def test_manual_failover_clean_handoff_and_drill(cluster3: Cluster) -> None:
     )
     drill = c.cli("volume", "failover", "mv", "--drill").stdout
     assert "serving after" in drill
-    info = inspect(c, "mv")
+    info = c.inspect("mv")
     assert info["last_failover"]["kind"] == "drill" and info["last_failover"]["serve_s"] > 0
     res = c.cli("volume", "failover", "mv", "--to", info["attached_node"], check=False)
     assert res.returncode != 0 and "already attached" in res.stderr
@@ -240,7 +231,7 @@ def test_leader_killed_with_the_attach_node(cluster3: Cluster) -> None:
     leader = c.cli_json("cluster", "status")["leader"]
     others = [n for n in ("n1", "n2", "n3") if n != leader]
     c.cli("volume", "create", "lv", "--size", "32M", "--repl", "3")
-    uri = attach(c, "lv", others[0])
+    uri = c.attach("lv", others[0])
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 2M", uri],
         check=True,
@@ -250,7 +241,7 @@ def test_leader_killed_with_the_attach_node(cluster3: Cluster) -> None:
     c.kill(leader)
     c.kill(others[0])
     c.wait_for(lambda: serving_on(c, "lv", others[1]), 30, f"lv served on {others[1]}")
-    uri2 = inspect(c, "lv")["nbd_uri"]
+    uri2 = c.inspect("lv")["nbd_uri"]
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "read -P 0x66 0 2M", uri2],
         check=True,
@@ -263,7 +254,7 @@ def test_leader_killed_with_the_attach_node(cluster3: Cluster) -> None:
 def test_all_replica_nodes_killed_and_restarted(cluster3: Cluster, tmp_path: Path) -> None:
     c = cluster3
     c.cli("volume", "create", "av", "--size", "32M", "--repl", "3")
-    uri = attach(c, "av", "n1")
+    uri = c.attach("av", "n1")
     urifile = tmp_path / "uri"
     urifile.write_text(uri)
     nblocks = 2048
@@ -276,7 +267,7 @@ def test_all_replica_nodes_killed_and_restarted(cluster3: Cluster, tmp_path: Pat
         c.start(n, wait=False)
     for n in ("n1", "n2", "n3"):
         c.wait_up(n)
-    c.wait_for(lambda: inspect(c, "av")["state"] == "attached", 60, "av attached again")
-    info = inspect(c, "av")
+    c.wait_for(lambda: c.inspect("av")["state"] == "attached", 60, "av attached again")
+    info = c.inspect("av")
     result = check(history, info["nbd_uri"], nblocks)
     assert result.ok, result

@@ -18,18 +18,6 @@ from tests.harness.stamps import Writer, check, has_libnbd
 pytestmark = pytest.mark.skipif(not has_libnbd(), reason="python3-libnbd (Debian) not installed")
 
 
-def inspect(c: Cluster, name: str) -> dict[str, Any]:
-    return c.cli_json("volume", "inspect", name)  # type: ignore[no-any-return]
-
-
-def attach(c: Cluster, name: str, node: str) -> str:
-    return c.cli("volume", "attach", name, "--node", node, "--wait").stdout.strip()
-
-
-def states(c: Cluster, name: str) -> dict[str, str]:
-    return {r["node"]: r["state"] for r in inspect(c, name)["replicas"]}
-
-
 def qemu_io(uri: str, *cmds: str) -> None:
     args = ["qemu-io", "-f", "raw"]
     for cmd in cmds:
@@ -42,7 +30,7 @@ def sha_from_each_replica(c: Cluster, name: str, nodes: list[str]) -> dict[str, 
     out = {}
     for n in nodes:
         c.cli("volume", "detach", name)
-        uri = attach(c, name, n)
+        uri = c.attach(name, n)
         data = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=120, check=True)
         out[n] = hashlib.sha256(data.stdout).hexdigest()
     return out
@@ -61,7 +49,7 @@ def test_interrupted_rebuild_resumes_and_matches_byte_for_byte(
     for n in ("n1", "n2", "n3"):
         c.add_node(n, extra=("--rebuild-bw", "24M"))
     c.cli("volume", "create", "iv", "--size", "256M", "--repl", "3")
-    uri = attach(c, "iv", "n1")
+    uri = c.attach("iv", "n1")
     c.kill("n3")
     # 40 chunks for n3 to catch up on (~7 s at 24M/s); the first 8 MiB stay for the stamps.
     qemu_io(uri, "write -P 0x5c 8M 160M")
@@ -83,10 +71,10 @@ def test_interrupted_rebuild_resumes_and_matches_byte_for_byte(
     history = writer.finish()
     assert not history.failed
     c.start("n3")
-    c.wait_for(lambda: states(c, "iv")["n3"] == "in_sync", 90, "n3 in sync after resuming")
+    c.wait_for(lambda: c.replica_states("iv")["n3"] == "in_sync", 90, "n3 in sync after resuming")
     done = [o for o in rebuild_ops(c, "n3") if o["state"] == "done"]
     assert done and done[-1]["total_chunks"] < 40, (first, done)  # resumed, not from 0%
-    result = check(history, inspect(c, "iv")["nbd_uri"], 2048)
+    result = check(history, c.inspect("iv")["nbd_uri"], 2048)
     assert result.ok, result
     sums = sha_from_each_replica(c, "iv", ["n1", "n2", "n3"])
     assert len(set(sums.values())) == 1, sums
@@ -98,9 +86,9 @@ def test_rebuild_source_killed_midway(cluster: Cluster) -> None:
     for n in ("n1", "n2", "n3", "n4"):
         c.add_node(n, extra=("--rebuild-bw", "24M"))
     c.cli("volume", "create", "sk", "--size", "256M", "--repl", "3")
-    reps = sorted(r["node"] for r in inspect(c, "sk")["replicas"])
+    reps = sorted(r["node"] for r in c.inspect("sk")["replicas"])
     attach_on, source, target = reps
-    uri = attach(c, "sk", attach_on)
+    uri = c.attach("sk", attach_on)
     c.kill(target)
     qemu_io(uri, "write -P 0x3d 0 160M")
     c.start(target)
@@ -113,8 +101,8 @@ def test_rebuild_source_killed_midway(cluster: Cluster) -> None:
     )
     c.kill(source)  # one of the two sources dies: the rebuild continues from the other
     qemu_io(uri, "write -P 0x3e 3000 7000")
-    c.wait_for(lambda: states(c, "sk")[target] == "in_sync", 90, f"{target} in sync")
-    assert states(c, "sk")[source] == "stale"
+    c.wait_for(lambda: c.replica_states("sk")[target] == "in_sync", 90, f"{target} in sync")
+    assert c.replica_states("sk")[source] == "stale"
     sums = sha_from_each_replica(c, "sk", [attach_on, target])
     assert len(set(sums.values())) == 1, sums
 
@@ -126,24 +114,24 @@ def test_replica_on_a_lost_node_is_replaced_after_the_grace_period(cluster: Clus
         c.add_node(n, extra=("--replace-after", "3"))
     c.cli("volume", "create", "gv", "--size", "64M", "--repl", "3")
     c.cli("volume", "create", "dv", "--size", "64M", "--repl", "2")  # detached volume too
-    gv_reps = {r["node"] for r in inspect(c, "gv")["replicas"]}
-    dv_reps = {r["node"] for r in inspect(c, "dv")["replicas"]}
+    gv_reps = {r["node"] for r in c.inspect("gv")["replicas"]}
+    dv_reps = {r["node"] for r in c.inspect("dv")["replicas"]}
     lost = sorted(gv_reps & dv_reps)[0]  # 3 of 4 and 2 of 4 nodes always share one
-    uri = attach(c, "gv", sorted(gv_reps - {lost})[0])
+    uri = c.attach("gv", sorted(gv_reps - {lost})[0])
     qemu_io(uri, "write -P 0x42 0 20M")
     c.kill(lost)
     for name in ("gv", "dv"):
         c.wait_for(
             lambda name=name: (
-                lost not in states(c, name)
-                and all(s == "in_sync" for s in states(c, name).values())
+                lost not in c.replica_states(name)
+                and all(s == "in_sync" for s in c.replica_states(name).values())
             ),
             90,
             f"{name}: replica on {lost} replaced and rebuilt",
         )
-    info = inspect(c, "gv")
+    info = c.inspect("gv")
     assert len(info["replicas"]) == 3 and info["health"] == "healthy"
-    assert inspect(c, "dv")["state"] == "detached"  # the rebuild attachment was let go
+    assert c.inspect("dv")["state"] == "detached"  # the rebuild attachment was let go
     qemu_io(info["nbd_uri"], "read -P 0x42 0 20M")
 
 
@@ -153,7 +141,7 @@ def test_ack_then_crash_reads_the_same_everywhere(cluster3: Cluster) -> None:
     failover a block reads the same every time and from every replica (Longhorn #6290)."""
     c = cluster3
     c.cli("volume", "create", "ac", "--size", "32M", "--repl", "3")
-    uri = attach(c, "ac", "n1")
+    uri = c.attach("ac", "n1")
     qemu_io(uri, "write -P 0x01 0 8M")
     c.kill("n3", signal.SIGSTOP)  # n3 stalls: the next writes reach n1 and n2 only
     p = subprocess.Popen(
@@ -165,8 +153,10 @@ def test_ack_then_crash_reads_the_same_everywhere(cluster3: Cluster) -> None:
     c.kill("n1")  # dies before any ack could be sent
     p.kill()
     c.kill("n3", signal.SIGCONT)
-    c.wait_for(lambda: inspect(c, "ac")["state"] == "attached", 30, "failover")
+    c.wait_for(lambda: c.inspect("ac")["state"] == "attached", 30, "failover")
     c.start("n1")
-    c.wait_for(lambda: all(s == "in_sync" for s in states(c, "ac").values()), 90, "all in sync")
+    c.wait_for(
+        lambda: all(s == "in_sync" for s in c.replica_states("ac").values()), 90, "all in sync"
+    )
     sums = sha_from_each_replica(c, "ac", ["n1", "n2", "n3", "n2"])
     assert len(set(sums.values())) == 1, sums

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,17 +25,6 @@ def tool(*cmd: str, timeout: float = 60, input: bytes | None = None) -> bytes:
     return res.stdout
 
 
-def inspect(c: Cluster, name: str) -> dict[str, Any]:
-    return c.cli_json("volume", "inspect", name)  # type: ignore[no-any-return]
-
-
-def attach(c: Cluster, name: str, node: str) -> str:
-    uri = c.cli("volume", "attach", name, "--node", node, "--wait").stdout.strip()
-    n = c.nodes[node]
-    assert uri == f"nbd://{n.address}:{n.nbd_port}/{name}"
-    return uri
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -46,7 +34,7 @@ def test_create_attach_use_with_every_client_and_move(cluster3: Cluster, tmp_pat
     info = c.cli_json("volume", "create", "vol1", "--size", "64M", "--repl", "3")
     assert info["size"] == 64 << 20 and info["repl"] == 3 and info["state"] == "detached"
     assert sorted(r["node"] for r in info["replicas"]) == ["n1", "n2", "n3"]
-    uri = attach(c, "vol1", "n1")
+    uri = c.attach("vol1", "n1")
     # nbdinfo
     assert tool("nbdinfo", "--size", uri).strip() == str(64 << 20).encode()
     # nbdcopy in and out, compared by sha256
@@ -113,11 +101,11 @@ def test_create_attach_use_with_every_client_and_move(cluster3: Cluster, tmp_pat
     )
     before = tool("nbdcopy", uri, "-")
     # detach, attach elsewhere: same bytes, higher epoch
-    epoch = inspect(c, "vol1")["epoch"]
+    epoch = c.inspect("vol1")["epoch"]
     c.cli("volume", "detach", "vol1")
-    assert inspect(c, "vol1")["state"] == "detached"
-    uri2 = attach(c, "vol1", "n3")
-    assert inspect(c, "vol1")["epoch"] == epoch + 1
+    assert c.inspect("vol1")["state"] == "detached"
+    uri2 = c.attach("vol1", "n3")
+    assert c.inspect("vol1")["epoch"] == epoch + 1
     assert sha(tool("nbdcopy", uri2, "-")) == sha(before)
     tool("qemu-io", "-f", "raw", "-c", "read -P 0xcd 20M 3M", uri2)
     # the old node no longer serves it
@@ -130,7 +118,7 @@ def test_python_libnbd_module(cluster3: Cluster) -> None:
         pytest.skip("python3-libnbd (Debian) is not installed")
     c = cluster3
     c.cli("volume", "create", "pyv", "--size", "16M", "--repl", "2")
-    uri = attach(c, "pyv", "n2")
+    uri = c.attach("pyv", "n2")
     script = (
         "import nbd,sys\n"
         "h=nbd.NBD(); h.connect_uri(sys.argv[1])\n"
@@ -150,7 +138,7 @@ def test_replica_killed_during_writes(cluster3: Cluster, tmp_path: Path) -> None
         pytest.skip("python3-libnbd (Debian) is not installed")
     c = cluster3
     c.cli("volume", "create", "kv", "--size", "32M", "--repl", "3")
-    uri = attach(c, "kv", "n1")
+    uri = c.attach("kv", "n1")
     urifile = tmp_path / "uri"
     urifile.write_text(uri)
     nblocks = 2048
@@ -159,10 +147,10 @@ def test_replica_killed_during_writes(cluster3: Cluster, tmp_path: Path) -> None
     c.kill("n3")
     history = writer.finish()
     assert history.acked and not history.failed, f"{len(history.failed)} writes failed"
-    states = {r["node"]: r["state"] for r in inspect(c, "kv")["replicas"]}
+    states = {r["node"]: r["state"] for r in c.inspect("kv")["replicas"]}
     assert states == {"n1": "in_sync", "n2": "in_sync", "n3": "stale"}
     c.cli("volume", "detach", "kv")
-    uri2 = attach(c, "kv", "n2")
+    uri2 = c.attach("kv", "n2")
     result = check(history, uri2, nblocks)
     assert result.ok, result
 
@@ -170,10 +158,10 @@ def test_replica_killed_during_writes(cluster3: Cluster, tmp_path: Path) -> None
 def test_write_fails_when_replica_fails_and_etcd_is_down(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "ev", "--size", "16M", "--repl", "2")
-    info = inspect(c, "ev")
+    info = c.inspect("ev")
     holders = [r["node"] for r in info["replicas"]]
     attach_on, other = holders
-    uri = attach(c, "ev", attach_on)
+    uri = c.attach("ev", attach_on)
     tool("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", uri)
     c.kill(other, signal.SIGSTOP)
     c.etcd.stop()
@@ -220,7 +208,7 @@ def test_zones_spread_replicas(cluster: Cluster) -> None:
 def test_delete_frees_chunks_everywhere(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "dv", "--size", "64M", "--repl", "3")
-    uri = attach(c, "dv", "n1")
+    uri = c.attach("dv", "n1")
     tool("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 24M", uri)
 
     def used() -> dict[str, int]:
@@ -289,7 +277,7 @@ def test_attach_detach_cycles_with_killed_cli(cluster3: Cluster) -> None:
             p.wait()
             c.cli("volume", "detach", "cyc")
             continue
-        uri = attach(c, "cyc", node)
+        uri = c.attach("cyc", node)
         served = []
         for n in nodes:
             nn = c.nodes[n]
@@ -302,5 +290,5 @@ def test_attach_detach_cycles_with_killed_cli(cluster3: Cluster) -> None:
                 served.append(n)
         assert served == [node], (i, served, uri)
         c.cli("volume", "detach", "cyc")
-        assert inspect(c, "cyc")["state"] == "detached"
+        assert c.inspect("cyc")["state"] == "detached"
     assert json.loads(c.cli("volume", "inspect", "cyc", "--json").stdout)["epoch"] >= 40
