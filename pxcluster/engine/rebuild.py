@@ -91,6 +91,7 @@ async def rebuild(
         raise RebuildAborted(f"volume {s.name}: epoch {epoch} is no longer current")
     cu = CatchUp(target)
     engine.rebuilding[node] = cu
+    copied: set[int] = set()
     try:
         suspect = set(info.dirty)  # may hold torn or lost unflushed writes: copy regardless
         throttle = Throttle(bandwidth)
@@ -115,6 +116,7 @@ async def rebuild(
             if not todo and cu.pending is not None:
                 break
             cu.pending = set(todo)
+            copied.update(todo)
             queue: asyncio.Queue[int] = asyncio.Queue()
             for c in todo:
                 queue.put_nowait(c)
@@ -126,6 +128,12 @@ async def rebuild(
             )
         progress.done_chunks = progress.total_chunks
         await target.flush(s.id, epoch)
+        # Copied chunks entered the target's dirty log; the engine's cleaner only knows the
+        # chunks it wrote itself, so clean the rest now (the store keeps any chunk dirty whose
+        # last write no completed sync covers).
+        untracked = sorted(copied - engine.dirty_chunks())
+        if untracked:
+            await target.mark_clean(s.id, epoch, untracked)
         if engine.rebuilding.get(node) is not cu:
             raise RebuildAborted(f"volume {s.name}: replica {node} failed a write")
         if not await mark_in_sync():

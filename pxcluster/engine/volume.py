@@ -143,6 +143,10 @@ class VolumeEngine:
             await self._fan_write(lambda r: r.mark_clean(self.spec.id, self.epoch, dirty))
         self._dirty_at.clear()
 
+    def dirty_chunks(self) -> set[int]:
+        """Chunks written by this engine and not yet recorded clean."""
+        return set(self._dirty_at)
+
     def start_cleaner(self, idle: float = 2.0) -> None:
         self._cleaner = asyncio.get_running_loop().create_task(self._clean_loop(idle))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,17 @@ class Cluster:
                 break
             time.sleep(0.1)
         raise AssertionError(f"node {name} not up; log tail: {self.log_tail(name)}")
+
+    def all_chunks_clean(self, name: str, volume: str) -> bool:
+        """The engine on `name` logged that `volume` has no dirty chunk left."""
+        return (
+            re.search(
+                rf"volume {volume}: \d+ idle chunks marked clean, 0 dirty$",
+                self.log_tail(name, 5),
+                re.M,
+            )
+            is not None
+        )
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         try:

@@ -135,7 +135,7 @@ def test_replica_node_restart_rebuilds_only_changed_chunks(cluster3: Cluster) ->
     )
     # The engine records idle chunks clean (after a covering flush) within a few seconds: only
     # then is a chunk's generation the whole story, and only changed chunks need copying.
-    c.wait_for(lambda: "0 dirty" in c.log_tail("n1", 3), 30, "idle chunks marked clean")
+    c.wait_for(lambda: c.all_chunks_clean("n1", "rv"), 30, "idle chunks marked clean")
     c.kill("n3")
     # 3 chunks change while n3 is away (4 MiB chunks): 1M at 8M, 1M at 100M, 4k at 199M.
     subprocess.run(

@@ -90,6 +90,7 @@ def test_create_attach_use_with_every_client_and_move(cluster3: Cluster, tmp_pat
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
         timeout=120,
     )
