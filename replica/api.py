@@ -86,7 +86,12 @@ class ReplicaAPI(Protocol):
         ...
 
     async def write_chunk(
-        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | memoryview | None,
+        generation: Generation,
     ) -> None:
         """Install a whole chunk (None frees it) with the given generation, durably."""
         ...

@@ -307,7 +307,12 @@ class ChunkStore:
         return self._f.pread(v.chunk_len(chunk), self._sb.slot_offset(c.slot)), (c.epoch, c.seq)
 
     async def write_chunk(
-        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | memoryview | None,
+        generation: Generation,
     ) -> None:
         """Install a whole chunk (shorter data: the rest reads as zeros) durably, with exactly
         `generation`. The chunk stays dirty until mark_clean."""

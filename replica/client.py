@@ -259,7 +259,12 @@ class ReplicaClient:
         return (data if r["present"] else None), (e, q)
 
     async def write_chunk(
-        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | memoryview | None,
+        generation: Generation,
     ) -> None:
         await self._call(
             {

@@ -96,8 +96,9 @@ async def _read_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
 
 async def _write_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     e, q = h["gen"]
-    # The store keeps the data beyond this request (a whole chunk): hand it its own copy.
-    data = bytes(p) if h["present"] else None
+    # The payload stays valid until this request completes (RxBuffer refs), and the store is
+    # done with it by then: no copy of a whole chunk.
+    data = p if h["present"] else None
     await s.write_chunk(h["volume"], h["epoch"], h["chunk"], data, (e, q))
     return None, None
 

@@ -107,7 +107,12 @@ class ReplicaService:
         return self._store(volume).read_chunk(volume, epoch, chunk)
 
     async def write_chunk(
-        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | memoryview | None,
+        generation: Generation,
     ) -> None:
         await self._store(volume).write_chunk(volume, epoch, chunk, data, generation)
 
