@@ -80,7 +80,7 @@ async def rebuild(
     on_open: Callable[[], Awaitable[bool]] | None = None,
     on_progress: Callable[[Progress], Awaitable[None]] | None = None,
     bandwidth: int = 0,
-    parallel: int = 4,
+    parallel: int = 8,
     max_passes: int = 20,
 ) -> Progress:
     s = engine.spec
