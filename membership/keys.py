@@ -55,6 +55,9 @@ class Keys:
         """The last move of the volume's attachment (FailoverRecord)."""
         return self._k("volumes", volume_id, "failover")
 
+    def drain_op(self, node_id: str) -> bytes:
+        return self._k("ops", f"drain-{node_id}")
+
     def rebuild_op(self, volume_id: str, node_id: str) -> bytes:
         return self._k("ops", f"rebuild-{volume_id}-{node_id}")
 

@@ -57,6 +57,7 @@ class NodeRecord(_Record):
     used: int = 0
     boot_id: str = ""
     data_dir: str = ""
+    rebuild_bandwidth: int = 0  # bytes/s per rebuild run by this node's engines, 0 = unlimited
 
     def disk_records(self) -> list[DiskRecord]:
         return [DiskRecord.from_dict(d) for d in self.disks]
@@ -140,3 +141,22 @@ class ReplicaState(_Record):
     node: str
     state: str  # one of REPLICA_STATES
     since_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class DrainOp(_Record):
+    """A node drain under ops/: written by the CLI when it starts, advanced by the leader."""
+
+    node: str
+    state: str  # running | done | failed | cancelled
+    force: bool = False
+    started: float = 0.0
+    finished: float = 0.0
+    replicas_total: int = 0
+    replicas_moved: int = 0
+    attachments_total: int = 0
+    attachments_moved: int = 0
+    bytes_total: int = 0
+    bytes_copied: int = 0
+    message: str = ""
+    moves: dict[str, str] = field(default_factory=dict)  # volume id -> node of its new replica

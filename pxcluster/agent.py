@@ -120,6 +120,13 @@ class NodeAgent:
                 and view.attachment.node == self.node_id
                 and view.attachment.epoch == engine.epoch
             )
+            if view is not None:
+                # A replica the leader removed (drained away, replaced) leaves the fan-out.
+                for n in [n for n in engine.in_sync if n not in view.replicas]:
+                    if len(engine.in_sync) > 1:
+                        del engine.in_sync[n]
+                for n in [n for n in engine.rebuilding if n not in view.replicas]:
+                    del engine.rebuilding[n]
             if engine.fenced or not attached:
                 await self._drop(
                     vid, engine, reason="fenced" if engine.fenced else "attachment lost"

@@ -273,13 +273,39 @@ async def remove(svc: Service, name: str, as_json: bool) -> None:
     await _print_node(svc, name, as_json, f"node {name} removed")
 
 
-node.command("drain", help="Move every replica and attachment off NAME.")(
-    click.argument("name")(
-        click.option("--wait", is_flag=True)(
-            click.option("--timeout", type=float, default=0.0)(not_implemented("node drain"))
-        )
-    )
+@node.command("drain")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="show progress until the drain ends")
+@click.option(
+    "--timeout", type=float, default=0.0, help="with --wait: give up after S s (0: never)"
 )
+@click.option("--force", is_flag=True, help="drain even if some volumes must lose a replica")
+@click.option("--dry-run", is_flag=True, help="print the plan, move nothing")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def node_drain(
+    svc: Service, name: str, wait: bool, timeout: float, force: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Move every replica and attachment off NAME, online; ends with NAME drained."""
+    from pxcluster import drain, drainview
+
+    if dry_run:
+        _, plan = await drain.make_plan(svc, name)
+        bandwidth = min(
+            (n.rebuild_bandwidth for n in await svc.nodes() if n.rebuild_bandwidth), default=0
+        )
+        drainview.print_plan(plan, bandwidth, as_json)
+        return
+    op, plan = await drain.start(svc, name, force=force)
+    if plan.losing_redundancy:
+        output.warn(f"--force: {', '.join(plan.losing_redundancy)} will have fewer replicas")
+    if not wait:
+        drainview.print_op(name, op, as_json)
+        return
+    final = await drainview.follow(svc, name, timeout, quiet=as_json)
+    drainview.print_op(name, final, as_json)
+    if final.state != "done":
+        output.fail(f"drain of {name} {final.state}: {final.message or 'see node logs'}")
 
 
 # --- volume

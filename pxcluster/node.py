@@ -26,6 +26,7 @@ from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
 from pxcluster.agent import NodeAgent, Peers
+from pxcluster.controllers.drain import DrainController
 from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
 from pxcluster.controllers.runner import ControllerRunner
@@ -192,6 +193,7 @@ class Node:
             used=sum(d["used"] for d in disks),
             boot_id=boot_id(),
             data_dir=c.data_dir,
+            rebuild_bandwidth=c.rebuild_bandwidth,
         )
 
     async def register(self) -> None:
@@ -262,7 +264,11 @@ class Node:
             self.etcd,
             self.keys.root.encode(),
             election,
-            [FailoverController(service), RepairController(service, replace_after=c.replace_after)],
+            [
+                FailoverController(service),
+                RepairController(service, replace_after=c.replace_after),
+                DrainController(service),
+            ],
         )
         self._tasks = [
             asyncio.create_task(self.agent.run(), name="agent"),

@@ -25,6 +25,10 @@ def fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
+def warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     t = Table(title=title, show_edge=False, header_style="bold")
     for c in columns:
