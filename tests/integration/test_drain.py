@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from tests.harness.cluster import Cluster
 from tests.harness.stamps import Writer, check, has_libnbd
 
 
-def drain_op(c: Cluster, node: str) -> dict[str, object]:
+def drain_op(c: Cluster, node: str) -> dict[str, Any]:
     node_id = c.node_state(node)["id"]
     ops = c.etcd_get_prefix(f"/pxc/{c.name}/ops/drain-{node_id}")
     return ops[0] if ops else {}
@@ -102,8 +103,6 @@ def test_leader_killed_mid_drain_and_uncordon_cancels(cluster: Cluster) -> None:
     reps = holders(c, "big")
     target = sorted(reps - {leader})[0] if reps - {leader} else others[0]
     uri = c.attach("big", sorted(reps - {target})[0] if reps - {target} else others[1])
-    import subprocess
-
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 96M", uri],
         check=True,
