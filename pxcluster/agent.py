@@ -21,6 +21,7 @@ from membership.records import Attachment, FailoverRecord, NodeRecord, RebuildOp
 from pxcluster.engine.rebuild import Progress, rebuild
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
+from pxcluster.errors import PxcError
 from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.service import Service, VolumeView
@@ -237,6 +238,16 @@ class NodeAgent:
     async def detach_all(self) -> None:
         for vid in list(self.engines):
             await self.detach(vid)
+
+    async def hand_off_all(self) -> None:
+        """Planned stop: point every volume served here at another node first, so the move is
+        a clean hand-off (flushed, chunks clean, no reconcile) rather than a failover."""
+        for engine in list(self.engines.values()):
+            try:
+                await self.service.failover(engine.name, None)
+            except (PxcError, EtcdUnavailable) as e:
+                log.warning("volume %s: no hand-off before stopping: %s", engine.name, e)
+        await self.detach_all()
 
     async def fence_all(self, reason: str) -> None:
         for vid, engine in list(self.engines.items()):

@@ -335,7 +335,7 @@ class Node:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.agent is not None:
-            await self.agent.detach_all()
+            await self.agent.hand_off_all()
             await self.agent.peers.close()
         if self.nbd is not None:
             await self.nbd.close()

@@ -134,3 +134,35 @@ def test_leader_killed_mid_drain_and_uncordon_cancels(cluster: Cluster) -> None:
     c.cli("node", "uncordon", victim)
     c.wait_for(lambda: drain_op(c, victim).get("state") == "cancelled", 30, "drain cancelled")
     assert c.node_state(victim)["state"] == "active"
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_hands_attachments_off_cleanly(cluster3: Cluster) -> None:
+    c = cluster3
+    c.cli("volume", "create", "ht", "--size", "32M", "--repl", "2")
+    on = sorted(holders(c, "ht"))[0]
+    uri = c.attach("ht", on)
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 4M", uri],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    c.kill(on, signal.SIGTERM)
+    c.wait_for(lambda: c.inspect("ht")["state"] == "attached", 30, "served elsewhere")
+    info = c.inspect("ht")
+    f = info["last_failover"]
+    assert info["attached_node"] != on and f["kind"] == "handoff" and f["reconciled_chunks"] == 0
+    # Only the stopped node's replica is behind (it is down), and it catches up on return.
+    assert {r["node"]: r["state"] for r in info["replicas"]} == {
+        on: "stale",
+        info["attached_node"]: "in_sync",
+    }
+    c.start(on)
+    c.wait_for(lambda: set(c.replica_states("ht").values()) == {"in_sync"}, 60, "back in sync")
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 4M", info["nbd_uri"]],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
