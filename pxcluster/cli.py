@@ -10,10 +10,11 @@ from typing import Any, TypeVar
 import click
 
 from membership.etcd import Etcd, EtcdUnavailable
-from pxcluster import output
+from pxcluster import logs, output
 from pxcluster.errors import PxcError
 from pxcluster.service import Service
 from pxcluster.units import parse_size
+from pxcluster.verify import verify as verify_command
 from replica.errors import DiskError
 
 T = TypeVar("T")
@@ -80,8 +81,7 @@ def not_implemented(what: str) -> Callable[..., None]:
 @click.pass_context
 def main(ctx: click.Context, etcd: str, cluster: str, verbose: int) -> None:
     """pxcluster: synchronously replicated block volumes served over NBD."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.WARNING - 10 * verbose)
     ctx.obj = Ctx(etcd, cluster)
 
 
@@ -124,7 +124,11 @@ def cluster() -> None:
     type=float,
     help="seconds a chunk stays idle before it leaves the dirty-chunk log",
 )
+@click.option("--api-token-file", default="", help="bearer token required for mutating API calls")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 @click.pass_obj
 def join(
     ctx: Ctx,
@@ -141,12 +145,14 @@ def join(
     replace_after: float,
     rebuild_bw: str,
     clean_after: float,
+    api_token_file: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Format or recognise the disks, register this node and run it in the foreground."""
     from pxcluster.node import Node, NodeConfig
 
-    logging.getLogger().setLevel(log_level.upper())
+    logs.setup(log_level.upper(), log_format)
     config = NodeConfig(
         name=name,
         address=address,
@@ -163,6 +169,7 @@ def join(
         replace_after=replace_after,
         rebuild_bandwidth=0 if rebuild_bw.strip() == "0" else parse_size(rebuild_bw),
         clean_after=clean_after,
+        api_token_file=api_token_file,
     )
     try:
         run(Node(config).run_forever())
@@ -536,6 +543,9 @@ for _verb in ("create", "list", "inspect", "verify", "delete", "restore"):
         click.option("--target"),
         click.option("--json", is_flag=True),
     )
+
+
+main.add_command(verify_command)
 
 
 # --- dev

@@ -26,6 +26,7 @@ from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
 from pxcluster.agent import NodeAgent, Peers
+from pxcluster.api.app import ApiConfig, build_app
 from pxcluster.controllers.drain import DrainController
 from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
@@ -62,6 +63,7 @@ class NodeConfig:
     replace_after: float = 300.0  # s a replica's node may stay down before it is replaced
     rebuild_bandwidth: int = 0  # bytes/s per rebuild, 0 = unlimited
     clean_after: float = 2.0  # s a chunk stays idle before it leaves the dirty-chunk log
+    api_token_file: str = ""  # bearer token for mutating API calls (empty: no auth)
 
 
 def boot_id() -> str:
@@ -90,6 +92,9 @@ class Node:
         self.node_id = ""
         self.cluster_id = ""
         self.registry = ExportRegistry()
+        self.api_token = (
+            Path(config.api_token_file).read_text().strip() if config.api_token_file else None
+        )
         self.metrics = Metrics()
         self.lease = LeaseKeeper(self.etcd, config.lease_ttl, self._lease_lost)
         self._stopping = asyncio.Event()
@@ -290,29 +295,30 @@ class Node:
         )
 
     async def _start_api(self) -> None:
-        app = web.Application()
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"ok": True, "node": self.config.name})
-
-        async def readyz(_: web.Request) -> web.Response:
-            ok = self.lease.healthy()
-            return web.json_response({"ready": ok}, status=200 if ok else 503)
-
-        async def metrics(_: web.Request) -> web.Response:
-            m = self.metrics
-            m.lease_healthy.set(1 if self.lease.healthy() else 0)
-            stats = [st.stats() for st in self.stores]
-            m.capacity.set(sum(x.capacity for x in stats))
-            m.used.set(sum(x.used for x in stats))
-            return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
-
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
+        app = build_app(self, ApiConfig(token=self.api_token))
         self.api = web.AppRunner(app, access_log=None)
         await self.api.setup()
         await web.TCPSite(self.api, self.config.address, self.config.api_port).start()
+
+    # --- what the API sees of the node (pxcluster.api.app.NodeView)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def cluster(self) -> str:
+        return self.config.cluster
+
+    def lease_healthy(self) -> bool:
+        return self.lease.healthy()
+
+    def refresh_metrics(self) -> None:
+        m = self.metrics
+        m.lease_healthy.set(1 if self.lease.healthy() else 0)
+        stats = [st.stats() for st in self.stores]
+        m.capacity.set(sum(x.capacity for x in stats))
+        m.used.set(sum(x.used for x in stats))
 
     async def _refresh_record(self) -> None:
         last = b""

@@ -1,0 +1,1 @@
+"""The node's HTTP surface on --api-port: REST API, /metrics, /healthz, /readyz."""
