@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from membership.etcd import Etcd
+from pxcluster.api import middleware, openapi
+from pxcluster.api.routes import SERVICE, routes
 from pxcluster.metrics import Metrics
+from pxcluster.service import Service
 
 
 class NodeView(Protocol):
@@ -40,7 +44,12 @@ class ApiConfig:
 
 
 def build_app(node: NodeView, config: ApiConfig) -> web.Application:
-    app = web.Application()
+    mws: list[Middleware] = [middleware.errors]
+    if config.token:
+        mws.append(middleware.bearer_auth(config.token))
+    app = web.Application(middlewares=mws)
+    app[SERVICE] = Service(node.etcd, node.cluster)
+    document = openapi.document()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "node": node.name})
@@ -53,7 +62,12 @@ def build_app(node: NodeView, config: ApiConfig) -> web.Application:
         node.refresh_metrics()
         return web.Response(body=node.metrics.render(), content_type="text/plain", charset="utf-8")
 
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    async def openapi_json(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/metrics", metrics, allow_head=False)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/v1/openapi.json", openapi_json, allow_head=False)
+    app.router.add_routes(routes)
     return app

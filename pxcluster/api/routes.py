@@ -1,0 +1,176 @@
+"""The /v1 routes: each handler checks its input, calls pxcluster.service (the layer the CLI
+uses too) and answers with the JSON the CLI prints with --json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from pxcluster import drain
+from pxcluster.api.body import Body
+from pxcluster.errors import UnknownNode
+from pxcluster.service import Service
+
+SERVICE = web.AppKey("service", Service)
+MAX_WAIT = 600.0
+
+routes = web.RouteTableDef()
+
+
+def _svc(request: web.Request) -> Service:
+    return request.app[SERVICE]
+
+
+def _ok(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status)
+
+
+# --- cluster and nodes
+
+
+@routes.get("/v1/cluster")
+async def cluster_status(request: web.Request) -> web.Response:
+    return _ok(await _svc(request).cluster_status())
+
+
+@routes.get("/v1/nodes")
+async def node_list(request: web.Request) -> web.Response:
+    return _ok(await _svc(request).node_list())
+
+
+async def _node_entry(svc: Service, name: str) -> dict[str, Any]:
+    for n in await svc.node_list():
+        if name in (n["name"], n["id"]):
+            return n
+    raise UnknownNode(f"unknown node {name!r}")
+
+
+@routes.get("/v1/nodes/{name}")
+async def node_get(request: web.Request) -> web.Response:
+    return _ok(await _node_entry(_svc(request), request.match_info["name"]))
+
+
+@routes.delete("/v1/nodes/{name}")
+async def node_remove(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _svc(request).remove_node(name)
+    return _ok({"name": name, "state": "removed"})
+
+
+@routes.post("/v1/nodes/{name}/cordon")
+async def node_cordon(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    await Body.read(request, frozenset())
+    await svc.set_node_state(name, "cordoned", allowed_from=("active", "cordoned"))
+    return _ok(await _node_entry(svc, name))
+
+
+@routes.post("/v1/nodes/{name}/uncordon")
+async def node_uncordon(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    await Body.read(request, frozenset())
+    await svc.set_node_state(
+        name, "active", allowed_from=("active", "cordoned", "draining", "drained")
+    )
+    return _ok(await _node_entry(svc, name))
+
+
+@routes.post("/v1/nodes/{name}/drain")
+async def node_drain(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"force", "dry_run"}))
+    force, dry_run = body.boolean("force", False), body.boolean("dry_run", False)
+    if dry_run:
+        _, plan = await drain.make_plan(svc, name)
+        bandwidth = min(
+            (n.rebuild_bandwidth for n in await svc.nodes() if n.rebuild_bandwidth), default=0
+        )
+        return _ok(plan.to_dict(bandwidth))
+    op, _ = await drain.start(svc, name, force=force)
+    # Accepted, not done: the leader's drain controller carries it out; GET follows it.
+    return _ok({"node": name, **op.to_dict()}, status=202)
+
+
+@routes.get("/v1/nodes/{name}/drain")
+async def node_drain_status(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    node = await svc.find_node(name)
+    op = await drain.status(svc, node)
+    if op is None:
+        raise web.HTTPNotFound(text=f"node {node.name} has no drain")
+    return _ok({"node": node.name, **op.to_dict()})
+
+
+# --- volumes
+
+
+@routes.get("/v1/volumes")
+async def volume_list(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return _ok([await svc.inspect(v) for v in await svc.volumes()])
+
+
+@routes.post("/v1/volumes")
+async def volume_create(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    body = await Body.read(request, frozenset({"name", "size", "repl", "sync_writes"}))
+    view = await svc.create_volume(
+        body.required_string("name"),
+        body.size("size"),
+        body.integer("repl", 1),
+        sync_writes=body.boolean("sync_writes", False),
+    )
+    return _ok(await svc.inspect(view), status=201)
+
+
+@routes.get("/v1/volumes/{name}")
+async def volume_inspect(request: web.Request) -> web.Response:
+    svc = _svc(request)
+    return _ok(await svc.inspect(await svc.volume(request.match_info["name"])))
+
+
+@routes.delete("/v1/volumes/{name}")
+async def volume_delete(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _svc(request).delete_volume(name)
+    return _ok({"name": name, "deleted": True})
+
+
+@routes.post("/v1/volumes/{name}/attach")
+async def volume_attach(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"node", "wait", "timeout"}))
+    node_name = body.required_string("node")
+    wait = body.boolean("wait", False)
+    timeout = body.number("timeout", 30.0, low=0.1, high=MAX_WAIT)
+    target = await svc.find_node(node_name)
+    view = await svc.attach(name, node_name)
+    if wait:
+        view = await svc.wait_attached(name, target.id, timeout)
+    return _ok(await svc.inspect(view))
+
+
+@routes.post("/v1/volumes/{name}/detach")
+async def volume_detach(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"wait", "timeout"}))
+    wait = body.boolean("wait", True)
+    timeout = body.number("timeout", 30.0, low=0.1, high=MAX_WAIT)
+    view = await svc.detach(name)
+    if wait:
+        view = await svc.wait_detached(name, timeout)
+    return _ok(await svc.inspect(view))
+
+
+@routes.post("/v1/volumes/{name}/failover")
+async def volume_failover(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"to", "drill", "wait", "timeout"}))
+    to = body.string("to")
+    drill = body.boolean("drill", False)
+    wait = body.boolean("wait", True)
+    timeout = body.number("timeout", 60.0, low=0.1, high=MAX_WAIT)
+    dest = await svc.failover(name, to, drill=drill)
+    view = await svc.wait_attached(name, dest.id, timeout) if wait else await svc.volume(name)
+    return _ok(await svc.inspect(view))
