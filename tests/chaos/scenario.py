@@ -1,0 +1,141 @@
+"""What every chaos scenario does around its fault: a stamped workload that follows the volume,
+the history checker, and a chunk-by-chunk comparison of the in-sync replicas' disks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from replica.chunkstore import ChunkStore
+from replica.fileio import OSFile
+from tests.chaos.netns import NetnsCluster
+from tests.harness.stamps import Check, History, Writer, check
+
+
+class UriFollower:
+    """Keeps URIFILE pointing at the volume's current NBD URI, as an operator's tooling would."""
+
+    def __init__(self, c: NetnsCluster, name: str, path: Path) -> None:
+        self.c, self.name, self.path = c, name, path
+        self.stop = threading.Event()
+        self.moves: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        current = self.path.read_text()
+        while not self.stop.wait(0.2):
+            try:
+                uri = self.c.inspect(self.name)["nbd_uri"]
+            except Exception:
+                continue  # etcd may be down on purpose
+            if uri and uri != current:
+                current = uri
+                self.path.write_text(uri)
+                self.moves.append((time.monotonic(), uri))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@dataclass
+class Workload:
+    """One stamped writer following the volume's URI (per-block order is one client's order)."""
+
+    c: NetnsCluster
+    volume: str
+    tmp: Path
+    nblocks: int
+    seconds: float
+    seed: int
+
+    def start(self) -> None:
+        urifile = self.tmp / f"{self.volume}.uri"
+        urifile.write_text(self.c.inspect(self.volume)["nbd_uri"])
+        self.follower = UriFollower(self.c, self.volume, urifile)
+        self.writer = Writer(urifile, self.nblocks, self.seconds, self.seed)
+
+    def finish(self) -> History:
+        try:
+            return self.writer.finish(timeout=self.seconds + 120)
+        finally:
+            self.follower.close()
+
+    def check(self, history: History) -> Check:
+        return check(history, self.c.inspect(self.volume)["nbd_uri"], self.nblocks)
+
+
+def counts(history: History, result: Check) -> dict[str, int]:
+    return {
+        "issued": len(history.acked) + len(history.failed),
+        "acknowledged": len(history.acked),
+        "failed": len(history.failed),
+        "lost": len(result.lost),
+        "phantom": len(result.phantom),
+        "corrupt": len(result.garbage),
+        "unstable": len(result.unstable),
+    }
+
+
+def report(name: str, history: History, result: Check, extra: dict[str, Any] | None = None) -> str:
+    line = " ".join(f"{k}={v}" for k, v in {**counts(history, result), **(extra or {})}.items())
+    text = f"CHAOS {name}: {line}"
+    print(text)
+    return text
+
+
+def all_in_sync(c: NetnsCluster, volume: str) -> bool:
+    info = c.inspect(volume)
+    return info["state"] == "attached" and all(r["state"] == "in_sync" for r in info["replicas"])
+
+
+def _chunk_sums(disk: Path, volume_id: str) -> dict[int, str]:
+    async def body() -> dict[int, str]:
+        f = OSFile.open(str(disk))
+        try:
+            store = ChunkStore.open(f)
+            meta = store.volumes()[volume_id]
+            nchunks = (meta.size + meta.chunk_size - 1) // meta.chunk_size
+            out = {}
+            for i in range(nchunks):
+                data, _gen = store.read_chunk(volume_id, meta.epoch, i)
+                if data is not None and any(data):
+                    out[i] = hashlib.sha256(data).hexdigest()
+            await store.close()
+            return out
+        finally:
+            f.close()
+
+    return asyncio.run(body())
+
+
+def compare_replicas(c: NetnsCluster, volume: str, tmp: Path) -> dict[str, int]:
+    """Stop every node, then compare the in-sync replicas chunk by chunk on copies of their
+    disks. Returns {node: chunks written}; raises AssertionError naming divergent chunks."""
+    info = c.inspect(volume)
+    in_sync = [r["node"] for r in info["replicas"] if r["state"] == "in_sync"]
+    for n in c.nodes:
+        c.kill(n)  # SIGKILL: the page cache keeps every applied write in the file
+    sums: dict[str, dict[int, str]] = {}
+    for n in in_sync:
+        copy = tmp / f"{n}-copy.img"
+        subprocess.run(
+            ["cp", "--sparse=always", str(c.nodes[n].disk), str(copy)], check=True, timeout=120
+        )
+        sums[n] = _chunk_sums(copy, info["id"])
+        copy.unlink()
+    ref_node = in_sync[0]
+    diverged = {
+        n: sorted(i for i in set(s) | set(sums[ref_node]) if s.get(i) != sums[ref_node].get(i))
+        for n, s in sums.items()
+    }
+    bad = {n: d for n, d in diverged.items() if d}
+    assert not bad, f"in-sync replicas diverge from {ref_node}: {bad}"
+    return {n: len(s) for n, s in sums.items()}
