@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from membership.records import DrainOp, NodeRecord
 from pxcluster import drain
 from pxcluster.api.body import Body
 from pxcluster.errors import UnknownNode
@@ -89,7 +90,12 @@ async def node_drain(request: web.Request) -> web.Response:
         return _ok(plan.to_dict(bandwidth))
     op, _ = await drain.start(svc, name, force=force)
     # Accepted, not done: the leader's drain controller carries it out; GET follows it.
-    return _ok({"node": name, **op.to_dict()}, status=202)
+    return _ok(_drain_view(await svc.find_node(name), op), status=202)
+
+
+def _drain_view(node: NodeRecord, op: DrainOp) -> dict[str, Any]:
+    # The op stores the node's id; callers address nodes by name, so both are given.
+    return {**op.to_dict(), "node": node.name, "node_id": op.node}
 
 
 @routes.get("/v1/nodes/{name}/drain")
@@ -99,7 +105,7 @@ async def node_drain_status(request: web.Request) -> web.Response:
     op = await drain.status(svc, node)
     if op is None:
         raise web.HTTPNotFound(text=f"node {node.name} has no drain")
-    return _ok({"node": node.name, **op.to_dict()})
+    return _ok(_drain_view(node, op))
 
 
 # --- volumes

@@ -1,0 +1,211 @@
+"""The /v1 handlers against a real etcd: shapes, status codes, validation, auth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from pxcluster.api import middleware
+from tests.harness.etcd import EtcdServer
+from tests.unit.api_support import Api, api, api_auth
+
+__all__ = ["api", "api_auth"]  # fixtures, imported for pytest
+
+INSPECT_KEYS = {
+    "id",
+    "name",
+    "size",
+    "repl",
+    "state",
+    "attached_node",
+    "nbd_uri",
+    "epoch",
+    "sync_writes",
+    "replicas",
+}
+
+
+async def three_nodes(a: Api) -> None:
+    for n in ("n1", "n2", "n3"):
+        await a.add_node(n)
+
+
+async def test_volume_lifecycle(api: Api) -> None:
+    await three_nodes(api)
+    status, vol = await api.call("POST", "/v1/volumes", {"name": "db", "size": "64M", "repl": 3})
+    assert status == 201, vol
+    assert INSPECT_KEYS <= set(vol)
+    assert vol["size"] == 64 << 20 and vol["repl"] == 3 and vol["state"] == "detached"
+    assert sorted(r["node"] for r in vol["replicas"]) == ["n1", "n2", "n3"]
+    assert all(set(r) >= {"node", "state"} for r in vol["replicas"])
+    status, vol2 = await api.call(
+        "POST", "/v1/volumes", {"name": "logs", "size": 1 << 20, "sync_writes": True}
+    )
+    assert status == 201 and vol2["size"] == 1 << 20 and vol2["sync_writes"] is True
+    status, listed = await api.call("GET", "/v1/volumes")
+    assert status == 200 and [v["name"] for v in listed] == ["db", "logs"]
+    status, got = await api.call("GET", "/v1/volumes/db")
+    assert status == 200 and got["id"] == vol["id"]
+
+    status, err = await api.call("POST", "/v1/volumes", {"name": "db", "size": "1M"})
+    assert status == 409 and "already exists" in err["error"]
+
+    status, att = await api.call("POST", "/v1/volumes/db/attach", {"node": "n2"})
+    assert status == 200 and att["state"] == "attaching"  # no daemon here to serve it
+    status, err = await api.call("DELETE", "/v1/volumes/db")
+    assert status == 409 and "detach it first" in err["error"]
+    status, err = await api.call("POST", "/v1/volumes/db/attach", {"node": "n3"})
+    assert status == 409, err
+    status, det = await api.call("POST", "/v1/volumes/db/detach", {"wait": False})
+    assert status == 200 and det["state"] == "detached"
+    status, out = await api.call("DELETE", "/v1/volumes/db")
+    assert status == 200 and out == {"name": "db", "deleted": True}
+    status, err = await api.call("GET", "/v1/volumes/db")
+    assert status == 404 and err["error"] == "unknown volume 'db'"
+
+
+async def test_failover_of_a_detached_volume_is_a_conflict(api: Api) -> None:
+    await three_nodes(api)
+    await api.call("POST", "/v1/volumes", {"name": "v", "size": "1M", "repl": 2})
+    status, err = await api.call("POST", "/v1/volumes/v/failover", {"to": None})
+    assert status == 409 and "not attached" in err["error"]
+    status, err = await api.call("POST", "/v1/volumes/v/failover", {"to": 3})
+    assert status == 400 and "'to'" in err["error"]
+
+
+BAD_CREATE: list[tuple[Any, str]] = [
+    (b"{not json", "not valid JSON"),
+    ([1, 2], "JSON object"),
+    ({"name": "x", "size": "1M", "color": "red"}, "unknown field(s) color"),
+    ({"size": "1M"}, "'name' is required"),
+    ({"name": "x"}, "'size' is required"),
+    ({"name": "x", "size": True}, "'size' must be"),
+    ({"name": "x", "size": "12X"}, "invalid size"),
+    ({"name": "x", "size": 1000}, "multiple of 512"),
+    ({"name": "x", "size": -512}, "multiple of 512"),
+    ({"name": "x", "size": "1M", "repl": "2"}, "'repl' must be an integer"),
+    ({"name": "x", "size": "1M", "repl": True}, "'repl' must be an integer"),
+    ({"name": "x", "size": "1M", "repl": 4}, "must be 1, 2 or 3"),
+    ({"name": "x", "size": "1M", "sync_writes": "yes"}, "'sync_writes' must be true or false"),
+    ({"name": "Bad_Name", "size": "1M"}, "invalid volume name"),
+    ({"name": "../etc", "size": "1M"}, "invalid volume name"),
+    ({"name": 7, "size": "1M"}, "'name' must be a string"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_CREATE)
+async def test_bad_create_input_is_400_json(api: Api, body: Any, message: str) -> None:
+    await api.add_node("n1")
+    status, err = await api.call("POST", "/v1/volumes", body)
+    assert status == 400, err
+    assert message in err["error"]
+
+
+async def test_bad_input_elsewhere(api: Api) -> None:
+    await three_nodes(api)
+    await api.call("POST", "/v1/volumes", {"name": "v", "size": "1M"})
+    cases: list[tuple[str, str, Any, int]] = [
+        ("POST", "/v1/volumes/v/attach", {}, 400),
+        ("POST", "/v1/volumes/v/attach", {"node": ""}, 400),
+        ("POST", "/v1/volumes/v/attach", {"node": "nope"}, 404),
+        ("POST", "/v1/volumes/v/attach", {"node": "n1", "timeout": 0}, 400),
+        ("POST", "/v1/volumes/v/attach", {"node": "n1", "timeout": "5"}, 400),
+        ("POST", "/v1/volumes/nope/attach", {"node": "n1"}, 404),
+        ("POST", "/v1/volumes/v/detach", {"wait": 1}, 400),
+        ("POST", "/v1/nodes/n1/drain", {"force": "yes"}, 400),
+        ("POST", "/v1/nodes/n1/cordon", {"x": 1}, 400),
+        ("POST", "/v1/nodes/nope/cordon", None, 404),
+        ("GET", "/v1/nodes/nope", None, 404),
+        ("DELETE", "/v1/volumes/nope", None, 404),
+        ("GET", "/v1/nothing-here", None, 404),
+        ("PUT", "/v1/volumes", {}, 405),
+    ]
+    for method, path, body, want in cases:
+        status, err = await api.call(method, path, body)
+        assert status == want, (method, path, body, status, err)
+        assert isinstance(err, dict) and err["error"], (method, path, err)
+
+
+async def test_placement_refusal_is_409(api: Api) -> None:
+    await api.add_node("n1")
+    await api.add_node("n2", up=False)
+    status, err = await api.call("POST", "/v1/volumes", {"name": "v", "size": "1M", "repl": 2})
+    assert status == 409 and err["error"]
+
+
+async def test_nodes_cluster_cordon_and_drain(api: Api) -> None:
+    await three_nodes(api)
+    await api.add_node("n4", up=False)
+    status, cl = await api.call("GET", "/v1/cluster")
+    assert status == 200
+    assert cl["cluster"] == "apitest" and cl["nodes_up"] == 3 and cl["nodes_total"] == 4
+    status, nodes = await api.call("GET", "/v1/nodes")
+    assert status == 200 and [n["name"] for n in nodes] == ["n1", "n2", "n3", "n4"]
+    assert {"id", "name", "address", "state", "up", "capacity", "used"} <= set(nodes[0])
+    assert [n["up"] for n in nodes] == [True, True, True, False]
+
+    status, n = await api.call("POST", "/v1/nodes/n2/cordon")
+    assert status == 200 and n["name"] == "n2" and n["state"] == "cordoned"
+    status, n = await api.call("POST", "/v1/nodes/n2/uncordon", {})
+    assert status == 200 and n["state"] == "active"
+
+    await api.call("POST", "/v1/volumes", {"name": "r3", "size": "1M", "repl": 3})
+    status, plan = await api.call("POST", "/v1/nodes/n1/drain", {"dry_run": True})
+    assert status == 200 and plan["node"] == "n1"
+    assert plan["losing_redundancy"] == ["r3"]
+    status, n = await api.call("GET", "/v1/nodes/n1")
+    assert n["state"] == "active"  # a dry run changes nothing
+    status, err = await api.call("POST", "/v1/nodes/n1/drain", {})
+    assert status == 409 and "--force" in err["error"]
+    status, err = await api.call("GET", "/v1/nodes/n1/drain")
+    assert status == 404
+    status, op = await api.call("POST", "/v1/nodes/n1/drain", {"force": True})
+    assert status == 202 and op["node"] == "n1" and op["state"] == "running"
+    status, op = await api.call("GET", "/v1/nodes/n1/drain")
+    assert status == 200 and op["state"] == "running"
+    status, n = await api.call("GET", "/v1/nodes/n1")
+    assert n["state"] == "draining"
+
+    status, err = await api.call("DELETE", "/v1/nodes/n1")
+    assert status == 409 and "up" in err["error"]
+    status, out = await api.call("DELETE", "/v1/nodes/n4")
+    assert status == 200 and out == {"name": "n4", "state": "removed"}
+
+
+async def test_token_guards_mutating_calls_only(api_auth: Api) -> None:
+    a = api_auth
+    await a.add_node("n1")
+    body = {"name": "v", "size": "1M"}
+    for token in (None, "wrong", "s3cret-token-but-longer"):
+        status, err = await a.call("POST", "/v1/volumes", body, token=token)
+        assert status == 401 and "Bearer" in err["error"], (token, err)
+    status, _ = await a.call("DELETE", "/v1/volumes/v", token=None)
+    assert status == 401
+    status, listed = await a.call("GET", "/v1/volumes", token=None)
+    assert status == 200 and listed == []
+    status, _ = await a.call("POST", "/v1/volumes", body)
+    assert status == 201
+    status, _ = await a.call("GET", "/healthz", token=None)
+    assert status == 200
+
+
+async def test_etcd_down_is_503(api: Api, etcd: EtcdServer) -> None:
+    etcd.stop()
+    status, err = await api.call("GET", "/v1/volumes")
+    assert status == 503 and "etcd" in err["error"]
+
+
+async def test_unexpected_error_is_logged_500_json(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(_: web.Request) -> web.Response:
+        raise RuntimeError("bug")
+
+    app = web.Application(middlewares=[middleware.errors])
+    app.router.add_get("/x", broken)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/x")
+        assert resp.status == 500
+        assert (await resp.json())["error"] == "internal error: RuntimeError: bug"
+    assert any("GET /x failed" in r.getMessage() for r in caplog.records)
