@@ -125,6 +125,12 @@ def cluster() -> None:
     help="seconds a chunk stays idle before it leaves the dirty-chunk log",
 )
 @click.option("--api-token-file", default="", help="bearer token required for mutating API calls")
+@click.option(
+    "--docker-plugin-socket",
+    default="",
+    help="serve the Docker volume plugin on this unix socket "
+    "(e.g. /run/docker/plugins/pxcluster.sock)",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
@@ -146,6 +152,7 @@ def join(
     rebuild_bw: str,
     clean_after: float,
     api_token_file: str,
+    docker_plugin_socket: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -170,6 +177,7 @@ def join(
         rebuild_bandwidth=0 if rebuild_bw.strip() == "0" else parse_size(rebuild_bw),
         clean_after=clean_after,
         api_token_file=api_token_file,
+        docker_plugin_socket=docker_plugin_socket,
     )
     try:
         run(Node(config).run_forever())

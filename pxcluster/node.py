@@ -64,6 +64,7 @@ class NodeConfig:
     rebuild_bandwidth: int = 0  # bytes/s per rebuild, 0 = unlimited
     clean_after: float = 2.0  # s a chunk stays idle before it leaves the dirty-chunk log
     api_token_file: str = ""  # bearer token for mutating API calls (empty: no auth)
+    docker_plugin_socket: str = ""  # serve the Docker volume plugin here (empty: off)
 
 
 def boot_id() -> str:
@@ -249,6 +250,10 @@ class Node:
                 os.unlink(sock)
             await self.nbd.start_unix(sock)
         await self._start_api()
+        if c.docker_plugin_socket:
+            from pxcluster.api.docker_plugin import start_plugin
+
+            await start_plugin(c.docker_plugin_socket, self, c.name, c.data_dir)
         await self.register()
         self.lease.start()
         peers = Peers(self.node_id, self.service)
