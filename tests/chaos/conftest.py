@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from tests.chaos import netns
 from tests.chaos.netns import NetnsCluster, NetnsEtcd, Network
 from tests.harness.stamps import has_libnbd
+
+MakeCluster = Callable[..., NetnsCluster]
 
 
 @pytest.fixture
@@ -26,15 +29,27 @@ def net() -> Iterator[Network]:
 
 
 @pytest.fixture
-def ncluster(tmp_path: Path, net: Network) -> Iterator[NetnsCluster]:
-    """etcd and n1..n3, each in its own namespace (1 GiB sparse disks, lease TTL 2 s)."""
-    etcd = NetnsEtcd(tmp_path / "etcd", net)
-    etcd.start()
-    c = NetnsCluster(tmp_path, etcd, net)
-    try:
-        for name in ("n1", "n2", "n3"):
-            c.add_node(name, disk_size=256 << 20)
-        yield c
-    finally:
-        c.close()
-        etcd.stop()
+def make_cluster(tmp_path: Path, net: Network) -> Iterator[MakeCluster]:
+    """make_cluster(nodes=3, disk_size=256 MiB, extra=()) -> etcd and nodes n1..nN, each in
+    its own namespace (lease TTL 2 s); all stopped at teardown, before the namespaces go."""
+    stack = ExitStack()
+
+    def make(
+        nodes: int = 3, disk_size: int = 256 << 20, extra: tuple[str, ...] = ()
+    ) -> NetnsCluster:
+        etcd = NetnsEtcd(tmp_path / "etcd", net)
+        stack.callback(etcd.stop)
+        etcd.start()
+        c = NetnsCluster(tmp_path, etcd, net)
+        stack.callback(c.close)
+        for i in range(1, nodes + 1):
+            c.add_node(f"n{i}", disk_size=disk_size, extra=extra)
+        return c
+
+    with stack:
+        yield make
+
+
+@pytest.fixture
+def ncluster(make_cluster: MakeCluster) -> NetnsCluster:
+    return make_cluster()

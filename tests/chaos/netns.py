@@ -185,11 +185,22 @@ class NetnsEtcd(EtcdServer):
         assert etcd is not None
         log = open(self.data_dir.parent / "etcd.log", "ab")
         peer = f"http://{self.host}:{self.peer_port}"
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            etcd,
+            "--name",
+            "t",
+            "--data-dir",
+            str(self.data_dir),
+        ]
+        cmd += ["--listen-client-urls", self.url, "--advertise-client-urls", self.url]
+        cmd += ["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer]
+        cmd += ["--initial-cluster", f"t={peer}"]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, etcd, "--name", "t", "--data-dir", str(self.data_dir)]
-            + ["--listen-client-urls", self.url, "--advertise-client-urls", self.url]
-            + ["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer]
-            + ["--initial-cluster", f"t={peer}"],
+            cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

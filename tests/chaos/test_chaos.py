@@ -4,6 +4,7 @@ Fixed seeds; each scenario prints a `CHAOS name: issued=.. acknowledged=.. ...` 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,3 +51,134 @@ def test_kill9_attach_node(ncluster: NetnsCluster, tmp_path: Path) -> None:
     time.sleep(2)
     faults.restart(c, "n1")
     finish(c, w, tmp_path, "kill9-attach")
+
+
+@pytest.mark.timeout(240)
+def test_sigstop_attach_node_past_ttl(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    setup_volume(c, "ss", "n2")
+    w = Workload(c, "ss", tmp_path, NBLOCKS, seconds=14, seed=102)
+    w.start()
+    time.sleep(3)
+    resume = faults.pause(c, "n2")
+    c.wait_for(lambda: moved_off(c, "ss", "n2"), 30, "failover off the paused n2")
+    time.sleep(1)
+    resume()  # the old engine wakes up with writes queued: the epoch must fence them
+    finish(c, w, tmp_path, "sigstop-attach")
+
+
+@pytest.mark.timeout(240)
+def test_partition_attach_node_from_replicas(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    setup_volume(c, "pa", "n1")
+    w = Workload(c, "pa", tmp_path, NBLOCKS, seconds=14, seed=103)
+    w.start()
+    time.sleep(3)
+    heal = faults.partition_attach_from_replicas(c, "n1")
+    time.sleep(6)  # n1 keeps etcd: it may go on alone (peers stale) but must lose nothing
+    heal()
+    finish(c, w, tmp_path, "partition-attach-from-replicas")
+
+
+@pytest.mark.timeout(240)
+def test_partition_attach_node_from_etcd(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    setup_volume(c, "pe", "n1")
+    w = Workload(c, "pe", tmp_path, NBLOCKS, seconds=16, seed=104)
+    w.start()
+    time.sleep(3)
+    heal = faults.partition_attach_from_etcd(c, "n1")
+    # n1 keeps its replicas but loses its lease: it must self-fence, the volume moves.
+    c.wait_for(lambda: moved_off(c, "pe", "n1"), 30, "failover off n1 (cut from etcd)")
+    time.sleep(2)
+    heal()
+    finish(c, w, tmp_path, "partition-attach-from-etcd")
+
+
+@pytest.mark.timeout(240)
+def test_partition_replica(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    setup_volume(c, "pr", "n1")
+    w = Workload(c, "pr", tmp_path, NBLOCKS, seconds=14, seed=105)
+    w.start()
+    time.sleep(3)
+    heal = faults.cut_from_peers(c, "n3")  # n3 keeps etcd (it stays "up")
+    c.wait_for(lambda: c.replica_states("pr")["n3"] != "in_sync", 30, "n3 marked stale")
+    time.sleep(3)
+    heal()
+    finish(c, w, tmp_path, "partition-replica")
+
+
+@pytest.mark.timeout(240)
+def test_etcd_restart_during_writes(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    setup_volume(c, "er", "n1")
+    w = Workload(c, "er", tmp_path, NBLOCKS, seconds=14, seed=106)
+    w.start()
+    time.sleep(3)
+    faults.restart_etcd(c)
+    time.sleep(3)
+    faults.restart_etcd(c)
+    finish(c, w, tmp_path, "etcd-restart")
+
+
+@pytest.mark.timeout(240)
+def test_all_replicas_down_and_restarted(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    setup_volume(c, "ad", "n1")
+    w = Workload(c, "ad", tmp_path, NBLOCKS, seconds=14, seed=107)
+    w.start()
+    time.sleep(3)
+    for n in ("n1", "n2", "n3"):
+        faults.kill9(c, n)
+    for n in ("n3", "n2", "n1"):
+        c.start(n, wait=False)
+    for n in ("n1", "n2", "n3"):
+        c.wait_up(n)
+    c.wait_for(lambda: c.inspect("ad")["state"] == "attached", 60, "attached again")
+    finish(c, w, tmp_path, "all-replicas-down")
+
+
+@pytest.mark.timeout(240)
+def test_replica_clean_stop_rejoins_after_primary_kept_writing(
+    ncluster: NetnsCluster, tmp_path: Path
+) -> None:
+    """DRBD #145: a replica stopped cleanly must not come back in sync with a cleared bitmap."""
+    c = ncluster
+    setup_volume(c, "cs", "n1")
+    w = Workload(c, "cs", tmp_path, NBLOCKS, seconds=12, seed=108)
+    w.start()
+    time.sleep(2)
+    c.kill("n3", 15)  # SIGTERM: a clean stop
+    time.sleep(4)
+    faults.restart(c, "n3")
+    finish(c, w, tmp_path, "replica-clean-stop-rejoin")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rebuild_target_crash_mid_rebuild(make_cluster: object, tmp_path: Path) -> None:
+    c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))  # type: ignore[operator]
+    assert isinstance(c, NetnsCluster)
+    c.cli("volume", "create", "rb", "--size", "256M", "--repl", "3")
+    uri = c.attach("rb", "n1")
+    faults.kill9(c, "n3")
+    # 40 chunks for n3 to catch up on (~7 s at 24M/s); the first 8 MiB are the stamps'.
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5c 8M 160M", uri],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    w = Workload(c, "rb", tmp_path, NBLOCKS, seconds=14, seed=109)
+    w.start()
+    faults.restart(c, "n3")
+    c.wait_for(
+        lambda: any(r["chunks_done"] >= 6 for r in c.inspect("rb")["rebuilds"]),
+        60,
+        "rebuild of n3 under way",
+    )
+    faults.kill9(c, "n3")  # the target dies mid-rebuild, writes going on
+    time.sleep(2)
+    faults.restart(c, "n3")
+    finish(c, w, tmp_path, "rebuild-target-crash", in_sync_timeout=120)
