@@ -1,0 +1,264 @@
+"""Our volumes beside two references and native, in one run (a benchmark, not a test).
+
+  bench/run [--quick] [--runtime 6] [--size 256m] [--no-extras] [--profile]
+
+Sets up etcd + 3 node processes on loopback (disks: sparse files under /var/tmp), then runs
+fio against, in this order:
+  native      fio libaio O_DIRECT on a plain file on the same filesystem
+  nbdkit      `nbdkit file` on a plain file (honours FLUSH and FUA), fio nbd engine
+  nbdkit_fua  the same with `--filter=fua fuamode=force` (every write durable)
+  repl1/3     default volumes, fio nbd engine
+  repl1/3_sync volumes created with --sync-writes
+Each target is preconditioned (its whole region written once) before the workloads. Then the
+scaling curve (repl-3 4 KiB random-write IOPS for 1, 2, 4, 8 volumes, one fio job per volume),
+then `bench/failover_bench.py` and `bench/rebuild_bench.py` (own clusters). Prints the table and
+the issue's targets; writes JSON and a PNG under bench/results/.
+With --profile: py-spy on the attach node and on a replica node under the repl-3 4 KiB QD16 and
+1 MiB sequential write workloads (raw folded stacks under bench/results/profile-*/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import report  # noqa: E402
+from bench.fiorun import WORKLOADS, load, precondition, run_fio  # noqa: E402
+from tests.harness.cluster import Cluster  # noqa: E402
+from tests.harness.etcd import EtcdServer, free_port, wait_port  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+
+
+def log(msg: str) -> None:
+    la = ", ".join(f"{x:.2f}" for x in load())
+    print(f"[{time.strftime('%H:%M:%S')} load {la}] {msg}", file=sys.stderr, flush=True)
+
+
+class Nbdkit:
+    def __init__(self, img: Path, size: int, *, fua: bool) -> None:
+        with open(img, "wb") as f:
+            f.truncate(size)
+        self.port = free_port()
+        cmd = ["nbdkit", "-f", "-p", str(self.port), "-i", "127.0.0.1"]
+        if fua:
+            cmd += ["--filter=fua"]
+        cmd += ["file", str(img)]
+        if fua:
+            cmd += ["fuamode=force"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port("127.0.0.1", self.port, 20)
+
+    @property
+    def target(self) -> list[str]:
+        return ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{self.port}/"]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def nbd_target(uri: str) -> list[str]:
+    return ["--ioengine=nbd", f"--uri={uri}"]
+
+
+def measure(name: str, target: list[str], args: argparse.Namespace, cells: report.Cells) -> None:
+    precondition(target, args.size)
+    cells[name] = {}
+    for w in WORKLOADS:
+        r = run_fio([target], w, size=args.size, runtime=args.runtime)
+        cells[name][w.key] = {**r.to_dict()}
+        cells[name][w.key]["load1"] = round(load()[0], 2)
+        log(
+            f"{name:11} {w.label:32} {r.mib_s:9.1f} MiB/s {r.iops:8.0f} IOPS "
+            f"p50 {r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us"
+        )
+
+
+def create_attached(
+    c: Cluster, name: str, size: str, repl: int, *, sync: bool = False, node: str | None = None
+) -> str:
+    extra = ["--sync-writes"] if sync else []
+    c.cli("volume", "create", name, "--size", size, "--repl", str(repl), *extra)
+    if node is None:
+        # Attach where a replica lives (as `pick_attach_node` would): repl-1 reads stay local.
+        reps = c.inspect(name)["replicas"]
+        node = str(reps[0]["node"])
+        if node not in c.nodes:
+            by_id = {x["id"]: x["name"] for x in c.cli_json("node", "list")}
+            node = by_id.get(node, "n1")
+    return c.cli("volume", "attach", name, "--node", node, "--wait").stdout.strip()
+
+
+def scaling(c: Cluster, args: argparse.Namespace) -> dict[str, float]:
+    w = next(x for x in WORKLOADS if x.key == "rand_write_4k_qd16")
+    out: dict[str, float] = {}
+    uris: list[str] = []
+    for n in args.scale:
+        while len(uris) < n:
+            i = len(uris)
+            uri = create_attached(c, f"s{i}", args.size, 3, node=f"n{i % 3 + 1}")
+            precondition(nbd_target(uri), args.size)
+            uris.append(uri)
+        r = run_fio([nbd_target(u) for u in uris[:n]], w, size=args.size, runtime=args.runtime)
+        out[str(n)] = r.iops
+        log(f"scaling {n} volumes: {r.iops:.0f} IOPS total")
+    return out
+
+
+def pyspy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
+    exe = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    return subprocess.Popen(
+        [exe, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-d", str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
+    d = RESULTS / f"profile-{stamp}"
+    d.mkdir(parents=True, exist_ok=True)
+    uri = create_attached(c, "prof", args.size, 3, node="n1")
+    precondition(nbd_target(uri), args.size)
+    info: dict[str, Any] = {}
+    for key in ("rand_write_4k_qd16", "seq_write_1m_qd8"):
+        w = next(x for x in WORKLOADS if x.key == key)
+        procs = [
+            pyspy(p.proc.pid, d / f"{key}-{n}.txt", 5)
+            for n, p in c.nodes.items()
+            if n in ("n1", "n2") and p.proc is not None
+        ]
+        r = run_fio([nbd_target(uri)], w, size=args.size, runtime=7)
+        for p in procs:
+            p.wait(60)
+        info[key] = r.to_dict()
+        log(f"profiled {key}: {r.iops:.0f} IOPS")
+    info["dir"] = str(d)
+    return info
+
+
+def sub_bench(script: str, size: str) -> Any:
+    res = subprocess.run(
+        [PY, str(ROOT / "bench" / script), "--size", size],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-400:]}
+    return json.loads(res.stdout[res.stdout.index("{") :])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 s, 64 MiB, no extras")
+    ap.add_argument("--runtime", type=float, default=6)
+    ap.add_argument("--size", default="256m")
+    ap.add_argument("--targets", default=",".join(report.ORDER))
+    ap.add_argument("--scale", default="1,2,4,8")
+    ap.add_argument("--no-extras", action="store_true", help="skip failover and rebuild")
+    ap.add_argument("--profile", action="store_true", help="only the py-spy profile")
+    args = ap.parse_args()
+    if args.quick:
+        args.runtime, args.size, args.no_extras, args.scale = 2, "64m", True, "1,2"
+    args.scale = [int(x) for x in args.scale.split(",") if x]
+    targets = set(args.targets.split(","))
+    size_b = int(args.size[:-1]) << {"k": 10, "m": 20, "g": 30}[args.size[-1].lower()]
+    vol_size = f"{size_b >> 20}M"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "started": stamp,
+        "load_start": [round(x, 2) for x in load()],
+        "args": {k: v for k, v in vars(args).items()},
+        "commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
+    cells: report.Cells = {}
+    tmp = Path(tempfile.mkdtemp(prefix="pxc-bench-", dir="/var/tmp"))
+    etcd = EtcdServer(tmp / "etcd")
+    c: Cluster | None = None
+    try:
+        if args.profile:
+            etcd.start()
+            c = Cluster(tmp, etcd, name="bench", lease_ttl=5)
+            for n in ("n1", "n2", "n3"):
+                c.add_node(n, disk_size=8 << 30)
+            result["profile"] = profile(c, args, stamp)
+            print(json.dumps(result["profile"], indent=2))
+            return
+        if "native" in targets:
+            img = tmp / "native.img"
+            measure("native", ["--ioengine=libaio", "--direct=1", f"--filename={img}"], args, cells)
+            img.unlink()
+        for name, fua in (("nbdkit", False), ("nbdkit_fua", True)):
+            if name in targets:
+                k = Nbdkit(tmp / f"{name}.img", size_b, fua=fua)
+                try:
+                    measure(name, k.target, args, cells)
+                finally:
+                    k.close()
+                    (tmp / f"{name}.img").unlink()
+        etcd.start()
+        c = Cluster(tmp, etcd, name="bench", lease_ttl=5)
+        for n in ("n1", "n2", "n3"):
+            c.add_node(n, disk_size=16 << 30)
+        for name, repl, sync in (
+            ("repl1", 1, False),
+            ("repl3", 3, False),
+            ("repl1_sync", 1, True),
+            ("repl3_sync", 3, True),
+        ):
+            if name in targets:
+                uri = create_attached(c, name.replace("_", "-"), vol_size, repl, sync=sync)
+                measure(name, nbd_target(uri), args, cells)
+                c.cli("volume", "detach", name.replace("_", "-"))
+        result["scaling_repl3_rand_write_4k_qd16_iops"] = scaling(c, args) if args.scale else {}
+    finally:
+        if c is not None:
+            c.close()
+        etcd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not args.no_extras:
+        log("failover bench")
+        result["failover"] = sub_bench("failover_bench.py", "256M")
+        log("rebuild bench")
+        result["rebuild"] = sub_bench("rebuild_bench.py", "1G")
+    rat = report.ratios(cells)
+    result["cells"] = cells
+    result["ratios"] = rat
+    result["targets"] = report.check_targets(rat)
+    result["load_end"] = [round(x, 2) for x in load()]
+    out = RESULTS / f"fio-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2))
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2))
+    png = RESULTS / f"fio-{stamp}.png"
+    report.chart(cells, result.get("scaling_repl3_rand_write_4k_qd16_iops", {}), png)
+    print(report.table(cells, rat))
+    print()
+    print(report.targets_table(result["targets"]))
+    print()
+    print(
+        "scaling (repl-3 rand write 4 KiB QD16, IOPS total):",
+        result.get("scaling_repl3_rand_write_4k_qd16_iops"),
+    )
+    for extra in ("failover", "rebuild"):
+        if extra in result:
+            print(extra, json.dumps(result[extra]))
+    print(f"load {result['load_start']} -> {result['load_end']}; json {out}; chart {png}")
+
+
+if __name__ == "__main__":
+    main()
