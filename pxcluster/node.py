@@ -253,7 +253,10 @@ class Node:
         if c.docker_plugin_socket:
             from pxcluster.api.docker_plugin import start_plugin
 
-            await start_plugin(c.docker_plugin_socket, self, c.name, c.data_dir)
+            # Held: under uvloop an unreferenced server is collected and stops listening.
+            self.docker_plugin = await start_plugin(
+                c.docker_plugin_socket, self, c.name, c.data_dir
+            )
         await self.register()
         self.lease.start()
         peers = Peers(self.node_id, self.service)

@@ -1,0 +1,116 @@
+"""The Docker volume plugin protocol, spoken over the unix socket of a real node started with
+`cluster join --docker-plugin-socket`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.harness.cluster import Cluster
+
+
+class PluginClient:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = str(socket_path)
+
+    def __call__(self, endpoint: str, body: Any = None) -> dict[str, Any]:
+        return asyncio.run(self._post(endpoint, body))
+
+    async def _post(self, endpoint: str, body: Any) -> dict[str, Any]:
+        connector = aiohttp.UnixConnector(path=self.socket_path)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            raw = body if isinstance(body, str) else json.dumps(body) if body is not None else ""
+            headers = {"Content-Type": "application/vnd.docker.plugins.v1.2+json"}
+            async with session.post(
+                f"http://plugin{endpoint}", data=raw.encode(), headers=headers
+            ) as r:
+                assert r.status == 200, await r.text()
+                reply: dict[str, Any] = await r.json(content_type=None)
+                return reply
+
+
+@pytest.fixture
+def plugin(cluster: Cluster, tmp_path: Path) -> PluginClient:
+    sock = tmp_path / "plugins" / "pxcluster.sock"
+    cluster.add_node("n1", disk_size=4 << 30, extra=("--docker-plugin-socket", str(sock)))
+    return PluginClient(sock)
+
+
+def nbd_usable() -> bool:
+    return os.path.exists("/dev/nbd0") and shutil.which("nbd-client") is not None
+
+
+@pytest.mark.timeout(120)
+def test_protocol_maps_to_cluster_volumes(cluster: Cluster, plugin: PluginClient) -> None:
+    assert plugin("/Plugin.Activate") == {"Implements": ["VolumeDriver"]}
+    assert plugin("/VolumeDriver.Capabilities", {}) == {
+        "Capabilities": {"Scope": "global"},
+        "Err": "",
+    }
+    ok = plugin("/VolumeDriver.Create", {"Name": "reg", "Opts": {"size": "64M", "repl": "1"}})
+    assert ok == {"Err": ""}
+    info = cluster.inspect("reg")
+    assert info["size"] == 64 << 20 and info["repl"] == 1
+    # Docker calls Create for volumes it has not seen on this host: an existing one is fine.
+    assert plugin("/VolumeDriver.Create", {"Name": "reg", "Opts": {}}) == {"Err": ""}
+    assert plugin("/VolumeDriver.Create", {"Name": "dflt"}) == {"Err": ""}
+    assert cluster.inspect("dflt")["size"] == 1 << 30
+
+    for bad, why in [
+        ({"Name": "../etc"}, "invalid volume name"),
+        ({"Name": "x", "Opts": {"color": "red"}}, "unknown option(s) color"),
+        ({"Name": "x", "Opts": {"size": "lots"}}, "invalid size"),
+        ({"Name": "x", "Opts": {"repl": "9"}}, "must be 1, 2 or 3"),
+        ({"Name": "x", "Opts": {"repl": "two"}}, "invalid repl"),
+    ]:
+        assert why in plugin("/VolumeDriver.Create", bad)["Err"], bad
+    assert "not valid JSON" in plugin("/VolumeDriver.Create", "{")["Err"]
+
+    listed = plugin("/VolumeDriver.List", {})
+    assert listed["Err"] == ""
+    assert listed["Volumes"] == [
+        {"Name": "dflt", "Mountpoint": ""},
+        {"Name": "reg", "Mountpoint": ""},
+    ]
+    got = plugin("/VolumeDriver.Get", {"Name": "reg"})
+    assert got["Err"] == "" and got["Volume"]["Name"] == "reg"
+    assert got["Volume"]["Status"]["state"] == "detached"
+    assert "unknown volume 'nope'" in plugin("/VolumeDriver.Get", {"Name": "nope"})["Err"]
+    assert plugin("/VolumeDriver.Path", {"Name": "reg"}) == {"Mountpoint": "", "Err": ""}
+    assert plugin("/VolumeDriver.Unmount", {"Name": "reg", "ID": "c1"}) == {"Err": ""}
+    assert "unknown volume" in plugin("/VolumeDriver.Mount", {"Name": "nope", "ID": "c1"})["Err"]
+
+    if not nbd_usable():
+        err = plugin("/VolumeDriver.Mount", {"Name": "reg", "ID": "c1"})["Err"]
+        assert "kernel NBD client is unavailable" in err
+        assert cluster.inspect("reg")["state"] == "detached"  # refused before attaching
+
+    assert plugin("/VolumeDriver.Remove", {"Name": "dflt"}) == {"Err": ""}
+    assert plugin("/VolumeDriver.Remove", {"Name": "reg"}) == {"Err": ""}
+    assert plugin("/VolumeDriver.List", {})["Volumes"] == []
+
+
+@pytest.mark.skipif(not nbd_usable(), reason="no /dev/nbd0 or nbd-client on this host")
+@pytest.mark.timeout(120)
+def test_mount_through_the_kernel_nbd_client(cluster: Cluster, plugin: PluginClient) -> None:
+    assert plugin("/VolumeDriver.Create", {"Name": "data", "Opts": {"size": "64M"}})["Err"] == ""
+    first = plugin("/VolumeDriver.Mount", {"Name": "data", "ID": "c1"})
+    assert first["Err"] == "" and first["Mountpoint"]
+    assert cluster.inspect("data")["attached_node"] == "n1"
+    second = plugin("/VolumeDriver.Mount", {"Name": "data", "ID": "c2"})
+    assert second["Mountpoint"] == first["Mountpoint"]  # one attach for both containers
+    Path(first["Mountpoint"], "hello").write_text("world")
+    assert plugin("/VolumeDriver.Unmount", {"Name": "data", "ID": "c1"})["Err"] == ""
+    assert Path(first["Mountpoint"], "hello").read_text() == "world"  # c2 still holds it
+    assert plugin("/VolumeDriver.Unmount", {"Name": "data", "ID": "c2"})["Err"] == ""
+    assert cluster.inspect("data")["state"] == "detached"
+    again = plugin("/VolumeDriver.Mount", {"Name": "data", "ID": "c3"})
+    assert Path(again["Mountpoint"], "hello").read_text() == "world"
+    assert plugin("/VolumeDriver.Unmount", {"Name": "data", "ID": "c3"})["Err"] == ""
