@@ -1,0 +1,68 @@
+#!/bin/sh
+# Node image entry point: `pxcluster cluster join` from environment variables.
+#
+#   PXC_NAME, PXC_ADDRESS          required: node name, the IP every port binds on
+#   PXC_DISKS                      space-separated disks (block devices or files); default
+#                                  $PXC_DATA_DIR/disk.img, created sparse ($PXC_DISK_SIZE)
+#   PXC_DISK_SIZE                  size of a disk file created here (default 10G)
+#   PXC_ETCD                       etcd endpoints, comma-separated; the first one that
+#                                  answers is used (the client speaks to one member)
+#   PXC_CLUSTER                    cluster name (default "default")
+#   PXC_ZONE, PXC_DATA_DIR, PXC_API_PORT, PXC_DATA_PORT, PXC_NBD_PORT, PXC_LEASE_TTL,
+#   PXC_API_TOKEN_FILE, PXC_DOCKER_PLUGIN_SOCKET, PXC_LOG_LEVEL, PXC_LOG_FORMAT (json)
+#   PXC_WIPE=1                     erase disks formatted by another cluster
+set -eu
+
+: "${PXC_NAME:?set PXC_NAME to the node name}"
+: "${PXC_ADDRESS:?set PXC_ADDRESS to the IP address the node binds on}"
+PXC_DATA_DIR="${PXC_DATA_DIR:-/var/lib/pxc}"
+PXC_DISKS="${PXC_DISKS:-$PXC_DATA_DIR/disk.img}"
+PXC_DISK_SIZE="${PXC_DISK_SIZE:-10G}"
+PXC_ETCD="${PXC_ETCD:-http://127.0.0.1:2379}"
+
+mkdir -p "$PXC_DATA_DIR"
+
+set -- cluster join --name "$PXC_NAME" --address "$PXC_ADDRESS" --data-dir "$PXC_DATA_DIR" \
+    --log-level "${PXC_LOG_LEVEL:-INFO}" --log-format "${PXC_LOG_FORMAT:-json}"
+for disk in $PXC_DISKS; do
+    case "$disk" in
+        /dev/*) [ -b "$disk" ] || { echo "error: $disk is not a block device" >&2; exit 1; } ;;
+        *) [ -e "$disk" ] || truncate -s "$PXC_DISK_SIZE" "$disk" ;;  # sparse: thin by design
+    esac
+    set -- "$@" --disk "$disk"
+done
+[ -n "${PXC_ZONE:-}" ] && set -- "$@" --zone "$PXC_ZONE"
+[ -n "${PXC_API_PORT:-}" ] && set -- "$@" --api-port "$PXC_API_PORT"
+[ -n "${PXC_DATA_PORT:-}" ] && set -- "$@" --data-port "$PXC_DATA_PORT"
+[ -n "${PXC_NBD_PORT:-}" ] && set -- "$@" --nbd-port "$PXC_NBD_PORT"
+[ -n "${PXC_LEASE_TTL:-}" ] && set -- "$@" --lease-ttl "$PXC_LEASE_TTL"
+[ -n "${PXC_API_TOKEN_FILE:-}" ] && set -- "$@" --api-token-file "$PXC_API_TOKEN_FILE"
+[ -n "${PXC_DOCKER_PLUGIN_SOCKET:-}" ] && set -- "$@" --docker-plugin-socket "$PXC_DOCKER_PLUGIN_SOCKET"
+[ "${PXC_WIPE:-0}" = "1" ] && set -- "$@" --wipe
+
+# etcd members may still be starting: wait (up to PXC_ETCD_WAIT s) for one to accept.
+PXC_ETCD="$(python3 - "$PXC_ETCD" "${PXC_ETCD_WAIT:-60}" <<'PY'
+import socket, sys, time
+from urllib.parse import urlparse
+
+urls = [u.strip() for u in sys.argv[1].split(",") if u.strip()]
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    for url in urls:
+        p = urlparse(url if "://" in url else "http://" + url)
+        try:
+            socket.create_connection((p.hostname, p.port or 2379), timeout=1).close()
+            print(url)
+            sys.exit(0)
+        except OSError:
+            pass
+    if time.monotonic() > deadline:
+        print(urls[0])  # let pxcluster report the unreachable endpoint in its own words
+        sys.exit(0)
+    time.sleep(1)
+PY
+)"
+export PXC_ETCD
+
+# exec: pxcluster gets SIGTERM itself and hands its attachments off before it leaves.
+exec pxcluster "$@"
