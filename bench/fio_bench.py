@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
-from bench.fiorun import WORKLOADS, load, precondition, run_fio  # noqa: E402
+from bench.fiorun import WORKLOADS, cpu_seconds, load, precondition, run_fio  # noqa: E402
 from tests.harness.cluster import Cluster  # noqa: E402
 from tests.harness.etcd import EtcdServer, free_port, wait_port  # noqa: E402
 
@@ -73,16 +73,29 @@ def nbd_target(uri: str) -> list[str]:
     return ["--ioengine=nbd", f"--uri={uri}"]
 
 
-def measure(name: str, target: list[str], args: argparse.Namespace, cells: report.Cells) -> None:
+def measure(
+    name: str,
+    target: list[str],
+    args: argparse.Namespace,
+    cells: report.Cells,
+    pids: list[int] | None = None,
+) -> None:
+    """Every workload against one target; with `pids`, also the CPU those processes spent per
+    I/O (server side: our node processes, or nbdkit)."""
     precondition(target, args.size)
     cells[name] = {}
     for w in WORKLOADS:
+        cpu0, t0 = cpu_seconds(pids or []), time.monotonic()
         r = run_fio([target], w, size=args.size, runtime=args.runtime)
-        cells[name][w.key] = {**r.to_dict()}
-        cells[name][w.key]["load1"] = round(load()[0], 2)
+        cpu, wall = cpu_seconds(pids or []) - cpu0, time.monotonic() - t0
+        cell = cells[name][w.key] = {**r.to_dict()}
+        if pids:
+            # fio's ramp time and start-up are inside `wall`: scale the I/O count to it.
+            cell["cpu_us_per_io"] = round(1e6 * cpu / max(1.0, r.iops * wall), 1)
+        cell["load1"] = round(load()[0], 2)
         log(
             f"{name:11} {w.label:32} {r.mib_s:9.1f} MiB/s {r.iops:8.0f} IOPS "
-            f"p50 {r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us"
+            f"p50 {r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us cpu/io {cell.get('cpu_us_per_io', '-')}"
         )
 
 
@@ -207,7 +220,7 @@ def main() -> None:
             if name in targets:
                 k = Nbdkit(tmp / f"{name}.img", size_b, fua=fua)
                 try:
-                    measure(name, k.target, args, cells)
+                    measure(name, k.target, args, cells, [k.proc.pid])
                 finally:
                     k.close()
                     (tmp / f"{name}.img").unlink()
@@ -223,7 +236,8 @@ def main() -> None:
         ):
             if name in targets:
                 uri = create_attached(c, name.replace("_", "-"), vol_size, repl, sync=sync)
-                measure(name, nbd_target(uri), args, cells)
+                pids = [n.proc.pid for n in c.nodes.values() if n.proc is not None]
+                measure(name, nbd_target(uri), args, cells, pids)
                 c.cli("volume", "detach", name.replace("_", "-"))
         result["scaling_repl3_rand_write_4k_qd16_iops"] = scaling(c, args) if args.scale else {}
     finally:

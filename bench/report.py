@@ -86,8 +86,8 @@ def check_targets(rat: Cells) -> list[dict[str, Any]]:
 def table(cells: Cells, rat: Cells) -> str:
     lines = [
         "| workload | target | MiB/s | IOPS | p50 us | p99 us "
-        "| ratio MiB/s | ratio p50 | ratio p99 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ratio MiB/s | ratio p50 | ratio p99 | server CPU us/IO | load1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for w in WORKLOADS:
         for t in ORDER:
@@ -102,7 +102,9 @@ def table(cells: Cells, rat: Cells) -> str:
             )
             lines.append(
                 f"| {w.label} | {t} | {m['mib_s']:,.1f} | {m['iops']:,.0f} | "
-                f"{m['p50_us']:,.0f} | {m['p99_us']:,.0f} | " + " | ".join(rs) + " |"
+                f"{m['p50_us']:,.0f} | {m['p99_us']:,.0f} | "
+                + " | ".join(rs)
+                + f" | {m.get('cpu_us_per_io', '-')} | {m.get('load1', '-')} |"
             )
     return "\n".join(lines)
 
