@@ -1,0 +1,176 @@
+"""A randomized fault schedule: `make chaos SEED=N ROUNDS=N` (env CHAOS_SEED, CHAOS_ROUNDS).
+
+Not collected by `pytest tests` (the name is not test_*): run it by path. Each round picks a
+fault and its victim from the seed, writes stamped blocks through it, heals, waits until every
+replica is in sync and checks the history; at the end the in-sync replicas are compared chunk
+by chunk. The seed is printed first and on any failure: the same seed replays the same choices
+(timings still vary with the machine's load).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.chaos import faults
+from tests.chaos.netns import NetnsCluster
+from tests.chaos.scenario import Workload, all_in_sync, compare_replicas, counts, report
+
+NBLOCKS = 2048
+ROUND_TIMEOUT = 150
+Fault = Callable[[NetnsCluster, str, str, random.Random], None]
+
+
+def _moved(c: NetnsCluster, vol: str, node: str) -> bool:
+    info = c.inspect(vol)
+    return info["state"] == "attached" and info["attached_node"] not in (None, node)
+
+
+def kill9_attach(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    faults.kill9(c, attach)
+    c.wait_for(lambda: _moved(c, vol, attach), 40, "failover")
+    faults.restart(c, attach)
+
+
+def kill9_replica(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    victim = rng.choice([n for n in c.nodes if n != attach])
+    faults.kill9(c, victim)
+    time.sleep(rng.uniform(0.5, 4))
+    faults.restart(c, victim)
+
+
+def pause_attach(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    resume = faults.pause(c, attach)
+    try:
+        c.wait_for(lambda: _moved(c, vol, attach), 40, "failover off the paused node")
+        time.sleep(rng.uniform(0, 2))
+    finally:
+        resume()
+
+
+def slow_replica(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    victim = rng.choice([n for n in c.nodes if n != attach])
+    for _ in range(rng.randint(2, 6)):  # short pauses: slow, not dead
+        resume = faults.pause(c, victim)
+        time.sleep(rng.uniform(0.1, 0.8))
+        resume()
+        time.sleep(rng.uniform(0.1, 0.5))
+
+
+def cut_attach_from_peers(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    heal = faults.partition_attach_from_replicas(c, attach)
+    time.sleep(rng.uniform(1, 8))
+    heal()
+
+
+def cut_attach_from_etcd(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    heal = faults.partition_attach_from_etcd(c, attach)
+    try:
+        c.wait_for(lambda: _moved(c, vol, attach), 40, "failover off the node cut from etcd")
+    finally:
+        heal()
+
+
+def cut_replica(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    victim = rng.choice([n for n in c.nodes if n != attach])
+    heal = (faults.isolate if rng.random() < 0.5 else faults.cut_from_peers)(c, victim)
+    time.sleep(rng.uniform(1, 8))
+    heal()
+
+
+def restart_etcd(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    heal = faults.stop_etcd(c)
+    time.sleep(rng.uniform(0, 3))
+    heal()
+
+
+def all_down(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    names = list(c.nodes)
+    for n in names:
+        faults.kill9(c, n)
+    rng.shuffle(names)
+    for n in names:
+        c.start(n, wait=False)
+    for n in names:
+        c.wait_up(n)
+
+
+def clean_stop_replica(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    victim = rng.choice([n for n in c.nodes if n != attach])
+    c.kill(victim, signal.SIGTERM)
+    time.sleep(rng.uniform(1, 4))
+    faults.restart(c, victim)
+
+
+def handoff(c: NetnsCluster, vol: str, attach: str, rng: random.Random) -> None:
+    c.cli("volume", "failover", vol)
+
+
+MENU: dict[str, Fault] = {
+    f.__name__: f
+    for f in (
+        kill9_attach,
+        kill9_replica,
+        pause_attach,
+        slow_replica,
+        cut_attach_from_peers,
+        cut_attach_from_etcd,
+        cut_replica,
+        restart_etcd,
+        all_down,
+        clean_stop_replica,
+        handoff,
+    )
+}
+
+
+def _seed() -> int:
+    raw = os.environ.get("CHAOS_SEED", "")
+    return int(raw) if raw else random.SystemRandom().randrange(1, 1 << 31)
+
+
+SEED = _seed()
+ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "") or "5")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(ROUNDS * ROUND_TIMEOUT + 300)
+def test_randomized_schedule(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    rng = random.Random(SEED)
+    replay = f"make chaos SEED={SEED} ROUNDS={ROUNDS}"
+    print(f"\nCHAOS seed {SEED}, {ROUNDS} rounds (replay: {replay})", flush=True)
+    c.cli("volume", "create", "rz", "--size", "32M", "--repl", "3")
+    c.attach("rz", "n1")
+    totals: dict[str, int] = {}
+    started = time.monotonic()
+    for rnd in range(1, ROUNDS + 1):
+        name = rng.choice(sorted(MENU))
+        attach = c.inspect("rz")["attached_node"]
+        w = Workload(
+            c, "rz", tmp_path, NBLOCKS, seconds=rng.uniform(8, 16), seed=rng.getrandbits(31)
+        )
+        try:
+            w.start()
+            time.sleep(rng.uniform(1, 3))
+            MENU[name](c, "rz", attach, rng)
+            history = w.finish()
+            c.wait_for(lambda: all_in_sync(c, "rz"), 120, "every replica in sync")
+            result = w.check(history)
+        except BaseException:
+            print(f"CHAOS round {rnd} ({name} on {attach}) FAILED; replay: {replay}", flush=True)
+            raise
+        report(f"round {rnd} {name} (attach {attach})", history, result)
+        for k, v in counts(history, result).items():
+            totals[k] = totals.get(k, 0) + v
+        assert result.ok, f"round {rnd} ({name}): {result}; replay: {replay}"
+    compare_replicas(c, "rz", tmp_path)
+    minutes = (time.monotonic() - started) / 60
+    line = " ".join(f"{k}={v}" for k, v in totals.items())
+    print(f"CHAOS seed {SEED} total, {ROUNDS} rounds in {minutes:.1f} min: {line}", flush=True)
