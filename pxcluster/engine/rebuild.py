@@ -127,6 +127,8 @@ async def rebuild(
                 )
             )
         progress.done_chunks = progress.total_chunks
+        if on_progress is not None:
+            await on_progress(progress)
         await target.flush(s.id, epoch)
         # Copied chunks entered the target's dirty log; the engine's cleaner only knows the
         # chunks it wrote itself, so clean the rest now (the store keeps any chunk dirty whose
@@ -138,9 +140,9 @@ async def rebuild(
             raise RebuildAborted(f"volume {s.name}: replica {node} failed a write")
         if not await mark_in_sync():
             raise RebuildAborted(f"volume {s.name}: epoch {epoch} is no longer current")
+        # No progress report after this: mark_in_sync recorded the final state, and a late
+        # "running" report would overwrite it.
         engine.in_sync[node] = target
-        if on_progress is not None:
-            await on_progress(progress)
         log.info(
             "volume %s: replica %s in sync after copying %d chunks in %d passes",
             s.name,

@@ -4,8 +4,9 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
 - bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
-- each request runs as its own task and is answered as soon as it completes (replies go
-  out of order); replies are gathered and written once per loop iteration;
+- each request's first step runs inline (`pxcluster/nbd/inline.py`); it becomes a task only
+  if it has to wait, and is answered as soon as it completes (replies go out of order);
+  replies are gathered and written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
   payload) per connection; past that, or when the client stops reading replies
   (pause_writing), the transport stops reading, so memory stays bounded and a slow
@@ -24,6 +25,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, cast
 
+from pxcluster.nbd import inline
 from pxcluster.nbd import protocol as p
 from pxcluster.nbd.buffers import BufferPool
 from pxcluster.nbd.export import Export, ExportRegistry, has_errno, nbd_error
@@ -58,6 +60,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_lost",
         "_negotiation",
         "_offset",
+        "_parsing",
         "_payload",
         "_payload_filled",
         "_phase",
@@ -99,6 +102,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._replies: list[bytes | bytearray | memoryview] = []
         self._flush_scheduled = False
+        self._parsing = False  # inside _process: a request finishing inline must not re-enter
         self._reading_paused = False
         self._write_paused = False
         self._closing = False  # no new requests; close once in-flight ones are answered
@@ -195,11 +199,18 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _resume(self) -> None:
         """Room again (a request finished, or the client reads again): work through what
         is already buffered before asking the transport for more."""
-        if self._payload is None and self._end > self._start:
+        if self._payload is None and self._end > self._start and not self._parsing:
             self._process()
         self._update_reading()
 
     def _process(self) -> None:
+        self._parsing = True
+        try:
+            self._process_buffered()
+        finally:
+            self._parsing = False
+
+    def _process_buffered(self) -> None:
         buf = self._buf
         while not self._closing and self._payload is None:
             avail = self._end - self._start
@@ -356,9 +367,10 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
         self._inflight += 1
         self._inflight_bytes += nbytes
-        task = self._loop.create_task(self._run(coro, nbytes))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = inline.start(self._loop, self._run(coro, nbytes))
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
         try:
