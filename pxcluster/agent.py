@@ -160,19 +160,23 @@ class NodeAgent:
         if view.attachment is not None and view.attachment.node != self.node_id:
             return  # still held by another node; its lease or its detach will free it
         epoch_kv = await self.etcd.get(self.keys.epoch(vid))
+        held = await self.etcd.get(self.keys.attachment(vid))
         if epoch_kv is None:
             return
         epoch = int(epoch_kv.value) + 1
-        txn = (
-            self.etcd.txn()
-            .unchanged(self.keys.epoch(vid), epoch_kv.mod_revision)
-            .absent(self.keys.attachment(vid))
-            .put(self.keys.epoch(vid), str(epoch).encode())
-            .put(
-                self.keys.attachment(vid),
-                Attachment(self.node_id, epoch, "opening").encode(),
-                self.lease.lease_id,
-            )
+        txn = self.etcd.txn().unchanged(self.keys.epoch(vid), epoch_kv.mod_revision)
+        if held is None:
+            txn.absent(self.keys.attachment(vid))
+        else:
+            # Our own attachment, left by an engine this node stopped (its lease was at
+            # risk): take it over at a new epoch, which fences that engine's replicas too.
+            if Attachment.decode(held.value).node != self.node_id:
+                return
+            txn.unchanged(self.keys.attachment(vid), held.mod_revision)
+        txn = txn.put(self.keys.epoch(vid), str(epoch).encode()).put(
+            self.keys.attachment(vid),
+            Attachment(self.node_id, epoch, "opening").encode(),
+            self.lease.lease_id,
         )
         if not await self.etcd.commit(txn):
             return

@@ -175,6 +175,8 @@ def test_cordon_uncordon_remove(cluster3: Cluster) -> None:
 @pytest.mark.timeout(120)
 def test_etcd_restart_nodes_reestablish(cluster3: Cluster) -> None:
     ids = {n["name"]: n["id"] for n in cluster3.cli_json("node", "list")}
+    cluster3.cli("volume", "create", "ev", "--size", "16M", "--repl", "2")
+    uri = cluster3.attach("ev", sorted(cluster3.replica_states("ev"))[0])
     cluster3.etcd.stop()
     time.sleep(1.0)  # an outage shorter than the lease TTL window is the interesting case
     cluster3.etcd.start()
@@ -184,3 +186,9 @@ def test_etcd_restart_nodes_reestablish(cluster3: Cluster) -> None:
     assert {n["name"]: n["id"] for n in cluster3.cli_json("node", "list")} == ids
     assert all(n.running() for n in cluster3.nodes.values())
     cluster3.wait_for(lambda: leader(cluster3) is not None, 15, "a leader after the restart")
+    # The attach node stopped serving while its lease was at risk; it serves again after.
+    cluster3.wait_for(
+        lambda: subprocess.run(["nbdinfo", "--size", uri], capture_output=True).returncode == 0,
+        30,
+        "the volume served again",
+    )
