@@ -74,6 +74,8 @@ class VolumeRecord(_Record):
     sync_writes: bool = False
     state: str = "ready"
     created: float = 0.0
+    iops_limit: int = 0  # 0: unlimited
+    bw_limit: int = 0  # bytes/s, 0: unlimited
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import Attachment, FailoverRecord, NodeRecord, RebuildOp, ReplicaState
+from pxcluster.engine.errors import VolumeIOError
 from pxcluster.engine.rebuild import Progress, rebuild
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
@@ -148,6 +149,7 @@ class NodeAgent:
             view = views.get(vid)
             if view is not None:
                 await self._reconcile_rebuilds(view, engine, alive)
+                await self._apply_settings(view, engine)
         self.metrics.attached_volumes.set(len(self.engines))
         self.metrics.degraded_volumes.set(
             sum(1 for vid, e in self.engines.items() if len(e.in_sync) < len(views[vid].replicas))
@@ -279,6 +281,16 @@ class NodeAgent:
         )
         with contextlib.suppress(EtcdUnavailable):
             await self.etcd.commit(txn)
+
+    async def _apply_settings(self, view: VolumeView, engine: VolumeEngine) -> None:
+        rec = view.record
+        engine.limits.set(rec.iops_limit, rec.bw_limit)
+        if rec.size > engine.size:
+            try:
+                await engine.grow(rec.size)
+                log.info("volume %s grown to %d bytes", rec.name, rec.size)
+            except VolumeIOError as e:
+                log.warning("volume %s: growing to %d failed: %s", rec.name, rec.size, e)
 
     async def _record_failover(
         self, vid: str, epoch: int, fenced: float, reconciled: float, chunks: int

@@ -11,7 +11,7 @@ import click
 
 from membership.etcd import Etcd, EtcdUnavailable
 from pxcluster import logs, output
-from pxcluster.errors import PxcError
+from pxcluster.errors import InvalidArgument, PxcError
 from pxcluster.service import Service
 from pxcluster.units import parse_size
 from pxcluster.verify import verify as verify_command
@@ -493,16 +493,51 @@ def _stub(group: click.Group, name: str, what: str, *params: Callable[[Any], Any
     group.command(name)(fn)
 
 
-_stub(volume, "resize", "volume resize", click.argument("name"), click.option("--size"))
-_stub(
-    volume,
-    "update",
-    "volume update",
-    click.argument("name"),
-    click.option("--iops-limit"),
-    click.option("--bw-limit"),
-    click.option("--snapshot-schedule"),
-)
+@volume.command("resize")
+@click.argument("name")
+@click.option("--size", "size_text", required=True, help="new size, e.g. 20G (grow only)")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_resize(svc: Service, name: str, size_text: str, as_json: bool) -> None:
+    """Grow NAME, online; new NBD connections see the new size."""
+    info = await svc.inspect(await svc.resize(name, parse_size(size_text)))
+    if as_json:
+        output.emit_json(info)
+    else:
+        click.echo(f"volume {name} is now {output.size(info['size'])}")
+
+
+@volume.command("update")
+@click.argument("name")
+@click.option("--iops-limit", type=int, default=None, help="read+write ops/s, 0 = unlimited")
+@click.option("--bw-limit", default=None, help="read+write bytes/s, e.g. 100M, 0 = unlimited")
+@click.option("--snapshot-schedule", default=None, help='e.g. "every 1h keep 24" (not yet)')
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_update(
+    svc: Service,
+    name: str,
+    iops_limit: int | None,
+    bw_limit: str | None,
+    snapshot_schedule: str | None,
+    as_json: bool,
+) -> None:
+    """Change a volume's I/O limits (enforced by the engine serving it)."""
+    if snapshot_schedule is not None:
+        raise InvalidArgument("--snapshot-schedule is not implemented yet (snapshots are not)")
+    if iops_limit is None and bw_limit is None:
+        raise InvalidArgument("nothing to update: pass --iops-limit and/or --bw-limit")
+    bw = None if bw_limit is None else 0 if bw_limit.strip() == "0" else parse_size(bw_limit)
+    info = await svc.inspect(await svc.set_limits(name, iops_limit, bw))
+    if as_json:
+        output.emit_json(info)
+    else:
+        click.echo(
+            f"volume {name}: iops limit {info['iops_limit'] or 'none'}, "
+            f"bandwidth limit {output.size(info['bw_limit']) if info['bw_limit'] else 'none'}"
+        )
+
+
 _stub(
     volume,
     "clone",

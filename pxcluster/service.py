@@ -7,6 +7,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,6 +322,38 @@ class Service:
             raise VolumeBusy(f"volume {name!r} changed during the failover; try again")
         return dest
 
+    async def resize(self, name: str, size: int) -> VolumeView:
+        """Grow a volume, online: the serving engine extends every replica, then new NBD
+        connections see the new size."""
+        return await self._update_record(name, lambda r: _grown(r, size))
+
+    async def set_limits(self, name: str, iops: int | None, bandwidth: int | None) -> VolumeView:
+        if (iops is not None and iops < 0) or (bandwidth is not None and bandwidth < 0):
+            raise InvalidArgument("limits must be 0 (unlimited) or positive")
+
+        def change(r: VolumeRecord) -> VolumeRecord:
+            return VolumeRecord.from_dict(
+                r.to_dict()
+                | ({} if iops is None else {"iops_limit": iops})
+                | ({} if bandwidth is None else {"bw_limit": bandwidth})
+            )
+
+        return await self._update_record(name, change)
+
+    async def _update_record(
+        self, name: str, change: Callable[[VolumeRecord], VolumeRecord]
+    ) -> VolumeView:
+        for _ in range(10):
+            vid = await self.volume_id(name)
+            kv = await self.etcd.get(self.keys.volume(vid))
+            if kv is None:
+                raise UnknownVolume(f"unknown volume {name!r}")
+            updated = change(VolumeRecord.decode(kv.value))
+            txn = self.etcd.txn().unchanged(self.keys.volume(vid), kv.mod_revision)
+            if await self.etcd.commit(txn.put(self.keys.volume(vid), updated.encode())):
+                return await self.volume(name)
+        raise OperationTimeout(f"volume {name!r} kept changing; try again")
+
     async def detach(self, name: str) -> VolumeView:
         view = await self.volume(name)
         await self.etcd.delete(self.keys.target(view.record.id))
@@ -389,6 +422,8 @@ class Service:
             "epoch": view.epoch,
             "sync_writes": view.record.sync_writes,
             "chunk_size": view.record.chunk_size,
+            "iops_limit": view.record.iops_limit,
+            "bw_limit": view.record.bw_limit,
             "replicas": replicas,
             "last_failover": self._failover_view(view.failover, nodes),
             "rebuilds": await self._rebuilds(view, nodes),
@@ -435,6 +470,16 @@ class Service:
                 }
             )
         return out
+
+
+def _grown(record: VolumeRecord, size: int) -> VolumeRecord:
+    if size < record.size:
+        raise InvalidArgument(
+            f"volume {record.name!r} is {record.size} bytes: shrinking to {size} is refused"
+        )
+    if size > MAX_VOLUME_SIZE or size % 512:
+        raise InvalidArgument(f"invalid size {size}: a positive multiple of 512 bytes")
+    return VolumeRecord.from_dict(record.to_dict() | {"size": size})
 
 
 def nbd_uri(node: NodeRecord, volume_name: str) -> str:

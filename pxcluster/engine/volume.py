@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.fanout import fan_out, fan_out_calls
+from pxcluster.engine.limits import IoLimiter
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
 from replica.api import ReplicaAPI, VolumeInfo
@@ -109,8 +111,23 @@ class VolumeEngine:
         self._serial = itertools.count(1)
         self.inflight: set[int] = set()
         self._write_done = asyncio.Event()
+        self.limits = IoLimiter()
 
     # --- lifecycle
+
+    async def grow(self, size: int) -> None:
+        """Online resize (grow only): every replica learns the new size before any request
+        may reach past the old end."""
+        if size <= self.size:
+            return
+        s = self.spec
+
+        def do_open(r: ReplicaAPI) -> Awaitable[VolumeInfo]:
+            return r.open(s.id, self.epoch, size, s.chunk_size, sync_writes=s.sync_writes)
+
+        await self._fan_write(lambda r: _ignore(do_open(r)))
+        self.spec = dataclasses.replace(s, size=size)
+        self.size = size
 
     async def open(self) -> OpenReport:
         """Open every replica with this epoch; at least one must open (invariant 3)."""
@@ -203,12 +220,16 @@ class VolumeEngine:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
+        if not self.limits.unlimited:
+            await self.limits.admit(length)
         parts = [await self._read_piece(p) for p in split(offset, length, self.spec.chunk_size)]
         self._guard()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._check(offset, len(data))
+        if not self.limits.unlimited:
+            await self.limits.admit(len(data))
         seq = next(self._seq)
         durable = fua or self.spec.sync_writes
         pieces = list(split(offset, len(data), self.spec.chunk_size))
@@ -241,6 +262,8 @@ class VolumeEngine:
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         self._check(offset, length)
+        if not self.limits.unlimited:
+            await self.limits.admit(0)
         seq = next(self._seq)
         pieces = list(split(offset, length, self.spec.chunk_size))
         vid, epoch = self.spec.id, self.epoch
@@ -393,3 +416,7 @@ class VolumeEngine:
                 if node in self.in_sync:
                     await self._degrade({node: e})
         raise NoInSyncReplica(f"volume {self.name}: no replica could serve the read")
+
+
+async def _ignore(aw: Awaitable[object]) -> None:
+    await aw
