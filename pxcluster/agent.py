@@ -88,6 +88,7 @@ class NodeAgent:
         self.rebuild_bandwidth = rebuild_bandwidth
         self.clean_after = clean_after
         self.metrics = metrics or Metrics()
+        self.metrics.watch_volumes(lambda: list(self.engines.values()))
         self.rebuilds: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._rebuild_backoff: dict[tuple[str, str], float] = {}
 

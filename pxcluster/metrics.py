@@ -2,9 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class ServedVolume(Protocol):
+    """What the collector reads of an engine (pxcluster.engine.volume.VolumeEngine)."""
+
+    name: str
+    counters: dict[str, int]
+
+    @property
+    def in_sync_count(self) -> int: ...
+
+    @property
+    def replica_count(self) -> int: ...
+
+    @property
+    def limit_settings(self) -> tuple[int, int]: ...
+
+
+class _VolumeCollector(Collector):
+    def __init__(self, volumes: Callable[[], Iterable[ServedVolume]]) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        ops = CounterMetricFamily("pxc_volume_ops", "Requests served", labels=["volume", "op"])
+        nbytes = CounterMetricFamily("pxc_volume_bytes", "Bytes served", labels=["volume", "op"])
+        in_sync = GaugeMetricFamily(
+            "pxc_volume_in_sync_replicas", "In-sync replicas", labels=["volume"]
+        )
+        stale = GaugeMetricFamily(
+            "pxc_volume_stale_replicas", "Replicas not in sync (replication lag)", labels=["volume"]
+        )
+        limits = GaugeMetricFamily(
+            "pxc_volume_limit", "I/O limits, 0 = none", labels=["volume", "kind"]
+        )
+        for v in self.volumes():
+            c = v.counters
+            for op in ("read", "write"):
+                ops.add_metric([v.name, op], c[f"{op}_ops"])
+                nbytes.add_metric([v.name, op], c[f"{op}_bytes"])
+            in_sync.add_metric([v.name], v.in_sync_count)
+            stale.add_metric([v.name], v.replica_count - v.in_sync_count)
+            iops, bw = v.limit_settings
+            limits.add_metric([v.name, "iops"], iops)
+            limits.add_metric([v.name, "bytes_per_second"], bw)
+        yield from (ops, nbytes, in_sync, stale, limits)
 
 
 class Metrics:
@@ -42,6 +92,9 @@ class Metrics:
         self.lease_healthy = Gauge(
             "pxc_lease_healthy", "1 while the node's etcd lease is safely renewed", registry=r
         )
+
+    def watch_volumes(self, volumes: Callable[[], Iterable[ServedVolume]]) -> None:
+        self.registry.register(_VolumeCollector(volumes))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

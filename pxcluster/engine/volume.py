@@ -112,6 +112,9 @@ class VolumeEngine:
         self.inflight: set[int] = set()
         self._write_done = asyncio.Event()
         self.limits = IoLimiter()
+        # Plain counters, read by the metrics collector at scrape time (no cost per request
+        # beyond an add).
+        self.counters = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0}
 
     # --- lifecycle
 
@@ -159,6 +162,18 @@ class VolumeEngine:
         if dirty:
             await self._fan_write(lambda r: r.mark_clean(self.spec.id, self.epoch, dirty))
         self._dirty_at.clear()
+
+    @property
+    def in_sync_count(self) -> int:
+        return len(self.in_sync)
+
+    @property
+    def replica_count(self) -> int:
+        return len(self._all) + len([n for n in self.rebuilding if n not in self._all])
+
+    @property
+    def limit_settings(self) -> tuple[int, int]:
+        return self.limits.iops, self.limits.bandwidth
 
     def dirty_chunks(self) -> set[int]:
         """Chunks written by this engine and not yet recorded clean."""
@@ -222,6 +237,9 @@ class VolumeEngine:
         self._check(offset, length)
         if not self.limits.unlimited:
             await self.limits.admit(length)
+        c = self.counters
+        c["read_ops"] += 1
+        c["read_bytes"] += length
         parts = [await self._read_piece(p) for p in split(offset, length, self.spec.chunk_size)]
         self._guard()
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -230,6 +248,9 @@ class VolumeEngine:
         self._check(offset, len(data))
         if not self.limits.unlimited:
             await self.limits.admit(len(data))
+        c = self.counters
+        c["write_ops"] += 1
+        c["write_bytes"] += len(data)
         seq = next(self._seq)
         durable = fua or self.spec.sync_writes
         pieces = list(split(offset, len(data), self.spec.chunk_size))

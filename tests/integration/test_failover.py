@@ -209,6 +209,8 @@ def test_manual_failover_clean_handoff_and_drill(cluster3: Cluster) -> None:
     text = metrics.read().decode()
     assert 'pxc_failovers_total{kind="handoff"} 1.0' in text
     assert "pxc_failover_seconds_bucket" in text and "pxc_node_capacity_bytes" in text
+    assert 'pxc_volume_ops_total{op="write",volume="mv"}' in text
+    assert 'pxc_volume_stale_replicas{volume="mv"} 0.0' in text
     assert all(r["state"] == "in_sync" for r in info["replicas"])  # clean: nobody went stale
     subprocess.run(
         ["qemu-io", "-f", "raw", "-c", "read -P 0x77 0 1M", out],
