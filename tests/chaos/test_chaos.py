@@ -37,12 +37,18 @@ def moved_off(c: NetnsCluster, volume: str, node: str) -> bool:
 
 
 def finish(
-    c: NetnsCluster, w: Workload, tmp: Path, name: str, *, in_sync_timeout: float = 90
+    c: NetnsCluster,
+    w: Workload,
+    tmp: Path,
+    name: str,
+    *,
+    in_sync_timeout: float = 90,
+    serve_timeout: float = SERVE_TIMEOUT,
 ) -> None:
     history = w.finish()
     try:
         c.wait_for(lambda: all_in_sync(c, w.volume), in_sync_timeout, "every replica in sync")
-        c.wait_for(lambda: served(c, w.volume), SERVE_TIMEOUT, "the volume served at its URI")
+        c.wait_for(lambda: served(c, w.volume), serve_timeout, "the volume served at its URI")
         result = w.check(history)
         chunks = compare_replicas(c, w.volume, tmp)
     except (AssertionError, subprocess.CalledProcessError) as e:
@@ -127,11 +133,11 @@ def test_partition_replica(ncluster: NetnsCluster, tmp_path: Path) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "bug: after etcd is killed and restarted (down ~1 s), the attach node's agent sees its "
-        "lease unhealthy, drops the engine ('stopped serving: node lease at risk') and never "
-        "serves the volume again once the lease recovers; etcd still says attached/serving "
-        "there (same lease, same epoch), so no failover happens either: the volume is "
-        "unavailable indefinitely (NBD handshake: no export named ...)"
+        "bug: with etcd down 1.5 s (lease TTL 2 s), the attach node's engine self-fences "
+        "('fenced: node lease not safely renewed' or 'stopped serving: node lease at risk') "
+        "and the agent never serves the volume again once etcd is back and the same lease is "
+        "renewed; the attachment still names that node at the same epoch as serving, so no "
+        "failover happens either: the volume stays unavailable (NBD: no export named ...)"
     ),
 )
 @pytest.mark.timeout(240)
@@ -141,8 +147,10 @@ def test_etcd_restart_during_writes(ncluster: NetnsCluster, tmp_path: Path) -> N
     w = Workload(c, "er", tmp_path, NBLOCKS, seconds=14, seed=106)
     w.start()
     time.sleep(3)
-    faults.restart_etcd(c)
-    finish(c, w, tmp_path, "etcd-restart")
+    start_etcd = faults.stop_etcd(c)
+    time.sleep(1.5)  # longer than the node's lease-risk margin, shorter than etcd's TTL reset
+    start_etcd()
+    finish(c, w, tmp_path, "etcd-restart", serve_timeout=30)
 
 
 @pytest.mark.timeout(240)
@@ -178,7 +186,6 @@ def test_replica_clean_stop_rejoins_after_primary_kept_writing(
     finish(c, w, tmp_path, "replica-clean-stop-rejoin")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_rebuild_target_crash_mid_rebuild(make_cluster: object, tmp_path: Path) -> None:
     c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))  # type: ignore[operator]
@@ -205,3 +212,49 @@ def test_rebuild_target_crash_mid_rebuild(make_cluster: object, tmp_path: Path) 
     time.sleep(2)
     faults.restart(c, "n3")
     finish(c, w, tmp_path, "rebuild-target-crash", in_sync_timeout=120)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "gap: chunk data carries no checksum (only journal records and metadata do) and "
+        "'volume scrub' does not exist yet: a byte flipped in one replica's chunk on disk is "
+        "served as data when the volume is read on that node, and the in-sync replicas "
+        "silently diverge (issue 7: 'caught by checksum, repaired, never served')"
+    ),
+)
+@pytest.mark.timeout(240)
+def test_corrupt_chunk_byte_on_one_replica_is_never_served(
+    ncluster: NetnsCluster, tmp_path: Path
+) -> None:
+    c = ncluster
+    setup_volume(c, "cb", "n1")
+    w = Workload(c, "cb", tmp_path, NBLOCKS, seconds=4, seed=110)
+    w.start()
+    history = w.finish()
+    c.wait_for(lambda: c.all_chunks_clean("n1", "cb"), 30, "idle chunks marked clean")
+    c.kill("n3")
+    at = faults.corrupt_stamp(c.nodes["n3"].disk)
+    faults.restart(c, "n3")
+    c.wait_for(lambda: all_in_sync(c, "cb"), 60, "n3 in sync")
+    c.cli("volume", "detach", "cb")
+    c.attach("cb", "n3")  # reads are local on the attach node: n3's copy is what is served
+    result = w.check(history)
+    report("corrupt-chunk-byte", history, result, {"flipped_offset": at})
+    assert result.ok, result
+    compare_replicas(c, "cb", tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_replica_comparison_catches_a_flipped_byte(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    """The checker of the checkers: one flipped byte on one replica is reported as divergence."""
+    c = ncluster
+    setup_volume(c, "cc", "n1")
+    w = Workload(c, "cc", tmp_path, 256, seconds=2, seed=111)
+    w.start()
+    w.finish()
+    c.wait_for(lambda: c.all_chunks_clean("n1", "cc"), 30, "idle chunks marked clean")
+    c.kill("n2")
+    faults.corrupt_stamp(c.nodes["n2"].disk, skip=3)
+    with pytest.raises(AssertionError, match=r"diverge from n1: \{'n2': \[0\]\}"):
+        compare_replicas(c, "cc", tmp_path)
