@@ -270,7 +270,11 @@ class ChunkStore:
         v = self._volume(volume, epoch)
         _check_range(v, chunk, offset, len(data))
         if len(data):
-            v, c = await self._ready_chunk(volume, epoch, chunk, offset, len(data), allocate=True)
+            c = v.chunks.get(chunk)
+            if c is None or chunk not in v.ready:
+                v, c = await self._ready_chunk(
+                    volume, epoch, chunk, offset, len(data), allocate=True
+                )
             assert c is not None
             # No await between the checks in _ready_chunk and here: the epoch, the slot and
             # the durable dirty mark all still hold when the data lands.

@@ -137,8 +137,9 @@ class ReplicaClient:
         loop = c.loop
         if c.write_paused:
             try:
-                async with asyncio.timeout(self.timeout):
-                    await c.drain()
+                # wait_for, not asyncio.timeout: callers may step this call outside any task
+                # (pxcluster/nbd/inline.py) until it first suspends.
+                await asyncio.wait_for(c.drain(), self.timeout)
             except TimeoutError:
                 c.fail(f"{self._where}: send blocked for {self.timeout}s")
                 raise ReplicaUnavailable(f"{self._where}: send blocked") from None

@@ -4,9 +4,9 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
 - bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
-- each request's first step runs inline (`pxcluster/nbd/inline.py`); it becomes a task only
-  if it has to wait, and is answered as soon as it completes (replies go out of order);
-  replies are gathered and written once per loop iteration;
+- each request's first step runs inline (`pxcluster/nbd/inline.py`): it becomes a task
+  only if it has to wait; each is answered as soon as it completes
+  (replies go out of order); replies are gathered and written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
   payload) per connection; past that, or when the client stops reading replies
   (pause_writing), the transport stops reading, so memory stays bounded and a slow
@@ -68,6 +68,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_replies",
         "_server",
         "_skip",
+        "_spent",
         "_start",
         "_structured",
         "_tasks",
@@ -101,6 +102,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._replies: list[bytes | bytearray | memoryview] = []
+        self._spent: list[bytearray] = []  # payload buffers of finished writes, to recycle
         self._flush_scheduled = False
         self._parsing = False  # inside _process: a request finishing inline must not re-enter
         self._reading_paused = False
@@ -358,11 +360,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                 data.release()
             except BufferError:  # the export built on `data` and still holds it
                 buf = None
-            # Reuse only what nothing references any more (the export contract says so;
-            # this guards against an export that keeps a slice anyway): our local and the
-            # getrefcount argument are the only two references then.
-            if isinstance(buf, bytearray) and sys.getrefcount(buf) == 2:
-                self._server.buffers.give(buf)
+            if isinstance(buf, bytearray):
+                # Checked at the next flush, not here: a write that completed inline, inside
+                # buffer_updated, still has its buffer pinned by the transport's receive view.
+                self._spent.append(buf)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._flush)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
         self._inflight += 1
@@ -464,6 +468,15 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        spent = self._spent
+        while spent:
+            buf = spent.pop()
+            # Reuse only what nothing references any more (the export contract says so; this
+            # guards against an export that keeps a slice anyway): our local and the
+            # getrefcount argument are the only two references then.
+            if sys.getrefcount(buf) == 2:
+                self._server.buffers.give(buf)
+            del buf
         if self._replies and not self._closed and self._transport is not None:
             replies = self._replies
             self._replies = []
