@@ -95,6 +95,10 @@ def test_protocol_maps_to_cluster_volumes(cluster: Cluster, plugin: PluginClient
     assert plugin("/VolumeDriver.Remove", {"Name": "dflt"}) == {"Err": ""}
     assert plugin("/VolumeDriver.Remove", {"Name": "reg"}) == {"Err": ""}
     assert plugin("/VolumeDriver.List", {})["Volumes"] == []
+    # The node frees both volumes' chunks (a node stopped while it does so hangs in its stop).
+    cluster.wait_for(
+        lambda: cluster.log_tail("n1", 50).count("chunks freed") == 2, 20, "chunks freed"
+    )
 
 
 @pytest.mark.skipif(not nbd_usable(), reason="no /dev/nbd0 or nbd-client on this host")
