@@ -72,6 +72,17 @@ class Body:
             raise InvalidArgument(f"field {key!r} must be between {low:g} and {high:g}")
         return value
 
+    def optional_integer(self, key: str) -> int | None:
+        value = self._get(key, int, "an integer", None)
+        return None if value is None else int(value)
+
+    def optional_rate(self, key: str) -> int | None:
+        """Bytes/s as an integer or a string like 100M; 0 means unlimited."""
+        value = self._get(key, (int, str), "bytes/s as an integer, or a string like 100M", None)
+        if value is None or isinstance(value, int):
+            return value
+        return 0 if value.strip() == "0" else parse_size(value)
+
     def size(self, key: str) -> int:
         value = self._get(
             key, (int, str), "a size: bytes as an integer, or a string like 512M", None

@@ -81,6 +81,8 @@ _SCHEMAS: dict[str, Any] = {
             "epoch": _INT,
             "sync_writes": _BOOL,
             "chunk_size": _INT,
+            "iops_limit": _INT,
+            "bw_limit": _INT,
             "replicas": {"type": "array", "items": _ref("Replica")},
             "last_failover": _nullable({"type": "object"}),
             "rebuilds": {"type": "array", "items": {"type": "object"}},
@@ -121,6 +123,18 @@ _SCHEMAS: dict[str, Any] = {
             "sync_writes": {**_BOOL, "default": False},
         },
         ("name", "size"),
+    ),
+    "Update": _obj(
+        {
+            "iops_limit": {**_INT, "minimum": 0, "description": "read+write ops/s, 0: none"},
+            "bw_limit": {
+                "oneOf": [_INT, _STR],
+                "description": "read+write bytes/s, or a string like 100M; 0: none",
+            },
+        }
+    ),
+    "Resize": _obj(
+        {"size": {"oneOf": [_INT, _STR], "description": "new size (grow only)"}}, ("size",)
     ),
     "Attach": _obj(
         {
@@ -247,6 +261,11 @@ def document() -> dict[str, Any]:
                 errors=("404", "503"),
             ),
             "delete": _op("Delete a detached volume", {"type": "object"}, errors=_MUT),
+            "patch": _op("Change I/O limits", _ref("Volume"), body="Update", errors=_MUT),
+        },
+        "/v1/volumes/{name}/resize": {
+            "parameters": _NAME,
+            "post": _op("Grow the volume, online", _ref("Volume"), body="Resize", errors=_MUT),
         },
         "/v1/volumes/{name}/attach": {
             "parameters": _NAME,

@@ -10,7 +10,7 @@ from aiohttp import web
 from membership.records import DrainOp, NodeRecord
 from pxcluster import drain
 from pxcluster.api.body import Body
-from pxcluster.errors import UnknownNode
+from pxcluster.errors import InvalidArgument, UnknownNode
 from pxcluster.service import Service
 
 SERVICE = web.AppKey("service", Service)
@@ -141,6 +141,23 @@ async def volume_delete(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await _svc(request).delete_volume(name)
     return _ok({"name": name, "deleted": True})
+
+
+@routes.patch("/v1/volumes/{name}")
+async def volume_update(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"iops_limit", "bw_limit"}))
+    iops, bw = body.optional_integer("iops_limit"), body.optional_rate("bw_limit")
+    if iops is None and bw is None:
+        raise InvalidArgument("nothing to update: give iops_limit and/or bw_limit")
+    return _ok(await svc.inspect(await svc.set_limits(name, iops, bw)))
+
+
+@routes.post("/v1/volumes/{name}/resize")
+async def volume_resize(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"size"}))
+    return _ok(await svc.inspect(await svc.resize(name, body.size("size"))))
 
 
 @routes.post("/v1/volumes/{name}/attach")

@@ -209,3 +209,24 @@ async def test_unexpected_error_is_logged_500_json(caplog: pytest.LogCaptureFixt
         assert resp.status == 500
         assert (await resp.json())["error"] == "internal error: RuntimeError: bug"
     assert any("GET /x failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_resize_and_limits(api: Api) -> None:
+    await api.add_node("n1")
+    await api.call("POST", "/v1/volumes", {"name": "v", "size": "1M"})
+    status, vol = await api.call("POST", "/v1/volumes/v/resize", {"size": "2M"})
+    assert status == 200 and vol["size"] == 2 << 20
+    status, err = await api.call("POST", "/v1/volumes/v/resize", {"size": "1M"})
+    assert status == 400 and "shrinking" in err["error"]
+    status, vol = await api.call("PATCH", "/v1/volumes/v", {"iops_limit": 500, "bw_limit": "10M"})
+    assert status == 200 and (vol["iops_limit"], vol["bw_limit"]) == (500, 10 << 20)
+    status, vol = await api.call("PATCH", "/v1/volumes/v", {"bw_limit": "0"})
+    assert status == 200 and (vol["iops_limit"], vol["bw_limit"]) == (500, 0)
+    for body, message in [
+        ({}, "nothing to update"),
+        ({"iops_limit": -1}, "0 (unlimited) or positive"),
+        ({"iops_limit": "5"}, "'iops_limit' must be an integer"),
+        ({"bw_limit": "fast"}, "invalid size"),
+    ]:
+        status, err = await api.call("PATCH", "/v1/volumes/v", body)
+        assert status == 400 and message in err["error"], (body, err)
