@@ -30,17 +30,20 @@ def net() -> Iterator[Network]:
 
 @pytest.fixture
 def make_cluster(tmp_path: Path, net: Network) -> Iterator[MakeCluster]:
-    """make_cluster(nodes=3, disk_size=256 MiB, extra=()) -> etcd and nodes n1..nN, each in
-    its own namespace (lease TTL 2 s); all stopped at teardown, before the namespaces go."""
+    """make_cluster(nodes=3, disk_size=256 MiB, extra=(), lease_ttl=2) -> etcd and nodes
+    n1..nN, each in its own namespace; all stopped at teardown, before the namespaces go."""
     stack = ExitStack()
 
     def make(
-        nodes: int = 3, disk_size: int = 256 << 20, extra: tuple[str, ...] = ()
+        nodes: int = 3,
+        disk_size: int = 256 << 20,
+        extra: tuple[str, ...] = (),
+        lease_ttl: int = 2,
     ) -> NetnsCluster:
         etcd = NetnsEtcd(tmp_path / "etcd", net)
         stack.callback(etcd.stop)
         etcd.start()
-        c = NetnsCluster(tmp_path, etcd, net)
+        c = NetnsCluster(tmp_path, etcd, net, lease_ttl=lease_ttl)
         stack.callback(c.close)
         for i in range(1, nodes + 1):
             c.add_node(f"n{i}", disk_size=disk_size, extra=extra)

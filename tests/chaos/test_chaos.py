@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos import faults
+from tests.chaos.conftest import MakeCluster
 from tests.chaos.netns import NetnsCluster
 from tests.chaos.scenario import Workload, all_in_sync, compare_replicas, report
 
@@ -130,27 +131,57 @@ def test_partition_replica(ncluster: NetnsCluster, tmp_path: Path) -> None:
     finish(c, w, tmp_path, "partition-replica")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: with etcd down 1.5 s (lease TTL 2 s), the attach node's engine self-fences "
-        "('fenced: node lease not safely renewed' or 'stopped serving: node lease at risk') "
-        "and the agent never serves the volume again once etcd is back and the same lease is "
-        "renewed; the attachment still names that node at the same epoch as serving, so no "
-        "failover happens either: the volume stays unavailable (NBD: no export named ...)"
-    ),
+ETCD_STUCK = (
+    "bug (timing-dependent, so not strict): after etcd is stopped 1.5 s and restarted (lease "
+    "TTL 2 s), the attach node's engine self-fences ('volume V epoch 1: fenced: node lease "
+    "not safely renewed', then 'stopped serving: fenced') and in some runs the agent never "
+    "serves the volume again: the attachment still names that node at epoch 1, no failover "
+    "happens, NBD answers 'no export named V' for 60+ s, until an operator detaches it. In "
+    "other runs it re-attaches at epoch 2 within ~2 s. Seen stuck in 4 of 9 runs."
 )
+
+
+def etcd_outage(
+    c: NetnsCluster, tmp: Path, volume: str, seed: int, outages: int = 1
+) -> tuple[Workload, bool]:
+    """Writes through 1.5 s etcd outages; returns the workload and whether the volume was
+    served again on its own within 30 s (else an operator detaches and attaches it)."""
+    setup_volume(c, volume, "n1")
+    w = Workload(c, volume, tmp, NBLOCKS, seconds=10 + 4 * outages, seed=seed)
+    w.start()
+    for _ in range(outages):
+        time.sleep(3)
+        start_etcd = faults.stop_etcd(c)
+        time.sleep(1.5)  # past the node's fence margin (0.5 s before its 2 s lease runs out)
+        start_etcd()
+    try:
+        c.wait_for(lambda: served(c, volume), 30, "the volume served again")
+        return w, True
+    except AssertionError:
+        c.cli("volume", "detach", volume)
+        c.wait_for(lambda: c.inspect(volume)["state"] == "detached", 30, "detached")
+        c.attach(volume, "n2")
+        return w, False
+
+
 @pytest.mark.timeout(240)
 def test_etcd_restart_during_writes(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    """Data safety through an etcd outage; availability is the next test's (xfail) business."""
     c = ncluster
-    setup_volume(c, "er", "n1")
-    w = Workload(c, "er", tmp_path, NBLOCKS, seconds=14, seed=106)
-    w.start()
-    time.sleep(3)
-    start_etcd = faults.stop_etcd(c)
-    time.sleep(1.5)  # longer than the node's lease-risk margin, shorter than etcd's TTL reset
-    start_etcd()
-    finish(c, w, tmp_path, "etcd-restart", serve_timeout=30)
+    w, by_itself = etcd_outage(c, tmp_path, "er", 106)
+    print(f"etcd outage: served again by itself: {by_itself}")
+    finish(c, w, tmp_path, "etcd-restart")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=ETCD_STUCK)
+@pytest.mark.timeout(240)
+def test_etcd_restarts_attach_node_serves_again(ncluster: NetnsCluster, tmp_path: Path) -> None:
+    c = ncluster
+    w, by_itself = etcd_outage(c, tmp_path, "es", 113, outages=2)
+    history = w.finish()
+    report("etcd-restart-x2", history, w.check(history), {"served_by_itself": int(by_itself)})
+    assert by_itself, "volume not served for 30 s after two 1.5 s etcd outages"
 
 
 @pytest.mark.timeout(240)
@@ -187,9 +218,8 @@ def test_replica_clean_stop_rejoins_after_primary_kept_writing(
 
 
 @pytest.mark.timeout(300)
-def test_rebuild_target_crash_mid_rebuild(make_cluster: object, tmp_path: Path) -> None:
-    c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))  # type: ignore[operator]
-    assert isinstance(c, NetnsCluster)
+def test_rebuild_target_crash_mid_rebuild(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))
     c.cli("volume", "create", "rb", "--size", "256M", "--repl", "3")
     uri = c.attach("rb", "n1")
     faults.kill9(c, "n3")
@@ -258,3 +288,31 @@ def test_replica_comparison_catches_a_flipped_byte(ncluster: NetnsCluster, tmp_p
     faults.corrupt_stamp(c.nodes["n2"].disk, skip=3)
     with pytest.raises(AssertionError, match=r"diverge from n1: \{'n2': \[0\]\}"):
         compare_replicas(c, "cc", tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_replica_disk_full(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    """n3's disk fills up (thin volumes overcommit it): its replica goes stale, writes go on."""
+    c = make_cluster(nodes=2)
+    c.add_node("n3", disk_size=64 << 20)
+    cap = c.node_state("n3")["capacity"]
+    c.cli("volume", "create", "fa", "--size", str(cap - (4 << 20)), "--repl", "3")
+    c.cli("volume", "create", "fb", "--size", "32M", "--repl", "3")
+    uri = c.attach("fa", "n1")
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", f"write -P 0x11 0 {cap - (4 << 20)}", uri],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    c.attach("fb", "n2")
+    w = Workload(c, "fb", tmp_path, NBLOCKS, seconds=8, seed=112)
+    w.start()  # the second chunk of fb no longer fits on n3: ENOSPC there
+    c.wait_for(lambda: c.replica_states("fb")["n3"] != "in_sync", 30, "n3 stale for fb")
+    history = w.finish()
+    states = c.replica_states("fb")
+    assert states["n1"] == states["n2"] == "in_sync", states
+    result = w.check(history)
+    chunks = compare_replicas(c, "fb", tmp_path)
+    report("replica-disk-full", history, result, {"replicas_compared": len(chunks)})
+    assert history.acked and result.ok, result
