@@ -20,10 +20,19 @@ import pytest
 
 from tests.chaos import faults
 from tests.chaos.netns import NetnsCluster
-from tests.chaos.scenario import Workload, all_in_sync, compare_replicas, counts, report
+from tests.chaos.scenario import (
+    Workload,
+    all_in_sync,
+    compare_replicas,
+    counts,
+    report,
+    served,
+)
+from tests.harness.stamps import History
 
 NBLOCKS = 2048
 ROUND_TIMEOUT = 150
+SEQ_SHIFT = 1 << 40
 Fault = Callable[[NetnsCluster, str, str, random.Random], None]
 
 
@@ -130,6 +139,14 @@ MENU: dict[str, Fault] = {
 }
 
 
+def _served_within(c: NetnsCluster, volume: str, timeout: float) -> bool:
+    try:
+        c.wait_for(lambda: served(c, volume), timeout, "the volume served")
+    except AssertionError:
+        return False
+    return True
+
+
 def _seed() -> int:
     raw = os.environ.get("CHAOS_SEED", "")
     return int(raw) if raw else random.SystemRandom().randrange(1, 1 << 31)
@@ -149,6 +166,7 @@ def test_randomized_schedule(ncluster: NetnsCluster, tmp_path: Path) -> None:
     c.cli("volume", "create", "rz", "--size", "32M", "--repl", "3")
     c.attach("rz", "n1")
     totals: dict[str, int] = {}
+    whole = History()
     started = time.monotonic()
     for rnd in range(1, ROUNDS + 1):
         name = rng.choice(sorted(MENU))
@@ -161,8 +179,19 @@ def test_randomized_schedule(ncluster: NetnsCluster, tmp_path: Path) -> None:
             time.sleep(rng.uniform(1, 3))
             MENU[name](c, "rz", attach, rng)
             history = w.finish()
+            # One history over all rounds: blocks keep earlier rounds' writes. Seqs restart
+            # in each writer, so shift them past every earlier round's.
+            whole.acked += [(b, s + rnd * SEQ_SHIFT, t) for b, s, t in history.acked]
+            whole.failed += [(b, s + rnd * SEQ_SHIFT, t) for b, s, t in history.failed]
             c.wait_for(lambda: all_in_sync(c, "rz"), 120, "every replica in sync")
-            result = w.check(history)
+            stuck = not _served_within(c, "rz", 30)
+            if stuck:  # the known etcd-outage bug (test_chaos.ETCD_STUCK): work around, count
+                c.cli("volume", "detach", "rz")
+                c.wait_for(lambda: c.inspect("rz")["state"] == "detached", 30, "detached")
+                c.attach("rz", rng.choice(sorted(c.nodes)))
+                c.wait_for(lambda: all_in_sync(c, "rz"), 120, "every replica in sync")
+            totals["stuck"] = totals.get("stuck", 0) + stuck
+            result = w.check(whole)
         except BaseException:
             print(f"CHAOS round {rnd} ({name} on {attach}) FAILED; replay: {replay}", flush=True)
             raise

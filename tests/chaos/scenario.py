@@ -96,6 +96,15 @@ def all_in_sync(c: NetnsCluster, volume: str) -> bool:
     return info["state"] == "attached" and all(r["state"] == "in_sync" for r in info["replicas"])
 
 
+def served(c: NetnsCluster, volume: str) -> bool:
+    """The volume's URI (per etcd) answers an NBD handshake."""
+    uri = c.inspect(volume)["nbd_uri"]
+    if not uri:
+        return False
+    res = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=30)
+    return res.returncode == 0
+
+
 def _chunk_sums(disk: Path, volume_id: str) -> dict[int, str]:
     async def body() -> dict[int, str]:
         f = OSFile.open(str(disk))

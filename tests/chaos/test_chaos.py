@@ -13,7 +13,7 @@ import pytest
 from tests.chaos import faults
 from tests.chaos.conftest import MakeCluster
 from tests.chaos.netns import NetnsCluster
-from tests.chaos.scenario import Workload, all_in_sync, compare_replicas, report
+from tests.chaos.scenario import Workload, all_in_sync, compare_replicas, report, served
 
 NBLOCKS = 2048  # 8 MiB: two chunks of 4 MiB
 SERVE_TIMEOUT = 60  # after the faults heal, the volume must be served again within this
@@ -22,14 +22,6 @@ SERVE_TIMEOUT = 60  # after the faults heal, the volume must be served again wit
 def setup_volume(c: NetnsCluster, name: str, attach: str, size: str = "32M") -> None:
     c.cli("volume", "create", name, "--size", size, "--repl", "3")
     c.attach(name, attach)
-
-
-def served(c: NetnsCluster, volume: str) -> bool:
-    uri = c.inspect(volume)["nbd_uri"]
-    if not uri:
-        return False
-    res = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=30)
-    return res.returncode == 0
 
 
 def moved_off(c: NetnsCluster, volume: str, node: str) -> bool:
