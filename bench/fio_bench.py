@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
-from bench.fiorun import WORKLOADS, cpu_seconds, load, precondition, run_fio  # noqa: E402
+from bench.fiorun import WORKLOADS, cpu_seconds, load, precondition, run_fio, thread_cpu  # noqa: E402
 from tests.harness.cluster import Cluster  # noqa: E402
 from tests.harness.etcd import EtcdServer, free_port, wait_port  # noqa: E402
 
@@ -140,9 +140,9 @@ def pyspy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
 
 
 def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
-    d = RESULTS / f"profile-{stamp}"
+    d = RESULTS / f"profile-{stamp}{'-sync' if args.profile_sync else ''}"
     d.mkdir(parents=True, exist_ok=True)
-    uri = create_attached(c, "prof", args.size, 3, node="n1")
+    uri = create_attached(c, "prof", args.size, 3, node="n1", sync=args.profile_sync)
     precondition(nbd_target(uri), args.size)
     info: dict[str, Any] = {}
     for key in ("rand_write_4k_qd16", "seq_write_1m_qd8"):
@@ -152,10 +152,18 @@ def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
             for n, p in c.nodes.items()
             if n in ("n1", "n2") and p.proc is not None
         ]
+        pids = {n: p.proc.pid for n, p in c.nodes.items() if p.proc is not None}
+        before = {n: thread_cpu(pid) for n, pid in pids.items()}
         r = run_fio([nbd_target(uri)], w, size=args.size, runtime=7)
+        after = {n: thread_cpu(pid) for n, pid in pids.items()}
         for p in procs:
             p.wait(60)
         info[key] = r.to_dict()
+        # CPU seconds per thread name over the run: what py-spy cannot tell apart (a thread
+        # blocked in C, or running there).
+        info[key]["thread_cpu_s"] = {
+            n: {t: round(v - before[n].get(t, 0.0), 2) for t, v in after[n].items()} for n in pids
+        }
         log(f"profiled {key}: {r.iops:.0f} IOPS")
     info["dir"] = str(d)
     return info
@@ -182,6 +190,7 @@ def main() -> None:
     ap.add_argument("--scale", default="1,2,4,8")
     ap.add_argument("--no-extras", action="store_true", help="skip failover and rebuild")
     ap.add_argument("--profile", action="store_true", help="only the py-spy profile")
+    ap.add_argument("--profile-sync", action="store_true", help="profile a --sync-writes volume")
     args = ap.parse_args()
     if args.quick:
         args.runtime, args.size, args.no_extras, args.scale = 2, "64m", True, "1,2"

@@ -73,6 +73,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed) of one process."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
 def _direction(job: dict[str, Any], rw: str) -> dict[str, Any]:
     d: dict[str, Any] = job["read" if "read" in rw else "write"]
     return d

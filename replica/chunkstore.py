@@ -114,6 +114,9 @@ class ChunkStore:
         self._started = 0
         self._done = 0
         self._sync_task: asyncio.Task[None] | None = None
+        # The sync task has taken its first step (taken the records, started fdatasync):
+        # until then it covers whatever is applied meanwhile, so callers join it.
+        self._sync_begun = False
         self._closed = False
         self.unclean = unclean
 
@@ -358,14 +361,20 @@ class ChunkStore:
         sync runs waits for the next one, which then covers every such caller."""
         self._check_open()
         need = self._started + 1
+        if self._sync_task is not None and not self._sync_begun:
+            # That sync has not looked at anything yet: everything applied before this call
+            # (data written, records appended) is in what it will take and fdatasync.
+            need = self._started
         while self._done < need:
             task = self._sync_task
             if task is None:
                 self._started += 1
+                self._sync_begun = False
                 task = self._sync_task = asyncio.create_task(self._sync(self._started))
             await asyncio.shield(task)
 
     async def _sync(self, number: int) -> None:
+        self._sync_begun = True
         punched, self._punched = self._punched, []
         try:
             batch = self._take_records()
