@@ -268,7 +268,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2))
     png = RESULTS / f"fio-{stamp}.png"
-    report.chart(cells, result.get("scaling_repl3_rand_write_4k_qd16_iops", {}), png)
+    if not report.chart(cells, result.get("scaling_repl3_rand_write_4k_qd16_iops", {}), png):
+        log("no chart: matplotlib missing (.venv/bin/pip install -e '.[bench]')")
     print(report.table(cells, rat))
     print()
     print(report.targets_table(result["targets"]))

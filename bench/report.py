@@ -117,8 +117,12 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def chart(cells: Cells, scaling: dict[str, float], path: Path) -> None:
-    import matplotlib
+def chart(cells: Cells, scaling: dict[str, float], path: Path) -> bool:
+    """Write the PNG; False (and no chart) without matplotlib (the `[bench]` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,3 +149,4 @@ def chart(cells: Cells, scaling: dict[str, float], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
