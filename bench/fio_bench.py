@@ -85,6 +85,8 @@ def measure(
     precondition(target, args.size)
     cells[name] = {}
     for w in WORKLOADS:
+        if args.workloads and w.key not in args.workloads:
+            continue
         cpu0, t0 = cpu_seconds(pids or []), time.monotonic()
         r = run_fio([target], w, size=args.size, runtime=args.runtime)
         cpu, wall = cpu_seconds(pids or []) - cpu0, time.monotonic() - t0
@@ -187,7 +189,8 @@ def main() -> None:
     ap.add_argument("--runtime", type=float, default=6)
     ap.add_argument("--size", default="256m")
     ap.add_argument("--targets", default=",".join(report.ORDER))
-    ap.add_argument("--scale", default="1,2,4,8")
+    ap.add_argument("--scale", default="1,2,4,8", help="volume counts; '' skips the curve")
+    ap.add_argument("--workloads", default="", help="only these workload keys (comma list)")
     ap.add_argument("--no-extras", action="store_true", help="skip failover and rebuild")
     ap.add_argument("--profile", action="store_true", help="only the py-spy profile")
     ap.add_argument("--profile-sync", action="store_true", help="profile a --sync-writes volume")
@@ -196,6 +199,7 @@ def main() -> None:
         args.runtime, args.size, args.no_extras, args.scale = 2, "64m", True, "1,2"
     args.scale = [int(x) for x in args.scale.split(",") if x]
     targets = set(args.targets.split(","))
+    args.workloads = {w for w in args.workloads.split(",") if w}
     size_b = int(args.size[:-1]) << {"k": 10, "m": 20, "g": 30}[args.size[-1].lower()]
     vol_size = f"{size_b >> 20}M"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -203,7 +207,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "started": stamp,
         "load_start": [round(x, 2) for x in load()],
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
         "commit": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
