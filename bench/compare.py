@@ -16,7 +16,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fiorun import WORKLOADS  # noqa: E402
+from bench.fiorun import WORKLOADS
 
 
 def compare(before: dict[str, Any], after: dict[str, Any], targets: list[str]) -> str:
