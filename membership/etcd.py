@@ -88,7 +88,8 @@ class Etcd:
 
     async def connect(self) -> None:
         try:
-            await asyncio.wait_for(self._client.connect(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._client.connect()
             # The channel connects lazily: one read proves etcd is really there.
             await self._call(self._client.get(b"/pxc-probe"))
         except EtcdUnavailable:
@@ -98,12 +99,21 @@ class Etcd:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.close(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._client.close()
 
     async def _call(self, coro: Any) -> Any:
         try:
-            return await asyncio.wait_for(coro, self.timeout)
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
+            # races with the call's completion (gh-86296).
+            async with asyncio.timeout(self.timeout):
+                return await coro
         except (aetcd.exceptions.ClientError, TimeoutError) as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # gRPC reports our own cancellation as a CANCELLED call error: give the
+                # cancellation back, or loops that survive etcd outages would survive it too.
+                raise asyncio.CancelledError() from e
             detail = str(e) or type(e).__name__
             raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
 
@@ -155,7 +165,8 @@ class Etcd:
                         wake.set()
                 finally:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(watch.cancel(), self.timeout)
+                        async with asyncio.timeout(self.timeout):
+                            await watch.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -64,9 +64,8 @@ class LeaseKeeper:
         while True:
             sent = time.monotonic()
             try:
-                remaining = await asyncio.wait_for(
-                    self.etcd.refresh_lease(self.lease_id), timeout=interval * 2
-                )
+                async with asyncio.timeout(interval * 2):
+                    remaining = await self.etcd.refresh_lease(self.lease_id)
             except (EtcdUnavailable, TimeoutError):
                 remaining = None
             if remaining is not None and remaining <= 0:

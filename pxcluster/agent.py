@@ -96,8 +96,11 @@ class NodeAgent:
         watcher = asyncio.create_task(self.etcd.wake_on_changes(self.keys.root.encode(), self.wake))
         try:
             while True:
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
+                # that races with the event (gh-86296), and the node could never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self._pass_interval)
+                    async with asyncio.timeout(self._pass_interval):
+                        await self.wake.wait()
                 self.wake.clear()
                 try:
                     await self.reconcile()

@@ -48,7 +48,7 @@ def print_plan(plan: DrainPlan, bandwidth: int, as_json: bool) -> None:
 
 def print_op(name: str, op: DrainOp, as_json: bool) -> None:
     if as_json:
-        output.emit_json({"node": name, **op.to_dict()})
+        output.emit_json({**op.to_dict(), "node": name, "node_id": op.node})
         return
     print(
         f"drain {name}: {op.state}; replicas moved {op.replicas_moved}/{op.replicas_total}, "

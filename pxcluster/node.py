@@ -83,6 +83,14 @@ async def ensure_cluster(etcd: Etcd, keys: Keys) -> ClusterRecord:
     return ClusterRecord.decode(kv.value)
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task's stack, to see what a stuck daemon waits on."""
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=8)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        log.warning("task %s: %s", task.get_name(), where or "(no frames)")
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -347,7 +355,9 @@ class Node:
         self._stopping.set()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=5)
+        for t in stuck:
+            log.error("task %s did not stop within 5 s; leaving it", t.get_name())
         if self.agent is not None:
             await self.agent.hand_off_all()
             await self.agent.peers.close()
@@ -367,6 +377,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         print(f"node {self.config.name} ({self.node_id}) is up", flush=True)
         await self._stopping.wait()
         log.info("stopping node %s", self.config.name)

@@ -39,7 +39,8 @@ class ControllerRunner:
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):
+                        await self.wake.wait()
                 self.wake.clear()
                 if not self.election.is_leader:
                     continue

@@ -358,7 +358,8 @@ class VolumeEngine:
         while not done():
             self._write_done.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._write_done.wait(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await self._write_done.wait()
 
     async def _fan_write(
         self,
