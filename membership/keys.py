@@ -67,6 +67,10 @@ class Keys:
     def replica(self, volume_id: str, node_id: str) -> bytes:
         return self._k("volumes", volume_id, "replicas", node_id)
 
+    def secret(self, volume_id: str) -> bytes:
+        """A volume's encryption key. etcd holds it: protect etcd (TLS, auth) accordingly."""
+        return self._k("secrets", volume_id)
+
     def name(self, volume_name: str) -> bytes:
         return self._k("names", volume_name)
 

@@ -76,6 +76,7 @@ class VolumeRecord(_Record):
     created: float = 0.0
     iops_limit: int = 0  # 0: unlimited
     bw_limit: int = 0  # bytes/s, 0: unlimited
+    encrypted: bool = False  # AES-XTS in the engine; the key under secrets/<id>
 
 
 @dataclass(frozen=True)

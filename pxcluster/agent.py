@@ -18,6 +18,7 @@ from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import Attachment, FailoverRecord, NodeRecord, RebuildOp, ReplicaState
+from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import VolumeIOError
 from pxcluster.engine.rebuild import Progress, rebuild
 from pxcluster.engine.state import EtcdReplicaState
@@ -203,6 +204,8 @@ class NodeAgent:
             on_fenced=lambda: self._on_engine_fenced(vid),
         )
         try:
+            if rec.encrypted:
+                engine.cipher = BlockCipher(await self.service.volume_key(vid))
             report = await engine.open()
         except Exception as e:
             log.error("volume %s: attach at epoch %d failed: %s", rec.name, epoch, e)

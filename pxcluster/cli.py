@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -360,18 +361,54 @@ def _print_volume(info: dict[str, Any]) -> None:
 @click.option("--size", "size_text", required=True, help="e.g. 512M, 10G")
 @click.option("--repl", default=1, show_default=True, type=int, help="replicas, 1..3")
 @click.option("--sync-writes", is_flag=True, help="every write durable before its ack")
+@click.option("--encrypted", is_flag=True, help="AES-XTS at rest, done by the engine")
+@click.option("--key-file", default=None, help="key material (16+ bytes); default: a random key")
+@click.option("--key-env", default=None, help="take the key material from this variable")
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_create(
-    svc: Service, name: str, size_text: str, repl: int, sync_writes: bool, as_json: bool
+    svc: Service,
+    name: str,
+    size_text: str,
+    repl: int,
+    sync_writes: bool,
+    encrypted: bool,
+    key_file: str | None,
+    key_env: str | None,
+    as_json: bool,
 ) -> None:
     """Create a volume and place its replicas."""
-    view = await svc.create_volume(name, parse_size(size_text), repl, sync_writes=sync_writes)
+    material = _key_material(key_file, key_env)
+    view = await svc.create_volume(
+        name,
+        parse_size(size_text),
+        repl,
+        sync_writes=sync_writes,
+        encrypted=encrypted,
+        key_material=material,
+    )
     info = await svc.inspect(view)
     if as_json:
         output.emit_json(info)
     else:
         click.echo(f"volume {name} created ({output.size(info['size'])}, repl {repl})")
+
+
+def _key_material(key_file: str | None, key_env: str | None) -> bytes | None:
+    if key_file and key_env:
+        raise InvalidArgument("give --key-file or --key-env, not both")
+    if key_file:
+        try:
+            with open(key_file, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read --key-file {key_file}: {e.strerror}") from None
+    if key_env:
+        value = os.environ.get(key_env)
+        if not value:
+            raise InvalidArgument(f"--key-env {key_env}: the variable is not set")
+        return value.encode()
+    return None
 
 
 @volume.command("list")

@@ -4,6 +4,7 @@ etcd. Node agents and controllers reconcile it; nothing here talks to a replica 
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import time
 import uuid
@@ -24,6 +25,8 @@ from membership.records import (
     ReplicaState,
     VolumeRecord,
 )
+from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
+from pxcluster.engine.crypt import derive_key, random_key
 from pxcluster.errors import (
     DuplicateName,
     InvalidArgument,
@@ -143,6 +146,12 @@ class Service:
 
     # --- volumes
 
+    async def volume_key(self, volume_id: str) -> bytes:
+        kv = await self.etcd.get(self.keys.secret(volume_id))
+        if kv is None:
+            raise VolumeBusy(f"volume {volume_id}: encrypted, but its key is missing from etcd")
+        return base64.b64decode(kv.value)
+
     async def volume_id(self, name: str) -> str:
         kv = await self.etcd.get(self.keys.name(name))
         if kv is None:
@@ -190,7 +199,14 @@ class Service:
         return sorted(views, key=lambda v: v.record.name)
 
     async def create_volume(
-        self, name: str, size: int, repl: int = 1, *, sync_writes: bool = False
+        self,
+        name: str,
+        size: int,
+        repl: int = 1,
+        *,
+        sync_writes: bool = False,
+        encrypted: bool = False,
+        key_material: bytes | None = None,
     ) -> VolumeView:
         if not _DNS_LABEL.match(name):
             raise InvalidArgument(
@@ -200,6 +216,10 @@ class Service:
             raise InvalidArgument(f"invalid --repl {repl}: must be 1, 2 or 3")
         if size <= 0 or size > MAX_VOLUME_SIZE or size % 512:
             raise InvalidArgument(f"invalid size {size}: a positive multiple of 512 bytes")
+        if encrypted and size % CRYPT_BLOCK:
+            raise InvalidArgument(f"an encrypted volume's size must be a multiple of {CRYPT_BLOCK}")
+        if key_material is not None and not encrypted:
+            raise InvalidArgument("a key was given for a volume that is not --encrypted")
         if await self.etcd.get(self.keys.name(name)) is not None:
             raise DuplicateName(f"volume {name!r} already exists")
         nodes = await self.nodes()
@@ -216,6 +236,7 @@ class Service:
             replica_nodes=placed,
             sync_writes=sync_writes,
             created=time.time(),
+            encrypted=encrypted,
         )
         txn = (
             self.etcd.txn()
@@ -226,6 +247,12 @@ class Service:
         )
         for node_id in placed:
             txn.put(self.keys.replica(vid, node_id), ReplicaState(node_id, "in_sync", 0).encode())
+        if encrypted:
+            try:
+                key = derive_key(key_material, vid) if key_material else random_key()
+            except ValueError as e:
+                raise InvalidArgument(f"encryption key: {e}") from None
+            txn.put(self.keys.secret(vid), base64.b64encode(key))
         if not await self.etcd.commit(txn):
             raise DuplicateName(f"volume {name!r} already exists")
         return await self._volume_by_id(vid, name)
@@ -243,6 +270,7 @@ class Service:
             .delete(self.keys.name(name))
             .delete(self.keys.volume(vid))
             .delete_prefix(self.keys.volume_sub_prefix(vid))
+            .delete(self.keys.secret(vid))
         )
         # Each replica node frees its chunks when it sees its trash entry, even if it is down now.
         for node_id in view.replicas:
@@ -421,6 +449,7 @@ class Service:
             "nbd_uri": nbd_uri(attached, view.record.name) if attached else None,
             "epoch": view.epoch,
             "sync_writes": view.record.sync_writes,
+            "encrypted": view.record.encrypted,
             "chunk_size": view.record.chunk_size,
             "iops_limit": view.record.iops_limit,
             "bw_limit": view.record.bw_limit,

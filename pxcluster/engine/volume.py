@@ -20,9 +20,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
+from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.fanout import fan_out, fan_out_calls
 from pxcluster.engine.limits import IoLimiter
+from pxcluster.engine.rangelock import RangeLocks
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
 from replica.api import ReplicaAPI, VolumeInfo
@@ -112,6 +115,8 @@ class VolumeEngine:
         self.inflight: set[int] = set()
         self._write_done = asyncio.Event()
         self.limits = IoLimiter()
+        self.cipher: BlockCipher | None = None  # set for encrypted volumes before serving
+        self._block_locks = RangeLocks()
         # Plain counters, read by the metrics collector at scrape time (no cost per request
         # beyond an add).
         self.counters = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0}
@@ -240,9 +245,9 @@ class VolumeEngine:
         c = self.counters
         c["read_ops"] += 1
         c["read_bytes"] += length
-        parts = [await self._read_piece(p) for p in split(offset, length, self.spec.chunk_size)]
-        self._guard()
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.cipher is not None:
+            return await self._read_encrypted(offset, length)
+        return await self._read_raw(offset, length)
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._check(offset, len(data))
@@ -251,6 +256,35 @@ class VolumeEngine:
         c = self.counters
         c["write_ops"] += 1
         c["write_bytes"] += len(data)
+        if self.cipher is not None:
+            await self._write_encrypted(offset, data, fua)
+        else:
+            await self._write_raw(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._check(offset, length)
+        if not self.limits.unlimited:
+            await self.limits.admit(0)
+        if self.cipher is not None:
+            await self._trim_encrypted(offset, length, fua)
+        else:
+            await self._trim_raw(offset, length, fua)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        # Trim zero-fills partial ranges and frees whole chunks: the same bytes either way.
+        await self.trim(offset, length, fua)
+
+    # --- the replicated data path (bytes as they are stored)
+
+    async def _read_raw(self, offset: int, length: int) -> bytes:
+        parts = [await self._read_piece(p) for p in split(offset, length, self.spec.chunk_size)]
+        self._guard()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _write_raw(self, offset: int, data: memoryview, fua: bool) -> None:
         seq = next(self._seq)
         durable = fua or self.spec.sync_writes
         pieces = list(split(offset, len(data), self.spec.chunk_size))
@@ -278,13 +312,7 @@ class VolumeEngine:
 
         await self._mutate(pieces, one)
 
-    async def flush(self) -> None:
-        await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
-
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
-        self._check(offset, length)
-        if not self.limits.unlimited:
-            await self.limits.admit(0)
+    async def _trim_raw(self, offset: int, length: int, fua: bool) -> None:
         seq = next(self._seq)
         pieces = list(split(offset, length, self.spec.chunk_size))
         vid, epoch = self.spec.id, self.epoch
@@ -297,9 +325,52 @@ class VolumeEngine:
 
         await self._mutate(pieces, one)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
-        # Trim zero-fills partial ranges and frees whole chunks: the same bytes either way.
-        await self.trim(offset, length, fua)
+    # --- encryption at rest (pxcluster/engine/crypt.py): whole 4 KiB blocks on the wire
+
+    async def _read_encrypted(self, offset: int, length: int) -> bytes:
+        assert self.cipher is not None
+        first, last = offset // CRYPT_BLOCK, (offset + length - 1) // CRYPT_BLOCK
+        start = first * CRYPT_BLOCK
+        raw = await self._read_raw(start, (last + 1) * CRYPT_BLOCK - start)
+        plain = self.cipher.decrypt(first, raw)
+        return plain[offset - start : offset - start + length]
+
+    async def _write_encrypted(self, offset: int, data: memoryview, fua: bool) -> None:
+        assert self.cipher is not None
+        if not len(data):
+            return
+        first, last = offset // CRYPT_BLOCK, (offset + len(data) - 1) // CRYPT_BLOCK
+        start = first * CRYPT_BLOCK
+        end = (last + 1) * CRYPT_BLOCK
+        async with self._block_locks.hold(first, last):
+            if start == offset and end == offset + len(data):
+                plain: bytes | bytearray | memoryview = data
+            else:
+                # A partial block: read, decrypt, patch, re-encrypt (under the block lock).
+                buf = bytearray(await self._read_encrypted(start, end - start))
+                buf[offset - start : offset - start + len(data)] = data
+                plain = buf
+            await self._write_raw(start, memoryview(self.cipher.encrypt(first, plain)), fua)
+
+    async def _trim_encrypted(self, offset: int, length: int, fua: bool) -> None:
+        if not length:
+            return
+        inner_first = -(-offset // CRYPT_BLOCK)
+        inner_end = (offset + length) // CRYPT_BLOCK
+        if inner_end <= inner_first:
+            await self._write_encrypted(offset, memoryview(bytes(length)), fua)
+            return
+        # Whole blocks become holes (zeros on the replicas read as plaintext zeros); the
+        # partial edges are written as encrypted zeros.
+        head = inner_first * CRYPT_BLOCK - offset
+        tail = offset + length - inner_end * CRYPT_BLOCK
+        if head:
+            await self._write_encrypted(offset, memoryview(bytes(head)), fua)
+        async with self._block_locks.hold(inner_first, inner_end - 1):
+            start = inner_first * CRYPT_BLOCK
+            await self._trim_raw(start, inner_end * CRYPT_BLOCK - start, fua)
+        if tail:
+            await self._write_encrypted(inner_end * CRYPT_BLOCK, memoryview(bytes(tail)), fua)
 
     # --- internals
 
