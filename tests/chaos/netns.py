@@ -111,7 +111,7 @@ def sweep() -> None:
         if m:
             pids.add(int(m.group(1)))
     for pid in pids:
-        if pid == os.getpid() or not _pid_alive(pid):
+        if not _pid_alive(pid):
             remove(pid)
 
 
