@@ -116,8 +116,10 @@ def sweep() -> None:
 
 
 def _free_subnet() -> int:
-    used = set(re.findall(r"inet 10\.213\.(\d+)\.", run("ip", "-o", "addr").stdout))
-    for x in [os.getpid() % 200 + 20, *range(20, 250)]:
+    out: str = run("ip", "-o", "addr").stdout
+    used = set(re.findall(r"inet 10\.213\.(\d+)\.", out))
+    candidates: list[int] = [os.getpid() % 200 + 20, *range(20, 250)]
+    for x in candidates:
         if str(x) not in used:
             return x
     raise RuntimeError("no free 10.213.X.0/24 subnet")
