@@ -3,7 +3,8 @@
   bench/run [--quick] [--runtime 6] [--size 256m] [--no-extras] [--profile]
 
 Sets up etcd + 3 node processes on loopback (disks: sparse files under /var/tmp), then runs
-fio against, in this order:
+fio against (each workload against every target in turn, so a target and its reference
+run under the same load):
   native      fio libaio O_DIRECT on a plain file on the same filesystem
   nbdkit      `nbdkit file` on a plain file (honours FLUSH and FUA), fio nbd engine
   nbdkit_fua  the same with `--filter=fua fuamode=force` (every write durable)
@@ -73,32 +74,31 @@ def nbd_target(uri: str) -> list[str]:
     return ["--ioengine=nbd", f"--uri={uri}"]
 
 
-def measure(
-    name: str,
-    target: list[str],
-    args: argparse.Namespace,
-    cells: report.Cells,
-    pids: list[int] | None = None,
+def measure_all(
+    up: dict[str, tuple[list[str], list[int]]], args: argparse.Namespace, cells: report.Cells
 ) -> None:
-    """Every workload against one target; with `pids`, also the CPU those processes spent per
-    I/O (server side: our node processes, or nbdkit)."""
-    precondition(target, args.size)
-    cells[name] = {}
+    """Each workload against every target in turn (workload-major), so a target and its
+    reference run minutes apart at most, under the same load. With pids, also the CPU those
+    processes (our node processes, or nbdkit) spent per I/O."""
+    for name, (target, _) in up.items():
+        precondition(target, args.size)
+        cells[name] = {}
     for w in WORKLOADS:
         if args.workloads and w.key not in args.workloads:
             continue
-        cpu0, t0 = cpu_seconds(pids or []), time.monotonic()
-        r = run_fio([target], w, size=args.size, runtime=args.runtime)
-        cpu, wall = cpu_seconds(pids or []) - cpu0, time.monotonic() - t0
-        cell = cells[name][w.key] = {**r.to_dict()}
-        if pids:
-            # fio's ramp time and start-up are inside `wall`: scale the I/O count to it.
-            cell["cpu_us_per_io"] = round(1e6 * cpu / max(1.0, r.iops * wall), 1)
-        cell["load1"] = round(load()[0], 2)
-        log(
-            f"{name:11} {w.label:32} {r.mib_s:9.1f} MiB/s {r.iops:8.0f} IOPS "
-            f"p50 {r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us cpu/io {cell.get('cpu_us_per_io', '-')}"
-        )
+        for name, (target, pids) in up.items():
+            cpu0, t0 = cpu_seconds(pids), time.monotonic()
+            r = run_fio([target], w, size=args.size, runtime=args.runtime)
+            cpu, wall = cpu_seconds(pids) - cpu0, time.monotonic() - t0
+            cell = cells[name][w.key] = {**r.to_dict()}
+            if pids:
+                # fio's ramp time and start-up are inside `wall`: scale the I/O count to it.
+                cell["cpu_us_per_io"] = round(1e6 * cpu / max(1.0, r.iops * wall), 1)
+            cell["load1"] = round(load()[0], 2)
+            log(
+                f"{name:11} {w.label:32} {r.mib_s:9.1f} MiB/s {r.iops:8.0f} IOPS p50 "
+                f"{r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us cpu/io {cell.get('cpu_us_per_io', '-')}"
+            )
 
 
 def create_attached(
@@ -225,22 +225,19 @@ def main() -> None:
             result["profile"] = profile(c, args, stamp)
             print(json.dumps(result["profile"], indent=2))
             return
+        up: dict[str, tuple[list[str], list[int]]] = {}
+        kits: list[Nbdkit] = []
         if "native" in targets:
-            img = tmp / "native.img"
-            measure("native", ["--ioengine=libaio", "--direct=1", f"--filename={img}"], args, cells)
-            img.unlink()
+            up["native"] = (["--ioengine=libaio", "--direct=1", f"--filename={tmp / 'n.img'}"], [])
         for name, fua in (("nbdkit", False), ("nbdkit_fua", True)):
             if name in targets:
-                k = Nbdkit(tmp / f"{name}.img", size_b, fua=fua)
-                try:
-                    measure(name, k.target, args, cells, [k.proc.pid])
-                finally:
-                    k.close()
-                    (tmp / f"{name}.img").unlink()
+                kits.append(Nbdkit(tmp / f"{name}.img", size_b, fua=fua))
+                up[name] = (kits[-1].target, [kits[-1].proc.pid])
         etcd.start()
         c = Cluster(tmp, etcd, name="bench", lease_ttl=5)
         for n in ("n1", "n2", "n3"):
             c.add_node(n, disk_size=16 << 30)
+        pids = [n.proc.pid for n in c.nodes.values() if n.proc is not None]
         for name, repl, sync in (
             ("repl1", 1, False),
             ("repl3", 3, False),
@@ -249,8 +246,14 @@ def main() -> None:
         ):
             if name in targets:
                 uri = create_attached(c, name.replace("_", "-"), vol_size, repl, sync=sync)
-                pids = [n.proc.pid for n in c.nodes.values() if n.proc is not None]
-                measure(name, nbd_target(uri), args, cells, pids)
+                up[name] = (nbd_target(uri), pids)
+        try:
+            measure_all(up, args, cells)
+        finally:
+            for k in kits:
+                k.close()
+        for name in ("repl1", "repl3", "repl1_sync", "repl3_sync"):
+            if name in up:
                 c.cli("volume", "detach", name.replace("_", "-"))
         result["scaling_repl3_rand_write_4k_qd16_iops"] = scaling(c, args) if args.scale else {}
     finally:

@@ -4,9 +4,11 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
 - bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
-- each request's first step runs inline (`pxcluster/nbd/inline.py`): it becomes a task
-  only if it has to wait; each is answered as soon as it completes
-  (replies go out of order); replies are gathered and written once per loop iteration;
+- a READ, FLUSH or TRIM with no earlier request pending runs its first step inline
+  (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait (a read from the
+  local replica never does); WRITEs are tasks at once; each request is answered as soon
+  as it completes (replies go out of order); replies are gathered and written once per
+  loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
   payload) per connection; past that, or when the client stops reading replies
   (pause_writing), the transport stops reading, so memory stays bounded and a slow
@@ -347,7 +349,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reply_error(cookie, p.NBD_EINVAL, f"unsupported command {cmd}")
 
     def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
-        self._spawn(self._write(cookie, offset, data, fua), len(data))
+        # A task at once: the engine's writes always wait for replicas, so stepping them inline
+        # would only add the inline wrapper to every later step.
+        self._spawn(self._write(cookie, offset, data, fua), len(data), inline_ok=False)
 
     async def _write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
         export = self._export
@@ -368,10 +372,18 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._flush_scheduled = True
                     self._loop.call_soon(self._flush)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], nbytes: int, *, inline_ok: bool = True
+    ) -> None:
         self._inflight += 1
         self._inflight_bytes += nbytes
-        task = inline.start(self._loop, self._run(coro, nbytes))
+        run = self._run(coro, nbytes)
+        # Inline only when no earlier request still waits as a task: a request never starts
+        # ahead of one received before it.
+        if inline_ok and not self._tasks:
+            task = inline.start(self._loop, run)
+        else:
+            task = self._loop.create_task(run)
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
