@@ -166,7 +166,7 @@ def test_etcd_restart_during_writes(ncluster: NetnsCluster, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=ETCD_STUCK)
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=ETCD_STUCK)
 @pytest.mark.timeout(240)
 def test_etcd_restarts_attach_node_serves_again(ncluster: NetnsCluster, tmp_path: Path) -> None:
     c = ncluster
@@ -238,6 +238,7 @@ def test_rebuild_target_crash_mid_rebuild(make_cluster: MakeCluster, tmp_path: P
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason=(
         "gap: chunk data carries no checksum (only journal records and metadata do) and "
         "'volume scrub' does not exist yet: a byte flipped in one replica's chunk on disk is "
@@ -319,7 +320,7 @@ NO_LEADER = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=NO_LEADER)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NO_LEADER)
 @pytest.mark.timeout(240)
 def test_leader_and_attach_node_killed_after_the_others_rejoined(
     ncluster: NetnsCluster, tmp_path: Path
