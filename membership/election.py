@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 
 
 class Election:
-    def __init__(self, etcd: Etcd, keys: Keys, node_id: str, lease_id: int) -> None:
+    def __init__(self, etcd: Etcd, keys: Keys, node_id: str, lease_id: Callable[[], int]) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
+        # Read at every attempt: after its lease expired the node holds a new one, and a
+        # campaign with the old id would fail forever (no leader, no failover).
         self.lease_id = lease_id
         self.is_leader = False
         self.changed = asyncio.Event()
@@ -22,7 +25,7 @@ class Election:
         key = self.keys.leader()
         while True:
             with contextlib.suppress(EtcdUnavailable):
-                txn = self.etcd.txn().absent(key).put(key, self.node_id.encode(), self.lease_id)
+                txn = self.etcd.txn().absent(key).put(key, self.node_id.encode(), self.lease_id())
                 await self.etcd.commit(txn)
                 current = await self.etcd.get(key)
                 leader = current is not None and current.value.decode() == self.node_id

@@ -279,7 +279,7 @@ class Node:
             clean_after=c.clean_after,
             metrics=self.metrics,
         )
-        election = Election(self.etcd, self.keys, self.node_id, self.lease.lease_id)
+        election = Election(self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id)
         service = Service(self.etcd, c.cluster)
         runner = ControllerRunner(
             self.etcd,

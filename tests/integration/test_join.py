@@ -192,3 +192,20 @@ def test_etcd_restart_nodes_reestablish(cluster3: Cluster) -> None:
         30,
         "the volume served again",
     )
+
+
+def test_a_node_that_regranted_its_lease_can_still_become_leader(cluster3: Cluster) -> None:
+    c = cluster3
+    c.wait_for(lambda: leader(c) is not None, 10, "a leader")
+    old = leader(c)
+    assert old is not None
+    paused = next(n for n in ("n1", "n2", "n3") if n != old)
+    c.kill(paused, signal.SIGSTOP)  # past its TTL: its lease expires, it must take a new one
+    c.wait_for(lambda: not c.node_state(paused)["up"], c.lease_ttl + 5, f"{paused} down")
+    c.kill(paused, signal.SIGCONT)
+    c.wait_for(lambda: c.node_state(paused)["up"], 15, f"{paused} back with a new lease")
+    for n in ("n1", "n2", "n3"):
+        if n not in (old, paused):
+            c.kill(n)  # only the node with the re-granted lease is left to lead
+    c.kill(old)
+    c.wait_for(lambda: leader(c) == paused, c.lease_ttl + 5, f"{paused} elected")
