@@ -143,6 +143,7 @@ def chart(cells: Cells, scaling: dict[str, float], path: Path) -> bool:
         ax.plot(xs, list(scaling.values()), marker="o")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(bottom=0)
     ax.set_title("repl-3 rand write 4 KiB QD16, IOPS vs volumes", fontsize=9)
     for ax in flat[len(WORKLOADS) + 1 :]:
         ax.axis("off")
