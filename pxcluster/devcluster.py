@@ -5,6 +5,7 @@ Everything it starts is recorded in DIR/dev.json, so `dev down` stops exactly th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from membership.etcd import parse_endpoint
+from membership.etcd import Etcd, EtcdUnavailable, parse_endpoint
 from pxcluster.errors import OperationTimeout, PxcError
+from pxcluster.service import Service
 
 STATE = "dev.json"
 
@@ -153,6 +155,22 @@ def up(etcd_url: str, cluster: str, nodes: int, directory: str, disk_size: int) 
         if not _running(p["pid"]):
             tail = Path(p["log"]).read_text().strip().splitlines()[-1:]
             raise PxcError(f"node {p['name']} exited: {' '.join(tail)}")
+    # Listening comes before registering: wait until etcd shows every node up.
+    _wait(lambda: _nodes_up(etcd_url, cluster) >= nodes, 30, "nodes did not all register")
+
+
+def _nodes_up(etcd_url: str, cluster: str) -> int:
+    async def count() -> int:
+        etcd = Etcd(etcd_url)
+        try:
+            await etcd.connect()
+            return len(await Service(etcd, cluster).alive())
+        except EtcdUnavailable:
+            return 0
+        finally:
+            await etcd.close()
+
+    return asyncio.run(count())
 
 
 def _save(state_file: Path, procs: list[dict[str, Any]]) -> None:
