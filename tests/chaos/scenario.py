@@ -129,7 +129,7 @@ def compare_replicas(c: NetnsCluster, volume: str, tmp: Path) -> dict[str, int]:
     """Stop every node, then compare the in-sync replicas chunk by chunk on copies of their
     disks. Returns {node: chunks written}; raises AssertionError naming divergent chunks."""
     info = c.inspect(volume)
-    in_sync = [r["node"] for r in info["replicas"] if r["state"] == "in_sync"]
+    in_sync = sorted(r["node"] for r in info["replicas"] if r["state"] == "in_sync")
     for n in c.nodes:
         c.kill(n)  # SIGKILL: the page cache keeps every applied write in the file
     sums: dict[str, dict[int, str]] = {}
