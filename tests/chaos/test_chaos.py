@@ -311,6 +311,7 @@ def test_replica_disk_full(make_cluster: MakeCluster, tmp_path: Path) -> None:
     assert history.acked and result.ok, result
 
 
+# Found by this suite, fixed in dd07e55 (the election follows the node's current lease).
 NO_LEADER = (
     "bug: a node that lost its etcd lease rejoins with a new one (node.py _lease_lost) but "
     "its Election keeps campaigning with the old, expired lease id (Election(..., "
@@ -320,7 +321,6 @@ NO_LEADER = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NO_LEADER)
 @pytest.mark.timeout(240)
 def test_leader_and_attach_node_killed_after_the_others_rejoined(
     ncluster: NetnsCluster, tmp_path: Path
@@ -347,4 +347,5 @@ def test_leader_and_attach_node_killed_after_the_others_rejoined(
         w.finish()
         now = c.cli_json("cluster", "status")["leader"]
         raise AssertionError(f"no automatic failover off {leader} in 40 s; leader: {now}") from None
+    faults.restart(c, leader)
     finish(c, w, tmp_path, "leader-and-attach-killed")
