@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import subprocess
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,34 +13,7 @@ from typing import Any
 from replica.chunkstore import ChunkStore
 from replica.fileio import OSFile
 from tests.chaos.netns import NetnsCluster
-from tests.harness.stamps import Check, History, Writer, check
-
-
-class UriFollower:
-    """Keeps URIFILE pointing at the volume's current NBD URI, as an operator's tooling would."""
-
-    def __init__(self, c: NetnsCluster, name: str, path: Path) -> None:
-        self.c, self.name, self.path = c, name, path
-        self.stop = threading.Event()
-        self.moves: list[tuple[float, str]] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        current = self.path.read_text()
-        while not self.stop.wait(0.2):
-            try:
-                uri = self.c.inspect(self.name)["nbd_uri"]
-            except Exception:
-                continue  # etcd may be down on purpose
-            if uri and uri != current:
-                current = uri
-                self.path.write_text(uri)
-                self.moves.append((time.monotonic(), uri))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
+from tests.harness.stamps import Check, History, UriFollower, Writer, check
 
 
 @dataclass

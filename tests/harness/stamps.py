@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 CLIENT = str(Path(__file__).with_name("nbd_stamp_client.py"))
@@ -111,3 +114,35 @@ def check(history: History, uri: str, nblocks: int) -> Check:
         if b in last and seq_of[(b, token)] < last[b][0]:
             lost.append(b)
     return Check(lost, phantom, garbage, unstable)
+
+
+class Inspectable(Protocol):
+    def inspect(self, volume: str) -> dict[str, Any]: ...
+
+
+class UriFollower:
+    """Keeps URIFILE pointing at the volume's current NBD URI, as an operator's tooling would,
+    so a Writer follows the volume when it moves."""
+
+    def __init__(self, c: Inspectable, name: str, path: Path, poll: float = 0.1) -> None:
+        self.c, self.name, self.path, self.poll = c, name, path, poll
+        self.stop = threading.Event()
+        self.moves: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        current = self.path.read_text()
+        while not self.stop.wait(self.poll):
+            try:
+                uri = self.c.inspect(self.name)["nbd_uri"]
+            except Exception:
+                continue  # etcd may be down on purpose
+            if uri and uri != current:
+                current = uri
+                self.path.write_text(uri)
+                self.moves.append((time.monotonic(), uri))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -12,36 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.harness.cluster import Cluster
-from tests.harness.stamps import Writer, check, has_libnbd
+from tests.harness.stamps import UriFollower, Writer, check, has_libnbd
 
 pytestmark = pytest.mark.skipif(not has_libnbd(), reason="python3-libnbd (Debian) not installed")
-
-
-class UriFollower:
-    """Keeps URIFILE pointing at the volume's current NBD URI, as an operator's tooling would."""
-
-    def __init__(self, c: Cluster, name: str, path: Path) -> None:
-        self.c, self.name, self.path = c, name, path
-        self.stop = threading.Event()
-        self.moves: list[tuple[float, str]] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        current = self.path.read_text()
-        while not self.stop.wait(0.1):
-            try:
-                uri = self.c.inspect(self.name)["nbd_uri"]
-            except Exception:
-                continue
-            if uri and uri != current:
-                current = uri
-                self.path.write_text(uri)
-                self.moves.append((time.monotonic(), uri))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def serving_on(c: Cluster, name: str, node: str) -> bool:
