@@ -8,7 +8,10 @@ $PX dev down >/dev/null 2>&1 || true
 $PX dev up --nodes 3
 echo
 echo "== create a 256 MiB volume with 3 replicas and attach it on n1"
-$PX volume create demo --size 256M --repl 3 2>/dev/null || echo "(volume demo exists)"
+if ! $PX volume create demo --size 256M --repl 3 2>/dev/null; then
+  echo "(volume demo exists from an earlier run: detaching it first)"
+  $PX volume detach demo >/dev/null
+fi
 uri=$($PX volume attach demo --node n1 --wait)
 echo "NBD URI: $uri"
 echo
@@ -16,8 +19,8 @@ echo "== write 8 MiB of random data through nbdcopy, read it back, compare"
 tmp=$(mktemp -d)
 head -c 8M /dev/urandom >"$tmp/in"
 nbdcopy "$tmp/in" "$uri"
-nbdcopy "$uri" - | head -c 8M >"$tmp/out"
-if cmp -s "$tmp/in" "$tmp/out"; then echo "read back identical: $(sha256sum <"$tmp/in" | cut -c1-16)"; else echo "MISMATCH"; exit 1; fi
+nbdcopy "$uri" "$tmp/out"
+if cmp -s -n 8388608 "$tmp/in" "$tmp/out"; then echo "read back identical: $(sha256sum <"$tmp/in" | cut -c1-16)"; else echo "MISMATCH"; exit 1; fi
 rm -rf "$tmp"
 echo
 $PX volume inspect demo
