@@ -8,17 +8,150 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
 import aetcd.rtypes
+import aetcd.watcher
+import grpc  # type: ignore[import-untyped]
 
 
 class EtcdUnavailable(Exception):
     """etcd could not be reached or did not answer in time."""
+
+
+class EtcdConfigError(EtcdUnavailable):
+    """The TLS or user/password settings are unusable (missing file, half a pair, http URL
+    with TLS files, refused credentials). A subclass of EtcdUnavailable so every caller that
+    turns an unreachable etcd into one clear line does the same for these."""
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """How to talk to etcd beyond its URL: client TLS and user/password (all optional).
+
+    `cacert` verifies the server (system roots when empty and the URL is https), `cert` and
+    `key` are this client's certificate (etcd `--client-cert-auth`), `user`/`password` an etcd
+    user when etcd has `auth enable`d.
+    """
+
+    cacert: str = ""
+    cert: str = ""
+    key: str = ""
+    user: str = ""
+    password: str = ""
+
+    @property
+    def tls_files(self) -> bool:
+        return bool(self.cacert or self.cert or self.key)
+
+    def check(self, url: str) -> None:
+        tls = url.lower().startswith("https://")
+        if self.tls_files and not tls:
+            raise EtcdConfigError(
+                f"--etcd-cacert/--etcd-cert/--etcd-key need an https:// etcd URL, not {url}"
+            )
+        if bool(self.cert) != bool(self.key):
+            raise EtcdConfigError("--etcd-cert and --etcd-key go together: give both or neither")
+        if bool(self.user) != bool(self.password):
+            raise EtcdConfigError(
+                "--etcd-user needs a password (--etcd-password-file or PXC_ETCD_PASSWORD), "
+                "and a password needs --etcd-user"
+            )
+        for what, path in (("cacert", self.cacert), ("cert", self.cert), ("key", self.key)):
+            if path and not Path(path).is_file():
+                raise EtcdConfigError(f"--etcd-{what} {path}: no such file")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise EtcdConfigError(f"cannot read {path}: {e.strerror}") from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.cacert),
+            private_key=read(self.key),
+            certificate_chain=read(self.cert),
+        )
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd 1.0's client speaks plaintext only: this one opens a TLS channel when given
+    credentials, and can re-authenticate (etcd forgets simple tokens when it restarts)."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kw: Any) -> None:
+        self._credentials = credentials
+        super().__init__(**kw)
+
+    async def connect(self) -> None:
+        if self._credentials is None:
+            await super().connect()
+            return
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = aetcd.rpc.secure_channel(
+                target, self._credentials, options=self._options.items()
+            )
+            rpc = aetcd.rpc
+            if self._username is not None:
+                await self.reauthenticate()
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel),
+                timeout=self._timeout,
+                metadata=self.metadata,  # type: ignore[has-type]
+            )
+            self._connected.set()
+        except aetcd.rpc.AioRpcError as e:
+            aetcd.exceptions._handle_exception(e)
+        finally:
+            self._is_connecting = False
+
+    async def reauthenticate(self) -> None:
+        """Get a fresh token on the open channel; new calls and watches use it."""
+        try:
+            stub = self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+            request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+            resp = await stub.Authenticate(request, timeout=self._timeout)
+        except aetcd.rpc.AioRpcError as e:
+            aetcd.exceptions._handle_exception(e)
+        self.metadata = (("token", resp.token),)
+        if self._watcher is not None:
+            # Its stream carries the old token: end it; the next watch opens one with the new.
+            self._watcher._metadata = self.metadata
+            await self._watcher.shutdown()
+
+
+def _auth_refused(e: Exception) -> bool:
+    text = str(e).lower()
+    return "authentication failed" in text or "invalid user" in text
+
+
+def _token_expired(e: Exception) -> bool:
+    text = str(e).lower()
+    return isinstance(e, aetcd.exceptions.UnauthenticatedError) or "invalid auth token" in text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -80,75 +213,105 @@ def parse_endpoint(url: str) -> tuple[str, int]:
 
 
 class Etcd:
-    def __init__(self, url: str, *, timeout: float = 3.0) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 3.0, settings: EtcdSettings | None = None
+    ) -> None:
         self.url = url
+        self.settings = settings = settings or EtcdSettings()
+        settings.check(url)
         host, port = parse_endpoint(url)
         self.timeout = timeout
-        self._client = aetcd.Client(host=host, port=port, timeout=max(1, int(timeout)))
+        tls = url.lower().startswith("https://")
+        self._client = _Client(
+            host=host,
+            port=port,
+            username=settings.user or None,
+            password=settings.password or None,
+            timeout=max(1, int(timeout)),
+            credentials=settings.credentials() if tls else None,
+        )
+        self._reauth_lock = asyncio.Lock()
 
     async def connect(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):
                 await self._client.connect()
             # The channel connects lazily: one read proves etcd is really there.
-            await self._call(self._client.get(b"/pxc-probe"))
+            await self._call(lambda: self._client.get(b"/pxc-probe"))
         except EtcdUnavailable:
             raise
         except (aetcd.exceptions.ClientError, TimeoutError, OSError) as e:
-            raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {e}") from None
+            if self.settings.user and _auth_refused(e):
+                raise EtcdConfigError(
+                    f"etcd at {self.url} refused user {self.settings.user!r}: {_one_line(str(e))}"
+                ) from None
+            detail = _one_line(str(e)) or type(e).__name__
+            raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.timeout):
                 await self._client.close()
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # races with the call's completion (gh-86296).
             async with asyncio.timeout(self.timeout):
-                return await coro
+                try:
+                    return await call()
+                except aetcd.exceptions.ClientError as e:
+                    if not (self.settings.user and _token_expired(e)):
+                        raise
+                    # etcd forgot our token (it restarted): authenticate again, retry once.
+                    stale = self._client.metadata  # type: ignore[has-type]
+                    async with self._reauth_lock:
+                        if self._client.metadata is stale:  # not renewed by another call yet
+                            await self._client.reauthenticate()
+                    return await call()
         except (aetcd.exceptions.ClientError, TimeoutError) as e:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # gRPC reports our own cancellation as a CANCELLED call error: give the
                 # cancellation back, or loops that survive etcd outages would survive it too.
                 raise asyncio.CancelledError() from e
-            detail = str(e) or type(e).__name__
+            detail = _one_line(str(e)) or type(e).__name__
             raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
 
     async def get(self, key: bytes) -> KV | None:
-        raw = await self._call(self._client.get(key))
+        raw = await self._call(lambda: self._client.get(key))
         return None if raw is None else _kv(raw)
 
     async def get_prefix(self, prefix: bytes) -> list[KV]:
-        res = await self._call(self._client.get_prefix(prefix))
+        res = await self._call(lambda: self._client.get_prefix(prefix))
         return [_kv(kv) for kv in res]
 
     async def put(self, key: bytes, value: bytes, lease: int | None = None) -> None:
-        await self._call(self._client.put(key, value, lease=lease))
+        await self._call(lambda: self._client.put(key, value, lease=lease))
 
     async def delete(self, key: bytes) -> None:
-        await self._call(self._client.delete(key))
+        await self._call(lambda: self._client.delete(key))
 
     def txn(self) -> Txn:
         return Txn(self._client)
 
     async def commit(self, txn: Txn) -> bool:
-        ok, _ = await self._call(self._client.transaction(txn.compare, txn.success, txn.failure))
+        ok, _ = await self._call(
+            lambda: self._client.transaction(txn.compare, txn.success, txn.failure)
+        )
         return bool(ok)
 
     async def grant_lease(self, ttl: int) -> int:
-        lease = await self._call(self._client.lease(ttl))
+        lease = await self._call(lambda: self._client.lease(ttl))
         return int(lease.id)
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Returns the remaining TTL; <= 0 means the lease is gone."""
-        reply = await self._call(self._client.refresh_lease(lease_id))
+        reply = await self._call(lambda: self._client.refresh_lease(lease_id))
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
-        await self._call(self._client.revoke_lease(lease_id))
+        await self._call(lambda: self._client.revoke_lease(lease_id))
 
     async def wake_on_changes(self, prefix: bytes, wake: asyncio.Event) -> None:
         """Set `wake` on every change under `prefix`, forever; survives etcd restarts.
@@ -158,7 +321,7 @@ class Etcd:
         """
         while True:
             try:
-                watch = await self._call(self._client.watch_prefix(prefix))
+                watch = await self._call(lambda: self._client.watch_prefix(prefix))
                 wake.set()  # events may have been missed while no watch was open
                 try:
                     async for _ in watch:

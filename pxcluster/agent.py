@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 from membership.etcd import Etcd, EtcdUnavailable
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 class Peers:
     """One replica client per peer node, reused by every engine on this node."""
 
-    def __init__(self, local_id: str, local: ReplicaAPI) -> None:
+    def __init__(
+        self, local_id: str, local: ReplicaAPI, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.local_id = local_id
         self.local = local
+        self.tls = tls  # replica port TLS (replica.tls.client_context), None: plain TCP
         self._clients: dict[str, tuple[tuple[str, int], ReplicaClient]] = {}
 
     def get(self, node: NodeRecord) -> ReplicaAPI:
@@ -47,7 +51,7 @@ class Peers:
         where = (node.address, node.data_port)
         known = self._clients.get(node.id)
         if known is None or known[0] != where:
-            client = ReplicaClient(node.address, node.data_port)
+            client = ReplicaClient(node.address, node.data_port, tls=self.tls)
             self._clients[node.id] = (where, client)
             return client
         return known[1]

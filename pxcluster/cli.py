@@ -6,11 +6,12 @@ import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from membership.etcd import Etcd, EtcdUnavailable
+from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable
 from pxcluster import logs, output
 from pxcluster.errors import InvalidArgument, PxcError
 from pxcluster.service import Service
@@ -29,9 +30,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class Ctx:
-    def __init__(self, etcd_url: str, cluster: str) -> None:
+    def __init__(self, etcd_url: str, cluster: str, settings: EtcdSettings | None = None) -> None:
         self.etcd_url = etcd_url
         self.cluster = cluster
+        self.etcd_settings = settings or EtcdSettings()
+
+    def etcd(self) -> Etcd:
+        return Etcd(self.etcd_url, settings=self.etcd_settings)
 
 
 def with_service(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -41,7 +46,7 @@ def with_service(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(ctx: Ctx, *args: Any, **kwargs: Any) -> Any:
         async def body() -> Any:
-            etcd = Etcd(ctx.etcd_url)
+            etcd = ctx.etcd()
             try:
                 await etcd.connect()
                 return await fn(Service(etcd, ctx.cluster), *args, **kwargs)
@@ -78,12 +83,44 @@ def not_implemented(what: str) -> Callable[..., None]:
     show_default=True,
     help="cluster name (env PXC_CLUSTER)",
 )
+@click.option("--etcd-cacert", envvar="PXC_ETCD_CACERT", default="", help="CA verifying etcd (TLS)")
+@click.option("--etcd-cert", envvar="PXC_ETCD_CERT", default="", help="client certificate for etcd")
+@click.option("--etcd-key", envvar="PXC_ETCD_KEY", default="", help="its private key")
+@click.option("--etcd-user", envvar="PXC_ETCD_USER", default="", help="etcd user (auth enabled)")
+@click.option(
+    "--etcd-password",
+    envvar="PXC_ETCD_PASSWORD",
+    default="",
+    help="its password (prefer --etcd-password-file or the env: argv is visible to all)",
+)
+@click.option(
+    "--etcd-password-file", envvar="PXC_ETCD_PASSWORD_FILE", default="", help="file with it"
+)
 @click.option("-v", "--verbose", count=True, help="more logging")
 @click.pass_context
-def main(ctx: click.Context, etcd: str, cluster: str, verbose: int) -> None:
+def main(
+    ctx: click.Context,
+    etcd: str,
+    cluster: str,
+    etcd_cacert: str,
+    etcd_cert: str,
+    etcd_key: str,
+    etcd_user: str,
+    etcd_password: str,
+    etcd_password_file: str,
+    verbose: int,
+) -> None:
     """pxcluster: synchronously replicated block volumes served over NBD."""
     logs.setup(logging.WARNING - 10 * verbose)
-    ctx.obj = Ctx(etcd, cluster)
+    if etcd_password_file:
+        if etcd_password:
+            output.fail("give --etcd-password or --etcd-password-file, not both")
+        try:
+            etcd_password = Path(etcd_password_file).read_text().rstrip("\r\n")
+        except OSError as e:
+            output.fail(f"cannot read --etcd-password-file {etcd_password_file}: {e.strerror}")
+    settings = EtcdSettings(etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password)
+    ctx.obj = Ctx(etcd, cluster, settings)
 
 
 # --- cluster
@@ -132,6 +169,9 @@ def cluster() -> None:
     help="serve the Docker volume plugin on this unix socket "
     "(e.g. /run/docker/plugins/pxcluster.sock)",
 )
+@click.option("--data-tls-cert", default="", help="replica port TLS: this node's certificate")
+@click.option("--data-tls-key", default="", help="replica port TLS: its private key")
+@click.option("--data-tls-ca", default="", help="replica port TLS: CA of every node's certificate")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
@@ -154,18 +194,31 @@ def join(
     clean_after: float,
     api_token_file: str,
     docker_plugin_socket: str,
+    data_tls_cert: str,
+    data_tls_key: str,
+    data_tls_ca: str,
     log_level: str,
     log_format: str,
 ) -> None:
     """Format or recognise the disks, register this node and run it in the foreground."""
     from pxcluster.node import Node, NodeConfig
+    from pxcluster.paths import check_data_dir, check_disks
+    from replica.tls import TlsConfigError, TlsFiles
 
     logs.setup(log_level.upper(), log_format)
+    try:
+        data_tls = TlsFiles.from_options(data_tls_cert, data_tls_key, data_tls_ca)
+        data_dir = check_data_dir(data_dir)
+        disks = tuple(check_disks(disks))
+    except (PxcError, TlsConfigError) as e:
+        output.fail(f"cannot join: {e}")
     config = NodeConfig(
         name=name,
         address=address,
         disks=list(disks),
         etcd_url=ctx.etcd_url,
+        etcd_settings=ctx.etcd_settings,
+        data_tls=data_tls,
         cluster=ctx.cluster,
         zone=zone,
         data_port=data_port,
@@ -182,7 +235,7 @@ def join(
     )
     try:
         run(Node(config).run_forever())
-    except (*EXPECTED, OSError) as e:
+    except (*EXPECTED, OSError, TlsConfigError) as e:
         output.fail(f"cannot join: {e}")
 
 
@@ -646,7 +699,9 @@ def dev_up(ctx: Ctx, nodes: int, directory: str, disk_size: str) -> None:
     from pxcluster import devcluster
 
     try:
-        devcluster.up(ctx.etcd_url, ctx.cluster, nodes, directory, parse_size(disk_size))
+        devcluster.up(
+            ctx.etcd_url, ctx.cluster, nodes, directory, parse_size(disk_size), ctx.etcd_settings
+        )
     except EXPECTED as e:
         output.fail(str(e))
     click.get_current_context().invoke(status)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from membership.etcd import Etcd, EtcdUnavailable, parse_endpoint
+from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable, parse_endpoint
 from pxcluster.errors import OperationTimeout, PxcError
 from pxcluster.service import Service
 
@@ -66,7 +66,22 @@ def _pxcluster() -> list[str]:
     return [sys.executable, "-m", "pxcluster.cli"]
 
 
-def up(etcd_url: str, cluster: str, nodes: int, directory: str, disk_size: int) -> None:
+def up(
+    etcd_url: str,
+    cluster: str,
+    nodes: int,
+    directory: str,
+    disk_size: int,
+    settings: EtcdSettings | None = None,
+) -> None:
+    if settings is not None and (settings.tls_files or settings.user):
+        # It starts its own etcd, on plain http and without users.
+        raise PxcError(
+            "dev up starts its own etcd without TLS or users; --etcd-cacert/--etcd-cert/"
+            "--etcd-key/--etcd-user are for a real etcd (pxcluster cluster join)"
+        )
+    if etcd_url.lower().startswith("https://"):
+        raise PxcError(f"dev up starts its own etcd on plain http, not {etcd_url}")
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     state_file = d / STATE

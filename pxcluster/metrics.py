@@ -10,6 +10,26 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# NBD request latency: 50 us (a local page-cache read) to 10 s (a replica timing out).
+_LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    10,
+)
+LATENCY_OPS = ("read", "write", "flush")
 
 
 class ServedVolume(Protocol):
@@ -92,6 +112,28 @@ class Metrics:
         self.lease_healthy = Gauge(
             "pxc_lease_healthy", "1 while the node's etcd lease is safely renewed", registry=r
         )
+        self.volume_latency = Histogram(
+            "pxc_volume_latency_seconds",
+            "NBD request latency as its clients see it, from request to reply",
+            ["volume", "op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._latency_children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+
+    def nbd_latency(self, volume: str) -> tuple[Histogram, Histogram, Histogram]:
+        """The (read, write, flush) histograms of a volume, made once per volume and cached:
+        the NBD server calls this when a connection binds to the volume, then only observes."""
+        children = self._latency_children.get(volume)
+        if children is None:
+            h = self.volume_latency
+            children = (
+                h.labels(volume, "read"),
+                h.labels(volume, "write"),
+                h.labels(volume, "flush"),
+            )
+            self._latency_children[volume] = children
+        return children
 
     def watch_volumes(self, volumes: Callable[[], Iterable[ServedVolume]]) -> None:
         self.registry.register(_VolumeCollector(volumes))

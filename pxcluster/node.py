@@ -15,13 +15,13 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from membership.election import Election
-from membership.etcd import Etcd
+from membership.etcd import Etcd, EtcdSettings
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
@@ -35,12 +35,14 @@ from pxcluster.errors import JoinRefused
 from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
+from pxcluster.paths import check_data_dir, inside
 from pxcluster.service import Service
 from replica.chunkstore import ChunkStore
 from replica.errors import ForeignDisk, NotFormatted
 from replica.fileio import OSFile
 from replica.server import ReplicaServer
 from replica.service import ReplicaService
+from replica.tls import TlsFiles, client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class NodeConfig:
     clean_after: float = 2.0  # s a chunk stays idle before it leaves the dirty-chunk log
     api_token_file: str = ""  # bearer token for mutating API calls (empty: no auth)
     docker_plugin_socket: str = ""  # serve the Docker volume plugin here (empty: off)
+    etcd_settings: EtcdSettings = field(default_factory=EtcdSettings)  # etcd TLS, user
+    data_tls: TlsFiles | None = None  # replica port TLS with client certificates (None: off)
 
 
 def boot_id() -> str:
@@ -95,7 +99,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.keys = Keys(config.cluster)
-        self.etcd = Etcd(config.etcd_url)
+        self.etcd = Etcd(config.etcd_url, settings=config.etcd_settings)
         self.stores: list[ChunkStore] = []
         self.disk_paths: list[str] = []
         self.node_id = ""
@@ -245,15 +249,17 @@ class Node:
         self.cluster_id = (await ensure_cluster(self.etcd, self.keys)).id
         await self.open_disks()
         await self.check_identity()
-        if c.data_dir:
-            os.makedirs(c.data_dir, exist_ok=True)
+        c.data_dir = check_data_dir(c.data_dir)
         self.service = ReplicaService(self.stores)
         self.replica_server = ReplicaServer(self.service)
-        await self.replica_server.start(c.address, c.data_port)
-        self.nbd = NbdServer(self.registry)
+        tls = c.data_tls
+        await self.replica_server.start(
+            c.address, c.data_port, tls=server_context(tls) if tls else None
+        )
+        self.nbd = NbdServer(self.registry, latency=self.metrics.nbd_latency)
         await self.nbd.start_tcp(c.address, c.nbd_port)
         if c.data_dir:
-            sock = os.path.join(c.data_dir, "nbd.sock")
+            sock = inside(c.data_dir, "nbd.sock")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock)
             await self.nbd.start_unix(sock)
@@ -267,7 +273,7 @@ class Node:
             )
         await self.register()
         self.lease.start()
-        peers = Peers(self.node_id, self.service)
+        peers = Peers(self.node_id, self.service, tls=client_context(tls) if tls else None)
         self.agent = NodeAgent(
             self.node_id,
             self.etcd,

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from membership.etcd import Etcd, EtcdUnavailable
+from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable
 from pxcluster import output, stamp
 from pxcluster.errors import PxcError, VolumeBusy
 from pxcluster.nbdclient import NbdClient, NbdError
@@ -178,9 +178,15 @@ def check(h: History, first: list[bytes], second: list[bytes], r: Result) -> Non
 
 
 async def run_verify(
-    etcd_url: str, cluster: str, name: str, seconds: float, with_faults: bool, seed: int
+    etcd_url: str,
+    cluster: str,
+    name: str,
+    seconds: float,
+    with_faults: bool,
+    seed: int,
+    settings: EtcdSettings | None = None,
 ) -> Result:
-    etcd = Etcd(etcd_url)
+    etcd = Etcd(etcd_url, settings=settings)
     await etcd.connect()
     try:
         svc = Service(etcd, cluster)
@@ -230,7 +236,11 @@ def verify(name: str, seconds: float, with_faults: bool, seed: int, as_json: boo
     ctx: Any = click.get_current_context().obj
     seed = seed or random.randrange(1, 1 << 31)
     try:
-        r = asyncio.run(run_verify(ctx.etcd_url, ctx.cluster, name, seconds, with_faults, seed))
+        r = asyncio.run(
+            run_verify(
+                ctx.etcd_url, ctx.cluster, name, seconds, with_faults, seed, ctx.etcd_settings
+            )
+        )
     except (PxcError, EtcdUnavailable, NbdError, OSError) as e:
         output.fail(str(e))
         return

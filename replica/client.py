@@ -11,6 +11,7 @@ Remote typed errors are raised here as the same types.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -66,10 +67,17 @@ class _ClientConnection(FramedProtocol):
 
 class ReplicaClient:
     def __init__(
-        self, host: str, port: int, *, timeout: float = 5.0, connect_timeout: float = 2.0
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls  # replica.tls.client_context: present our cert, verify the server's
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._where = f"replica {host}:{port}"
@@ -104,9 +112,13 @@ class ReplicaClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, c = await loop.create_connection(
-                    lambda: _ClientConnection(self._where), self.host, self.port
+                    lambda: _ClientConnection(self._where),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
                 )
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             raise ReplicaUnavailable(f"{self._where}: cannot connect: {e!r}") from None
         self._conn = c
         return c

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import types
 import uuid
@@ -29,6 +30,7 @@ from typing import Any
 from replica.api import ReplicaAPI
 from replica.errors import ProtocolError, ReplicaError
 from replica.protocol import FramedProtocol, Header, RxBuffer, check_request
+from replica.tls import HANDSHAKE_TIMEOUT, TlsConfigError, TlsFiles, server_context
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +291,18 @@ class ReplicaServer:
         self._conns: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> None:
+        """Listen; with `tls` (replica.tls.server_context), only clients with a certificate
+        from the cluster's replica CA get through the handshake."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=128
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_address=True,
+            backlog=128,
+            ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls is not None else None,
         )
 
     @property
@@ -349,7 +359,8 @@ async def _serve(args: argparse.Namespace) -> int:
                     )
             stores.append(ChunkStore.open(f, cluster_id=args.cluster_id, boot_id=_boot_id()))
         server = ReplicaServer(ReplicaService(stores))
-        await server.start(args.host, args.port)
+        tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
+        await server.start(args.host, args.port, tls=server_context(tls) if tls else None)
         print(f"READY {server.port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -358,7 +369,7 @@ async def _serve(args: argparse.Namespace) -> int:
         await stop.wait()
         await server.close()
         return 0
-    except (ReplicaError, OSError) as e:
+    except (ReplicaError, OSError, TlsConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -377,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9002)
     p.add_argument("--format", action="store_true", help="format disks that are not formatted")
+    p.add_argument("--tls-cert", default="", help="TLS: this server's certificate")
+    p.add_argument("--tls-key", default="", help="TLS: its key")
+    p.add_argument("--tls-ca", default="", help="TLS: CA that signs client certificates")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import uvloop

@@ -24,8 +24,9 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Coroutine
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from time import perf_counter
+from typing import Any, Protocol, cast
 
 from pxcluster.nbd import inline
 from pxcluster.nbd import protocol as p
@@ -43,6 +44,21 @@ _PHASE_CLIENT_FLAGS = 0
 _PHASE_OPTIONS = 1
 _PHASE_TRANSMISSION = 2
 
+# Indexes into a volume's latency observers.
+_OP_READ = 0
+_OP_WRITE = 1
+_OP_FLUSH = 2
+
+
+class Observer(Protocol):
+    """A latency histogram (prometheus_client's Histogram child has this method)."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+# Export name -> its (read, write, flush) observers; called once per connection.
+LatencyFor = Callable[[str], tuple[Observer, Observer, Observer]]
+
 
 class NbdConnection(asyncio.BufferedProtocol):
     __slots__ = (
@@ -58,6 +74,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_handshake_timer",
         "_inflight",
         "_inflight_bytes",
+        "_lat",
         "_loop",
         "_lost",
         "_negotiation",
@@ -91,6 +108,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._structured = False
         self._export: Export | None = None
         self._export_name = ""
+        self._lat: tuple[Observer, Observer, Observer] | None = None
         self._transport: asyncio.Transport | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         # A WRITE whose payload is still arriving: its buffer, bytes received, header.
@@ -284,6 +302,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             self._export = export
             self._export_name = outcome.export_name
+            if self._server.latency is not None:
+                self._lat = self._server.latency(outcome.export_name)
             self._structured = self._negotiation.structured
             self._phase = _PHASE_TRANSMISSION
             if self._handshake_timer is not None:
@@ -325,9 +345,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif beyond_end:
                 self._reply_error(cookie, p.NBD_EINVAL, "read beyond end of export")
             else:
-                self._spawn(self._read(export, cookie, offset, length), length)
+                self._spawn(self._read(export, cookie, offset, length, perf_counter()), length)
         elif cmd == p.CMD_FLUSH:
-            self._spawn(self._call(cookie, export.flush()), 0)
+            self._spawn(self._call(cookie, export.flush(), _OP_FLUSH, perf_counter()), 0)
         elif cmd == p.CMD_TRIM:
             if beyond_end:
                 self._reply_error(cookie, p.NBD_EINVAL, "trim beyond end of export")
@@ -351,13 +371,16 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
         # A task at once: the engine's writes always wait for replicas, so stepping them inline
         # would only add the inline wrapper to every later step.
-        self._spawn(self._write(cookie, offset, data, fua), len(data), inline_ok=False)
+        t0 = perf_counter()
+        self._spawn(self._write(cookie, offset, data, fua, t0), len(data), inline_ok=False)
 
-    async def _write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
+    async def _write(
+        self, cookie: int, offset: int, data: memoryview, fua: bool, t0: float
+    ) -> None:
         export = self._export
         assert export is not None
         try:
-            await self._call(cookie, export.write(offset, data, fua))
+            await self._call(cookie, export.write(offset, data, fua), _OP_WRITE, t0)
         finally:
             buf: object = data.obj
             try:
@@ -400,7 +423,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif not self._closed:
                 self._resume()
 
-    async def _call(self, cookie: int, coro: Coroutine[Any, Any, None]) -> None:
+    async def _call(
+        self, cookie: int, coro: Coroutine[Any, Any, None], op: int = -1, t0: float = 0.0
+    ) -> None:
         try:
             await coro
         except Exception as exc:
@@ -414,8 +439,10 @@ class NbdConnection(asyncio.BufferedProtocol):
                 )
             else:
                 self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+        if op >= 0 and self._lat is not None:
+            self._lat[op].observe(perf_counter() - t0)
 
-    async def _read(self, export: Export, cookie: int, offset: int, length: int) -> None:
+    async def _read(self, export: Export, cookie: int, offset: int, length: int, t0: float) -> None:
         try:
             data = await export.read(offset, length)
             size = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -423,6 +450,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 raise RuntimeError(f"export returned {size} bytes for a {length}-byte read")
         except Exception as exc:
             self._reply_failure(cookie, exc)
+            if self._lat is not None:
+                self._lat[_OP_READ].observe(perf_counter() - t0)
             return
         if self._structured:
             if length == 0:  # an OFFSET_DATA chunk must carry data
@@ -441,6 +470,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
         self._queue(header, data)
+        if self._lat is not None:
+            self._lat[_OP_READ].observe(perf_counter() - t0)
 
     # --- output ----------------------------------------------------------------------------
 
@@ -544,10 +575,13 @@ class NbdServer:
         max_request: int = 32 << 20,
         max_inflight_bytes: int = 64 << 20,
         handshake_timeout: float = 30.0,
+        latency: LatencyFor | None = None,
     ) -> None:
         if max_inflight < 1 or max_request < 1:
             raise ValueError("max_inflight and max_request must be positive")
         self.registry = registry
+        # Per-volume latency histograms (pxcluster.metrics.Metrics.nbd_latency), or None.
+        self.latency = latency
         self.max_inflight = max_inflight
         self.max_request = max_request
         self.max_inflight_bytes = max_inflight_bytes
