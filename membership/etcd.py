@@ -246,6 +246,8 @@ class Etcd:
                     f"etcd at {self.url} refused user {self.settings.user!r}: {_one_line(str(e))}"
                 ) from None
             detail = _one_line(str(e)) or type(e).__name__
+            if "handshake" in detail.lower():
+                detail += " (TLS: check --etcd-cacert, --etcd-cert and --etcd-key)"
             raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
 
     async def close(self) -> None:
@@ -276,6 +278,11 @@ class Etcd:
                 # cancellation back, or loops that survive etcd outages would survive it too.
                 raise asyncio.CancelledError() from e
             detail = _one_line(str(e)) or type(e).__name__
+            if not self.settings.user and "user name is empty" in detail:
+                raise EtcdConfigError(
+                    f"etcd at {self.url} requires a user: pass --etcd-user and "
+                    "--etcd-password-file (or PXC_ETCD_USER, PXC_ETCD_PASSWORD)"
+                ) from None
             raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
 
     async def get(self, key: bytes) -> KV | None:

@@ -20,9 +20,24 @@ _subnet = itertools.count(1)
 
 
 def pxcluster(
-    etcd_url: str, cluster: str, *args: str, timeout: float = 60, check: bool = True
+    etcd_url: str,
+    cluster: str,
+    *args: str,
+    timeout: float = 60,
+    check: bool = True,
+    global_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "pxcluster.cli", "--etcd", etcd_url, "--cluster", cluster, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pxcluster.cli",
+        "--etcd",
+        etcd_url,
+        "--cluster",
+        cluster,
+        *global_args,
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"pxcluster {' '.join(args)} failed ({res.returncode}): {res.stderr}")
@@ -51,18 +66,35 @@ class NodeProc:
 class Cluster:
     """etcd plus node processes, all torn down by `close()`."""
 
-    def __init__(self, tmp: Path, etcd: EtcdServer, name: str = "test", lease_ttl: int = 2) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        etcd: EtcdServer,
+        name: str = "test",
+        lease_ttl: int = 2,
+        *,
+        global_args: tuple[str, ...] = (),
+    ) -> None:
         self.tmp = tmp
         self.etcd = etcd
         self.name = name
         self.lease_ttl = lease_ttl
+        # Options before the command on every CLI call and node (etcd TLS/user, ...).
+        self.global_args = global_args
         self.nodes: dict[str, NodeProc] = {}
         self.subnet = next(_subnet) + (os.getpid() % 50) * 4
 
     def cli(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        return pxcluster(self.etcd.url, self.name, *args, check=check, timeout=timeout)
+        return pxcluster(
+            self.etcd.url,
+            self.name,
+            *args,
+            check=check,
+            timeout=timeout,
+            global_args=self.global_args,
+        )
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
@@ -99,6 +131,7 @@ class Cluster:
             self.etcd.url,
             "--cluster",
             self.name,
+            *self.global_args,
             "cluster",
             "join",
             "--name",

@@ -28,16 +28,53 @@ def wait_port(host: str, port: int, timeout: float) -> None:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
+    """With `tls` (cert, key, client CA), clients speak https and must present a certificate
+    signed by that CA (etcd --client-cert-auth)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        *,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.host = host
         self.port = free_port(host)
         self.peer_port = free_port(host)
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        cert, key, ca = self.tls
+        return [
+            "--cert-file",
+            str(cert),
+            "--key-file",
+            str(key),
+            "--trusted-ca-file",
+            str(ca),
+            "--client-cert-auth",
+        ]
+
+    def etcdctl(self, *args: str, extra: tuple[str, ...] = ()) -> str:
+        """Run etcdctl against this server (extra: --cacert/--user/... flags)."""
+        res = subprocess.run(
+            ["etcdctl", "--endpoints", self.url, *extra, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: {res.stderr.strip()}")
+        return res.stdout
 
     def start(self) -> None:
         etcd = shutil.which("etcd")
@@ -62,6 +99,7 @@ class EtcdServer:
                 peer,
                 "--initial-cluster",
                 f"t={peer}",
+                *self._tls_args(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
