@@ -13,9 +13,24 @@ with (StaleEpoch) and changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 Generation = tuple[int, int]  # (epoch, seq) of a chunk's last write; (0, 0) = never written
+
+
+class ChunkCopy(NamedTuple):
+    """One layer's entry for a chunk, exactly as a rebuild copies it."""
+
+    data: bytes | None  # None: no entry in this layer
+    gen: Generation
+    present: bytes | None = None  # bitmask of the 4 KiB blocks the entry holds; None: all
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    name: str
+    created: float
 
 
 @dataclass(frozen=True)
@@ -60,8 +75,11 @@ class ReplicaAPI(Protocol):
         ...
 
     async def read(
-        self, volume: str, epoch: int, chunk: int, offset: int, length: int
-    ) -> bytes: ...
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
+    ) -> bytes:
+        """The volume's current data, or with `snapshot` (an id) that snapshot's: snapshots are
+        immutable, so that read needs neither the current epoch nor an open."""
+        ...
 
     async def trim(
         self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int
@@ -73,16 +91,42 @@ class ReplicaAPI(Protocol):
         """Return once every write applied before the call is durable (group commit)."""
         ...
 
-    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]: ...
+    async def generations(
+        self, volume: str, epoch: int, *, layer: str = ""
+    ) -> dict[int, Generation]:
+        """The chunks of one layer (the head by default, else a snapshot id)."""
+        ...
+
+    async def snapshot_generations(self, volume: str, snap_id: str) -> dict[int, Generation]:
+        """Every chunk allocated in the snapshot's view, with its generation (for backups)."""
+        ...
+
+    async def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        """The volume's snapshots here, oldest first."""
+        ...
+
+    async def snapshot_create(
+        self, volume: str, epoch: int, snap_id: str, name: str, created: float
+    ) -> None:
+        """Freeze the current data into a snapshot, durably (idempotent)."""
+        ...
+
+    async def snapshot_delete(self, volume: str, epoch: int, snap_id: str) -> None:
+        """Drop a snapshot; what only it held is freed; every other view is unchanged."""
+        ...
+
+    async def revert(self, volume: str, epoch: int, snap_id: str) -> None:
+        """Discard the data written since the snapshot and every newer snapshot."""
+        ...
 
     async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
         """Durably drop chunks from the dirty log (only after they are flushed everywhere)."""
         ...
 
     async def read_chunk(
-        self, volume: str, epoch: int, chunk: int
-    ) -> tuple[bytes | None, Generation]:
-        """Whole chunk for rebuild/reconcile; None when it is not allocated (reads as zeros)."""
+        self, volume: str, epoch: int, chunk: int, *, layer: str = ""
+    ) -> ChunkCopy:
+        """One layer's entry for a chunk (rebuild/reconcile); data None when it has none."""
         ...
 
     async def write_chunk(
@@ -92,8 +136,11 @@ class ReplicaAPI(Protocol):
         chunk: int,
         data: bytes | memoryview | None,
         generation: Generation,
+        *,
+        present: bytes | None = None,
     ) -> None:
-        """Install a whole chunk (None frees it) with the given generation, durably."""
+        """Install a whole head chunk (None frees it) with the given generation and block
+        presence, durably."""
         ...
 
     async def delete(self, volume: str) -> None:

@@ -10,13 +10,18 @@ The API (a test double may implement the same classes and methods):
     await store.open_volume(volume, epoch, size, *, sync_writes=False) -> VolumeMeta
     store.check_epoch(volume, epoch)
     await store.write(volume, epoch, chunk, offset, data, *, seq, durable=False)
-    store.read(volume, epoch, chunk, offset, length) -> bytes
+    store.read(volume, epoch, chunk, offset, length, *, snapshot="") -> bytes
     await store.trim(volume, epoch, chunk, offset, length, *, seq)
     await store.flush()
-    store.generations(volume) -> dict[int, (epoch, seq)]
+    store.generations(volume, *, layer="") -> dict[int, (epoch, seq)]
+    store.snapshot_generations(volume, snap_id) -> dict[int, (epoch, seq)]
     await store.mark_clean(volume, epoch, chunks)
-    store.read_chunk(volume, epoch, chunk) -> (bytes | None, (epoch, seq))
-    await store.write_chunk(volume, epoch, chunk, data | None, (epoch, seq))
+    store.read_chunk(volume, epoch, chunk, *, layer="") -> ChunkCopy
+    await store.write_chunk(volume, epoch, chunk, data | None, (epoch, seq), *, present=None)
+    store.snapshots(volume) -> list[SnapshotInfo]
+    await store.snapshot_create(volume, epoch, snap_id, name, created)
+    await store.snapshot_delete(volume, epoch, snap_id)
+    await store.revert(volume, epoch, snap_id)
     await store.delete_volume(volume)
     store.stats() -> StoreStats
     await store.close()
@@ -29,6 +34,11 @@ first touched; later writes to a dirty chunk go straight to the page cache. Gene
 buffered and journaled at the next sync: after a crash, dirty chunks are resynced anyway.
 A slot is zeroed durably before it is handed to a chunk, so no chunk ever shows another
 chunk's old data. All syncs go through one group-commit path (`flush`).
+
+Snapshots are layers (see chunkmeta): a snapshot freezes the head's chunks; a later write
+allocates a fresh head chunk that holds only the blocks written since (copy on write per
+4 KiB block, reading a partial block's rest from below), so a snapshot never costs a chunk copy.
+Deleting a snapshot merges its blocks into the layer above, which keeps every view unchanged.
 """
 
 from __future__ import annotations
@@ -36,16 +46,25 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from replica.api import ChunkCopy, SnapshotInfo
 from replica.chunkmeta import (
     ChunkState,
     Meta,
     Record,
+    SnapLayer,
     VolState,
+    mask_from_bytes,
+    mask_to_bytes,
     rec_clean,
     rec_delete,
     rec_dirty,
+    rec_drop_layer,
     rec_free,
     rec_generation,
+    rec_move_up,
+    rec_present,
+    rec_revert,
+    rec_snapshot,
     rec_volume,
 )
 from replica.errors import (
@@ -54,6 +73,7 @@ from replica.errors import (
     OutOfRange,
     ReplicaError,
     StaleEpoch,
+    UnknownSnapshot,
     UnknownVolume,
 )
 from replica.fileio import BlockFile
@@ -118,6 +138,7 @@ class ChunkStore:
         # until then it covers whatever is applied meanwhile, so callers join it.
         self._sync_begun = False
         self._closed = False
+        self._snap_locks: dict[str, asyncio.Lock] = {}
         self.unclean = unclean
 
     # ----- disk lifecycle -----
@@ -234,30 +255,77 @@ class ChunkStore:
             return
         self._records.append(rec_delete(volume))
         slots = [c.slot for c in v.chunks.values()]
+        slots += [c.slot for layer in v.snaps for c in layer.chunks.values()]
         # These slots belong to no one now, so zeroing them off the loop cannot race a writer.
         await asyncio.to_thread(self._punch_slots, slots)
         self._punched.extend(slots)
         await self.flush()
 
-    def generations(self, volume: str) -> dict[int, Generation]:
+    def generations(self, volume: str, *, layer: str = "") -> dict[int, Generation]:
+        """One layer's chunks (the head by default): what a rebuild compares and copies."""
         v = self._lookup(volume)
-        return {i: (c.epoch, c.seq) for i, c in v.chunks.items()}
+        return {i: (c.epoch, c.seq) for i, c in self._layer(volume, v, layer).items()}
+
+    def snapshot_generations(self, volume: str, snap_id: str) -> dict[int, Generation]:
+        """The snapshot's view: each chunk any layer up to it holds, with the generation of
+        the topmost (later writes always carry higher generations)."""
+        v = self._lookup(volume)
+        top = self._snap_index(volume, v, snap_id)
+        out: dict[int, Generation] = {}
+        for layer in v.snaps[: top + 1]:
+            out.update((i, (c.epoch, c.seq)) for i, c in layer.chunks.items())
+        return out
+
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        v = self._lookup(volume)
+        return [SnapshotInfo(s.id, s.name, s.created) for s in v.snaps]
 
     def stats(self) -> StoreStats:
-        chunks = sum(len(v.chunks) for v in self._meta.vols.values())
+        chunks = sum(
+            len(v.chunks) + sum(len(s.chunks) for s in v.snaps) for v in self._meta.vols.values()
+        )
         capacity = self._sb.slots * self._sb.chunk_size
         used = chunks * self._sb.chunk_size
         return StoreStats(capacity=capacity, used=used, free=capacity - used, chunks=chunks)
 
     # ----- data path -----
 
-    def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+    def read(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
+    ) -> bytes:
+        """The head's view, or with `snapshot` that snapshot's (immutable: no epoch check)."""
+        if snapshot:
+            v = self._lookup(volume)
+            _check_range(v, chunk, offset, length)
+            return self._read_view(
+                v.stack(chunk, self._snap_index(volume, v, snapshot)), offset, length
+            )
         v = self._volume(volume, epoch)
         _check_range(v, chunk, offset, length)
         c = v.chunks.get(chunk)
-        if c is None:
+        if c is not None and c.present is None:
+            return self._f.pread(length, self._sb.slot_offset(c.slot) + offset)
+        if c is None and not v.snaps:
             return bytes(length)
-        return self._f.pread(length, self._sb.slot_offset(c.slot) + offset)
+        return self._read_view(v.stack(chunk), offset, length)
+
+    def _read_view(self, stack: list[ChunkState], offset: int, length: int) -> bytes:
+        """Assemble a range block by block from the topmost entry holding each block."""
+        if not stack:
+            return bytes(length)
+        out = bytearray(length)
+        pos, end = offset, offset + length
+        while pos < end:
+            src = _source(stack, pos // BLOCK)
+            run = min(end, (pos // BLOCK + 1) * BLOCK)
+            while run < end and _source(stack, run // BLOCK) is src:
+                run = min(end, run + BLOCK)
+            if src is not None:
+                out[pos - offset : run - offset] = self._f.pread(
+                    run - pos, self._sb.slot_offset(src.slot) + pos
+                )
+            pos = run
+        return bytes(out)
 
     async def write(
         self,
@@ -281,7 +349,10 @@ class ChunkStore:
             assert c is not None
             # No await between the checks in _ready_chunk and here: the epoch, the slot and
             # the durable dirty mark all still hold when the data lands.
-            self._f.pwrite(data, self._sb.slot_offset(c.slot) + offset)
+            if c.present is None:
+                self._f.pwrite(data, self._sb.slot_offset(c.slot) + offset)
+            else:
+                self._write_partial(v, chunk, c, offset, data)
             self._written(volume, v, chunk, c, (epoch, seq))
         if durable or v.sync_writes:
             await self.flush()
@@ -292,6 +363,10 @@ class ChunkStore:
         v = self._volume(volume, epoch)
         _check_range(v, chunk, offset, length)
         if not length:
+            return
+        if v.in_lower_layer(chunk):
+            # A hole here would show the snapshot's data: zeros must be written over it.
+            await self.write(volume, epoch, chunk, offset, bytes(length), seq=seq)
             return
         v, c = await self._ready_chunk(volume, epoch, chunk, offset, length, allocate=False)
         if c is None:
@@ -305,13 +380,15 @@ class ChunkStore:
         if v.sync_writes:
             await self.flush()
 
-    def read_chunk(self, volume: str, epoch: int, chunk: int) -> tuple[bytes | None, Generation]:
+    def read_chunk(self, volume: str, epoch: int, chunk: int, *, layer: str = "") -> ChunkCopy:
+        """One layer's entry for the chunk, exactly: data, generation and block presence."""
         v = self._volume(volume, epoch)
         _check_range(v, chunk, 0, 0)
-        c = v.chunks.get(chunk)
+        c = self._layer(volume, v, layer).get(chunk)
         if c is None:
-            return None, (0, 0)
-        return self._f.pread(v.chunk_len(chunk), self._sb.slot_offset(c.slot)), (c.epoch, c.seq)
+            return ChunkCopy(None, (0, 0))
+        data = self._f.pread(v.chunk_len(chunk), self._sb.slot_offset(c.slot))
+        return ChunkCopy(data, (c.epoch, c.seq), mask_to_bytes(c.present))
 
     async def write_chunk(
         self,
@@ -320,9 +397,12 @@ class ChunkStore:
         chunk: int,
         data: bytes | memoryview | None,
         generation: Generation,
+        *,
+        present: bytes | None = None,
     ) -> None:
-        """Install a whole chunk (shorter data: the rest reads as zeros) durably, with exactly
-        `generation`. The chunk stays dirty until mark_clean."""
+        """Install a whole head chunk (shorter data: the rest reads as zeros) durably, with
+        exactly `generation` and block presence `present` (None: every block). The chunk stays
+        dirty until mark_clean."""
         length = 0 if data is None else len(data)
         v = self._volume(volume, epoch)
         _check_range(v, chunk, 0, length)
@@ -335,6 +415,7 @@ class ChunkStore:
                 self._f.pwrite(data, base)
                 self._f.punch(base + len(data), self._sb.chunk_size - len(data))
                 c.epoch, c.seq = generation
+                c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
                 self._written(volume, v, chunk, c, None)
         await self.flush()
 
@@ -353,6 +434,161 @@ class ChunkStore:
             v.unsynced.pop(i, None)
         self._records.append(rec_clean(volume, done))
         await self.flush()
+
+    # ----- snapshots -----
+
+    async def snapshot_create(
+        self, volume: str, epoch: int, snap_id: str, name: str, created: float
+    ) -> None:
+        """Freeze the head into snapshot `snap_id`, durably. The caller keeps writes out
+        meanwhile (the engine's barrier). Idempotent."""
+        async with self._snap_lock(volume):
+            v = self._volume(volume, epoch)
+            if v.snap_index(snap_id) >= 0:
+                return
+            # Buffered generations of head chunks must be journaled before the freeze moves
+            # those chunks out of the head (replay applies them in this order).
+            for key in [k for k in self._gen_dirty if k[0] == volume]:
+                self._gen_dirty.discard(key)
+                c = v.chunks.get(key[1])
+                if c is not None:
+                    self._records.append(rec_generation(volume, key[1], c))
+            layer = SnapLayer(snap_id, name, created, v.chunks)
+            v.snaps.append(layer)
+            v.chunks = {}
+            self._records.append(rec_snapshot(volume, layer))
+            await self.flush()
+
+    async def snapshot_delete(self, volume: str, epoch: int, snap_id: str) -> None:
+        """Merge the snapshot's blocks into the layer above (every view stays the same), then
+        drop it and free what only it held. Unknown snapshot: nothing to do."""
+        async with self._snap_lock(volume):
+            v = self._volume(volume, epoch)
+            if v.snap_index(snap_id) < 0:
+                return
+            while True:
+                # Phase 1: copy blocks the upper entry lacks into its slot (invisible until
+                # its presence says so); move entries the upper layer lacks, by record only.
+                copied: list[tuple[int, ChunkState, int]] = []
+                for chunk in list(self._layer(volume, v, snap_id)):
+                    v = self._volume(volume, epoch)
+                    i = v.snap_index(snap_id)
+                    lower = v.snaps[i].chunks.get(chunk)
+                    if lower is None:
+                        continue
+                    upper = v.above(i).get(chunk)
+                    if upper is None:
+                        v.above(i)[chunk] = v.snaps[i].chunks.pop(chunk)
+                        self._records.append(rec_move_up(volume, snap_id, chunk))
+                    elif upper.present is not None:
+                        added = self._copy_missing(v, chunk, lower, upper)
+                        copied.append((chunk, upper, added))
+                    await asyncio.sleep(0)
+                await self.flush()  # the copied data is durable before any presence names it
+                v = self._volume(volume, epoch)
+                i = v.snap_index(snap_id)
+                upper_name = v.snaps[i + 1].id if i + 1 < len(v.snaps) else ""
+                redo = False
+                for chunk, upper, added in copied:
+                    if v.above(i).get(chunk) is not upper:
+                        redo = True  # replaced meanwhile (freed, reinstalled): copy again
+                        continue
+                    assert upper.present is not None
+                    upper.present = _full_to_none(upper.present | added, v.chunk_len(chunk))
+                    self._records.append(rec_present(volume, upper_name, chunk, added))
+                    if upper_name == "":
+                        self._gen_dirty.add((volume, chunk))
+                if not redo:
+                    break
+            layer = v.snaps.pop(i)
+            self._records.append(rec_drop_layer(volume, snap_id))
+            await self._free_slots([c.slot for c in layer.chunks.values()])
+
+    async def revert(self, volume: str, epoch: int, snap_id: str) -> None:
+        """Drop the head and every snapshot newer than `snap_id`: the volume reads as the
+        snapshot again. Only for a volume nobody writes to (detached)."""
+        async with self._snap_lock(volume):
+            v = self._volume(volume, epoch)
+            i = self._snap_index(volume, v, snap_id)
+            slots = [c.slot for c in v.chunks.values()]
+            slots += [c.slot for layer in v.snaps[i + 1 :] for c in layer.chunks.values()]
+            del v.snaps[i + 1 :]
+            v.chunks = {}
+            self._gen_dirty = {k for k in self._gen_dirty if k[0] != volume}
+            self._records.append(rec_revert(volume, snap_id))
+            await self._free_slots(slots)
+
+    async def _free_slots(self, slots: list[int]) -> None:
+        """Slots no entry references any more (their records are buffered): zero them and make
+        them reusable once a sync made both durable."""
+        await asyncio.to_thread(self._punch_slots, slots)
+        self._punched.extend(slots)
+        await self.flush()
+
+    def _copy_missing(self, v: VolState, chunk: int, lower: ChunkState, upper: ChunkState) -> int:
+        """Copy the blocks `lower` holds and `upper` lacks into upper's slot; their mask."""
+        assert upper.present is not None
+        blocks = -(-v.chunk_len(chunk) // BLOCK)
+        added = 0
+        b = 0
+        while b < blocks:
+            if upper.has(b) or not lower.has(b):
+                b += 1
+                continue
+            start = b
+            while b < blocks and not upper.has(b) and lower.has(b):
+                b += 1
+            off, n = start * BLOCK, min(b * BLOCK, v.chunk_len(chunk)) - start * BLOCK
+            data = self._f.pread(n, self._sb.slot_offset(lower.slot) + off)
+            self._f.pwrite(data, self._sb.slot_offset(upper.slot) + off)
+            added |= ((1 << (b - start)) - 1) << start
+        return added
+
+    def _write_partial(
+        self, v: VolState, chunk: int, c: ChunkState, offset: int, data: bytes | memoryview
+    ) -> None:
+        """Write into a head chunk that holds only some blocks: a block written in part gets
+        the rest of its bytes from the layers below first. Synchronous, so atomic on the loop."""
+        assert c.present is not None
+        end = offset + len(data)
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        start = first * BLOCK
+        stop = min((last + 1) * BLOCK, v.chunk_len(chunk))
+        if (offset != start and not c.has(first)) or (end != stop and not c.has(last)):
+            below = v.stack(chunk)[1:]
+            buf = bytearray(self._read_view(below, start, stop - start))
+            if c.has(first):
+                n = min(BLOCK, stop - start)
+                buf[:n] = self._f.pread(n, self._sb.slot_offset(c.slot) + start)
+            if last != first and c.has(last):
+                tail = last * BLOCK
+                buf[tail - start :] = self._f.pread(
+                    stop - tail, self._sb.slot_offset(c.slot) + tail
+                )
+            buf[offset - start : end - start] = data
+            self._f.pwrite(memoryview(buf), self._sb.slot_offset(c.slot) + start)
+        else:
+            self._f.pwrite(data, self._sb.slot_offset(c.slot) + offset)
+        bits = ((1 << (last - first + 1)) - 1) << first
+        c.present = _full_to_none(c.present | bits, v.chunk_len(chunk))
+
+    def _snap_lock(self, volume: str) -> asyncio.Lock:
+        lock = self._snap_locks.get(volume)
+        if lock is None:
+            lock = self._snap_locks[volume] = asyncio.Lock()
+        return lock
+
+    def _snap_index(self, volume: str, v: VolState, snap_id: str) -> int:
+        i = v.snap_index(snap_id)
+        if i < 0:
+            raise UnknownSnapshot(f"volume {volume!r} has no snapshot {snap_id!r}")
+        return i
+
+    def _layer(self, volume: str, v: VolState, layer: str) -> dict[int, ChunkState]:
+        try:
+            return v.layer_chunks(layer)
+        except KeyError:
+            raise UnknownSnapshot(f"volume {volume!r} has no snapshot {layer!r}") from None
 
     # ----- group commit -----
 
@@ -458,9 +694,15 @@ class ChunkStore:
                     if self._meta.vols.get(volume) is not v or chunk in v.chunks:
                         self._zeroed.append(slot)
                         return
-                    v.chunks[chunk] = ChunkState(slot)
-                v.dirty.add(chunk)
-                self._records.append(rec_dirty(volume, chunk, slot))
+                    # Over a snapshot's chunk the fresh entry holds no block yet (copy on
+                    # write per block); otherwise the zeroed slot is the whole chunk.
+                    partial = v.in_lower_layer(chunk)
+                    v.chunks[chunk] = ChunkState(slot, present=0 if partial else None)
+                    v.dirty.add(chunk)
+                    self._records.append(rec_dirty(volume, chunk, slot, partial))
+                else:
+                    v.dirty.add(chunk)
+                    self._records.append(rec_dirty(volume, chunk, None))
                 await self.flush()
                 if chunk in v.dirty:  # not cleaned meanwhile
                     v.ready.add(chunk)
@@ -522,6 +764,20 @@ class ChunkStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ReplicaError("chunk store is closed")
+
+
+def _source(stack: list[ChunkState], block: int) -> ChunkState | None:
+    for c in stack:
+        if c.has(block):
+            return c
+    return None
+
+
+def _full_to_none(mask: int | None, chunk_len: int) -> int | None:
+    if mask is None:
+        return None
+    full = (1 << -(-chunk_len // BLOCK)) - 1
+    return None if mask & full == full else mask
 
 
 class _SharedLock:

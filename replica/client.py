@@ -15,7 +15,7 @@ import ssl
 from collections import deque
 from typing import TYPE_CHECKING
 
-from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
 from replica.errors import ProtocolError, ReplicaUnavailable, error_from_code
 from replica.protocol import FramedProtocol, Header, RxBuffer
 
@@ -221,17 +221,20 @@ class ReplicaClient:
             data,
         )
 
-    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
-        _, data = await self._call(
-            {
-                "op": "read",
-                "volume": volume,
-                "epoch": epoch,
-                "chunk": chunk,
-                "offset": offset,
-                "length": length,
-            }
-        )
+    async def read(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
+    ) -> bytes:
+        header = {
+            "op": "read",
+            "volume": volume,
+            "epoch": epoch,
+            "chunk": chunk,
+            "offset": offset,
+            "length": length,
+        }
+        if snapshot:
+            header["snapshot"] = snapshot
+        _, data = await self._call(header)
         return data
 
     async def trim(
@@ -252,10 +255,46 @@ class ReplicaClient:
     async def flush(self, volume: str, epoch: int) -> None:
         await self._call({"op": "flush", "volume": volume, "epoch": epoch})
 
-    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
-        r, _ = await self._call({"op": "generations", "volume": volume, "epoch": epoch})
-        flat: list[int] = r.get("gens", [])
-        return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat) - 2, 3)}
+    async def generations(
+        self, volume: str, epoch: int, *, layer: str = ""
+    ) -> dict[int, Generation]:
+        header: Header = {"op": "generations", "volume": volume, "epoch": epoch}
+        if layer:
+            header["layer"] = layer
+        r, _ = await self._call(header)
+        return _gens(r)
+
+    async def snapshot_generations(self, volume: str, snap_id: str) -> dict[int, Generation]:
+        r, _ = await self._call(
+            {"op": "snapshot_generations", "volume": volume, "snap_id": snap_id}
+        )
+        return _gens(r)
+
+    async def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        r, _ = await self._call({"op": "snapshots", "volume": volume})
+        return [SnapshotInfo(i, n, t) for i, n, t in r.get("snaps", [])]
+
+    async def snapshot_create(
+        self, volume: str, epoch: int, snap_id: str, name: str, created: float
+    ) -> None:
+        await self._call(
+            {
+                "op": "snapshot_create",
+                "volume": volume,
+                "epoch": epoch,
+                "snap_id": snap_id,
+                "name": name,
+                "created": float(created),
+            }
+        )
+
+    async def snapshot_delete(self, volume: str, epoch: int, snap_id: str) -> None:
+        await self._call(
+            {"op": "snapshot_delete", "volume": volume, "epoch": epoch, "snap_id": snap_id}
+        )
+
+    async def revert(self, volume: str, epoch: int, snap_id: str) -> None:
+        await self._call({"op": "revert", "volume": volume, "epoch": epoch, "snap_id": snap_id})
 
     async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
         await self._call(
@@ -263,13 +302,14 @@ class ReplicaClient:
         )
 
     async def read_chunk(
-        self, volume: str, epoch: int, chunk: int
-    ) -> tuple[bytes | None, Generation]:
-        r, data = await self._call(
-            {"op": "read_chunk", "volume": volume, "epoch": epoch, "chunk": chunk}
-        )
+        self, volume: str, epoch: int, chunk: int, *, layer: str = ""
+    ) -> ChunkCopy:
+        header: Header = {"op": "read_chunk", "volume": volume, "epoch": epoch, "chunk": chunk}
+        if layer:
+            header["layer"] = layer
+        r, data = await self._call(header)
         e, q = r["gen"]
-        return (data if r["present"] else None), (e, q)
+        return ChunkCopy(data if r["present"] else None, (e, q), r.get("mask"))
 
     async def write_chunk(
         self,
@@ -278,18 +318,20 @@ class ReplicaClient:
         chunk: int,
         data: bytes | memoryview | None,
         generation: Generation,
+        *,
+        present: bytes | None = None,
     ) -> None:
-        await self._call(
-            {
-                "op": "write_chunk",
-                "volume": volume,
-                "epoch": epoch,
-                "chunk": chunk,
-                "present": data is not None,
-                "gen": list(generation),
-            },
-            data,
-        )
+        header: Header = {
+            "op": "write_chunk",
+            "volume": volume,
+            "epoch": epoch,
+            "chunk": chunk,
+            "present": data is not None,
+            "gen": list(generation),
+        }
+        if present is not None:
+            header["mask"] = present
+        await self._call(header, data)
 
     async def delete(self, volume: str) -> None:
         await self._call({"op": "delete", "volume": volume})
@@ -317,3 +359,8 @@ if TYPE_CHECKING:
     from replica.api import ReplicaAPI
 
     _api: ReplicaAPI = ReplicaClient("", 0)  # mypy proves the client satisfies the interface
+
+
+def _gens(reply: Header) -> dict[int, Generation]:
+    flat: list[int] = reply.get("gens", [])
+    return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat) - 2, 3)}

@@ -29,6 +29,10 @@ class UnknownVolume(ReplicaError):
     code = "UNKNOWN_VOLUME"
 
 
+class UnknownSnapshot(ReplicaError):
+    code = "UNKNOWN_SNAPSHOT"
+
+
 class NotOpen(ReplicaError):
     """The volume was not opened since this replica process started: an engine must open it
     again (and learn of the restart) before it may trust this replica's data."""
@@ -82,6 +86,7 @@ _BY_CODE: dict[str, type[ReplicaError]] = {
         NoSpace,
         OutOfRange,
         UnknownVolume,
+        UnknownSnapshot,
         NotOpen,
         ReplicaUnavailable,
         ProtocolError,

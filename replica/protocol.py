@@ -80,9 +80,35 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
     "delete": (("volume", str),),
     "stats": (),
     "ping": (),
+    "snapshot_generations": (("volume", str), ("snap_id", str)),
+    "snapshots": (("volume", str),),
+    "snapshot_create": (
+        ("volume", str),
+        ("epoch", int),
+        ("snap_id", str),
+        ("name", str),
+        ("created", float),
+    ),
+    "snapshot_delete": (("volume", str), ("epoch", int), ("snap_id", str)),
+    "revert": (("volume", str), ("epoch", int), ("snap_id", str)),
 }
 
-_TYPE_NAMES = {int: "a non-negative int", bool: "a bool", str: "a string", list: "a list"}
+# op -> optional request fields: absent means the default ("" / None).
+OPTIONAL: dict[str, tuple[tuple[str, type], ...]] = {
+    "read": (("snapshot", str),),
+    "generations": (("layer", str),),
+    "read_chunk": (("layer", str),),
+    "write_chunk": (("mask", bytes),),
+}
+
+_TYPE_NAMES = {
+    int: "a non-negative int",
+    bool: "a bool",
+    str: "a string",
+    list: "a list",
+    float: "a number",
+    bytes: "bytes",
+}
 _packb = msgpack.Packer(autoreset=True, use_bin_type=True).pack
 
 
@@ -106,8 +132,14 @@ def check_request(header: object) -> tuple[int, str]:
     for name, typ in fields:
         v: Any = get(name)
         # type() rather than isinstance: a bool must not pass for an int
+        if typ is float and type(v) is int:
+            continue
         if type(v) is not typ or (typ is int and cast(int, v) < 0):
             raise ProtocolError(f"{op}: field {name!r} missing or not {_TYPE_NAMES[typ]}: {v!r}")
+    for name, typ in OPTIONAL.get(op, ()):
+        v = get(name)
+        if v is not None and type(v) is not typ:
+            raise ProtocolError(f"{op}: field {name!r} is not {_TYPE_NAMES[typ]}: {v!r}")
     if op == "mark_clean" and not all(_is_uint(c) for c in header["chunks"]):
         raise ProtocolError("mark_clean: chunks must be non-negative ints")
     if op == "write_chunk":

@@ -65,7 +65,10 @@ async def _write(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
 
 
 async def _read(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
-    return None, await s.read(h["volume"], h["epoch"], h["chunk"], h["offset"], h["length"])
+    snapshot = h.get("snapshot") or ""
+    return None, await s.read(
+        h["volume"], h["epoch"], h["chunk"], h["offset"], h["length"], snapshot=snapshot
+    )
 
 
 async def _trim(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
@@ -78,12 +81,39 @@ async def _flush(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     return None, None
 
 
-async def _generations(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
-    gens = await s.generations(h["volume"], h["epoch"])
+def _flat(gens: dict[int, tuple[int, int]]) -> Result:
     flat: list[int] = []
     for c, (e, q) in gens.items():
         flat += (c, e, q)
     return {"gens": flat}, None
+
+
+async def _generations(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    return _flat(await s.generations(h["volume"], h["epoch"], layer=h.get("layer") or ""))
+
+
+async def _snapshot_generations(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    return _flat(await s.snapshot_generations(h["volume"], h["snap_id"]))
+
+
+async def _snapshots(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    snaps = await s.snapshots(h["volume"])
+    return {"snaps": [[x.id, x.name, x.created] for x in snaps]}, None
+
+
+async def _snapshot_create(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.snapshot_create(h["volume"], h["epoch"], h["snap_id"], h["name"], h["created"])
+    return None, None
+
+
+async def _snapshot_delete(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.snapshot_delete(h["volume"], h["epoch"], h["snap_id"])
+    return None, None
+
+
+async def _revert(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    await s.revert(h["volume"], h["epoch"], h["snap_id"])
+    return None, None
 
 
 async def _mark_clean(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
@@ -92,8 +122,9 @@ async def _mark_clean(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
 
 
 async def _read_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
-    data, gen = await s.read_chunk(h["volume"], h["epoch"], h["chunk"])
-    return {"present": data is not None, "gen": list(gen)}, data
+    copy = await s.read_chunk(h["volume"], h["epoch"], h["chunk"], layer=h.get("layer") or "")
+    reply = {"present": copy.data is not None, "gen": list(copy.gen), "mask": copy.present}
+    return reply, copy.data
 
 
 async def _write_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
@@ -101,7 +132,7 @@ async def _write_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     # The payload stays valid until this request completes (RxBuffer refs), and the store is
     # done with it by then: no copy of a whole chunk.
     data = p if h["present"] else None
-    await s.write_chunk(h["volume"], h["epoch"], h["chunk"], data, (e, q))
+    await s.write_chunk(h["volume"], h["epoch"], h["chunk"], data, (e, q), present=h.get("mask"))
     return None, None
 
 
@@ -132,6 +163,11 @@ HANDLERS: dict[str, Handler] = {
     "delete": _delete,
     "stats": _stats,
     "ping": _ping,
+    "snapshot_generations": _snapshot_generations,
+    "snapshots": _snapshots,
+    "snapshot_create": _snapshot_create,
+    "snapshot_delete": _snapshot_delete,
+    "revert": _revert,
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
 from replica.errors import NotOpen, OutOfRange, UnknownVolume
 
 if TYPE_CHECKING:
@@ -80,7 +80,20 @@ class ReplicaService:
             volume, epoch, chunk, offset, data, seq=seq, durable=durable
         )
 
-    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+    def _holder(self, volume: str) -> ChunkStore:
+        """The store of a volume, opened or not: for what never changes (snapshots)."""
+        store = self._where.get(volume)
+        if store is None:
+            raise UnknownVolume(f"volume {volume!r} is not on this replica")
+        return store
+
+    async def read(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
+    ) -> bytes:
+        if snapshot:
+            return self._holder(volume).read(
+                volume, epoch, chunk, offset, length, snapshot=snapshot
+            )
         return self._store(volume).read(volume, epoch, chunk, offset, length)
 
     async def trim(
@@ -93,18 +106,37 @@ class ReplicaService:
         store.check_epoch(volume, epoch)
         await store.flush()
 
-    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
+    async def generations(
+        self, volume: str, epoch: int, *, layer: str = ""
+    ) -> dict[int, Generation]:
         store = self._store(volume)
         store.check_epoch(volume, epoch)
-        return store.generations(volume)
+        return store.generations(volume, layer=layer)
+
+    async def snapshot_generations(self, volume: str, snap_id: str) -> dict[int, Generation]:
+        return self._holder(volume).snapshot_generations(volume, snap_id)
+
+    async def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        return self._holder(volume).snapshots(volume)
+
+    async def snapshot_create(
+        self, volume: str, epoch: int, snap_id: str, name: str, created: float
+    ) -> None:
+        await self._store(volume).snapshot_create(volume, epoch, snap_id, name, created)
+
+    async def snapshot_delete(self, volume: str, epoch: int, snap_id: str) -> None:
+        await self._store(volume).snapshot_delete(volume, epoch, snap_id)
+
+    async def revert(self, volume: str, epoch: int, snap_id: str) -> None:
+        await self._store(volume).revert(volume, epoch, snap_id)
 
     async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
         await self._store(volume).mark_clean(volume, epoch, chunks)
 
     async def read_chunk(
-        self, volume: str, epoch: int, chunk: int
-    ) -> tuple[bytes | None, Generation]:
-        return self._store(volume).read_chunk(volume, epoch, chunk)
+        self, volume: str, epoch: int, chunk: int, *, layer: str = ""
+    ) -> ChunkCopy:
+        return self._store(volume).read_chunk(volume, epoch, chunk, layer=layer)
 
     async def write_chunk(
         self,
@@ -113,8 +145,12 @@ class ReplicaService:
         chunk: int,
         data: bytes | memoryview | None,
         generation: Generation,
+        *,
+        present: bytes | None = None,
     ) -> None:
-        await self._store(volume).write_chunk(volume, epoch, chunk, data, generation)
+        await self._store(volume).write_chunk(
+            volume, epoch, chunk, data, generation, present=present
+        )
 
     async def delete(self, volume: str) -> None:
         store = self._where.get(volume)

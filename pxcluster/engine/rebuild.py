@@ -176,13 +176,15 @@ async def copy_chunk(engine: VolumeEngine, cu: CatchUp, chunk: int) -> None:
             if source is None:
                 continue
             try:
-                data, gen = await source.read_chunk(s.id, engine.epoch, chunk)
+                copy = await source.read_chunk(s.id, engine.epoch, chunk)
                 break
             except ReplicaError as e:
                 last = e
         else:
             raise RebuildAborted(f"volume {s.name}: no source could serve chunk {chunk}: {last}")
-        await cu.api.write_chunk(s.id, engine.epoch, chunk, data, gen)
+        await cu.api.write_chunk(
+            s.id, engine.epoch, chunk, copy.data, copy.gen, present=copy.present
+        )
         if cu.pending is not None:
             cu.pending.discard(chunk)  # before the gate opens: later writes must reach it
     finally:

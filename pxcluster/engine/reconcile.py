@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from pxcluster.engine.fanout import fan_out
-from replica.api import Generation, ReplicaAPI, VolumeInfo
+from replica.api import ChunkCopy, Generation, ReplicaAPI, VolumeInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ async def reconcile_dirty(
             raise next(iter(failed.values()))
         for chunk in dirty:
             source = choose_source(chunk, gens, infos)
-            data, gen = await replicas[source].read_chunk(volume, epoch, chunk)
+            copy = await replicas[source].read_chunk(volume, epoch, chunk)
             targets = {n: r for n, r in replicas.items() if n != source}
-            _, failed = await fan_out(targets, _install(volume, epoch, chunk, data, gen))
+            _, failed = await fan_out(targets, _install(volume, epoch, chunk, copy))
             if failed:
                 raise next(iter(failed.values()))
     _, failed = await fan_out(replicas, lambda r: r.flush(volume, epoch))
@@ -58,6 +58,6 @@ async def reconcile_dirty(
 
 
 def _install(
-    volume: str, epoch: int, chunk: int, data: bytes | None, gen: Generation
+    volume: str, epoch: int, chunk: int, copy: ChunkCopy
 ) -> Callable[[ReplicaAPI], Awaitable[None]]:
-    return lambda r: r.write_chunk(volume, epoch, chunk, data, gen)
+    return lambda r: r.write_chunk(volume, epoch, chunk, copy.data, copy.gen, present=copy.present)

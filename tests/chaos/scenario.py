@@ -85,7 +85,7 @@ def _chunk_sums(disk: Path, volume_id: str) -> dict[int, str]:
             nchunks = (meta.size + meta.chunk_size - 1) // meta.chunk_size
             out = {}
             for i in range(nchunks):
-                data, _gen = store.read_chunk(volume_id, meta.epoch, i)
+                data = store.read_chunk(volume_id, meta.epoch, i).data
                 if data is not None and any(data):
                     out[i] = hashlib.sha256(data).hexdigest()
             await store.close()

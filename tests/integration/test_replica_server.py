@@ -53,7 +53,7 @@ async def test_round_trip(client: ReplicaClient, server: ReplicaProc) -> None:
     assert await client.read("v", 1, 0, 8192, 4096) == bytes(4096)
     gens = await client.generations("v", 1)
     assert gens[1] == (1, 2) and gens[0] == (1, 3)
-    data, gen = await client.read_chunk("v", 1, 1)
+    data, gen, _ = await client.read_chunk("v", 1, 1)
     assert data is not None and data[: 1 << 20] == big and gen == (1, 2)
     await client.write_chunk("v", 1, 2, data, (1, 7))
     assert await client.read("v", 1, 2, 0, 1 << 20) == big

@@ -241,20 +241,20 @@ async def test_write_chunk_read_chunk_round_trip() -> None:
     f = VolatileFile(4 << 20)
     store = await new_store(f=f)
     await store.open_volume("v", 3, 3 * CHUNK)
-    assert store.read_chunk("v", 3, 0) == (None, (0, 0))
+    assert store.read_chunk("v", 3, 0) == (None, (0, 0), None)
     data = bytes(range(256)) * (CHUNK // 256)
     await store.write_chunk("v", 3, 0, data, (2, 77))
-    assert store.read_chunk("v", 3, 0) == (data, (2, 77))
+    assert store.read_chunk("v", 3, 0) == (data, (2, 77), None)
     await store.write("v", 3, 1, 0, b"\xff" * CHUNK, seq=1)
     await store.write_chunk("v", 3, 1, b"short", (3, 5))  # the rest must read as zeros
-    assert store.read_chunk("v", 3, 1) == (b"short" + bytes(CHUNK - 5), (3, 5))
+    assert store.read_chunk("v", 3, 1) == (b"short" + bytes(CHUNK - 5), (3, 5), None)
     assert store.generations("v") == {0: (2, 77), 1: (3, 5)}
     assert store.volumes()["v"].dirty == {0, 1}
 
     after = ChunkStore.open(VolatileFile.from_image(f.durable_image()))
-    assert after.read_chunk("v", 3, 0) == (data, (2, 77))
+    assert after.read_chunk("v", 3, 0) == (data, (2, 77), None)
     await after.write_chunk("v", 3, 0, None, (3, 9))
-    assert after.read_chunk("v", 3, 0) == (None, (0, 0))
+    assert after.read_chunk("v", 3, 0) == (None, (0, 0), None)
     assert after.generations("v") == {1: (3, 5)}
     assert after.stats().chunks == 1
 

@@ -9,7 +9,7 @@ import pytest
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.reconcile import choose_source
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec, split
-from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
 from replica.errors import ReplicaUnavailable, StaleEpoch
 
 CHUNK = 64 << 10
@@ -86,14 +86,24 @@ class FakeReplica:
         self.dirty -= set(chunks)
 
     async def read_chunk(
-        self, volume: str, epoch: int, chunk: int
-    ) -> tuple[bytes | None, Generation]:
+        self, volume: str, epoch: int, chunk: int, *, layer: str = ""
+    ) -> ChunkCopy:
         self._check(epoch)
         data = self.chunks.get(chunk)
-        return (None if data is None else bytes(data)), self.gens.get(chunk, (0, 0))
+        return ChunkCopy(None if data is None else bytes(data), self.gens.get(chunk, (0, 0)))
+
+    async def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        return []
 
     async def write_chunk(
-        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | None,
+        generation: Generation,
+        *,
+        present: bytes | None = None,
     ) -> None:
         self._check(epoch)
         if data is None:

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from replica.api import Generation, ReplicaStats, VolumeInfo
+from replica.api import ChunkCopy, Generation, ReplicaStats, VolumeInfo
 from replica.client import ReplicaClient
 from replica.errors import OutOfRange, ProtocolError, StaleEpoch, UnknownVolume
 from replica.protocol import (
@@ -184,7 +184,9 @@ class MemoryReplica:
         self._buf(v, chunk)[offset : offset + len(data)] = data
         v["gens"][chunk] = (epoch, seq)
 
-    async def read(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+    async def read(
+        self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
+    ) -> bytes:
         v = self._vol(volume, epoch)
         return bytes(self._buf(v, chunk)[offset : offset + length])
 
@@ -197,21 +199,30 @@ class MemoryReplica:
     async def flush(self, volume: str, epoch: int) -> None:
         self._vol(volume, epoch)
 
-    async def generations(self, volume: str, epoch: int) -> dict[int, Generation]:
+    async def generations(
+        self, volume: str, epoch: int, *, layer: str = ""
+    ) -> dict[int, Generation]:
         return dict(self._vol(volume, epoch)["gens"])
 
     async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
         self._vol(volume, epoch)
 
     async def read_chunk(
-        self, volume: str, epoch: int, chunk: int
-    ) -> tuple[bytes | None, Generation]:
+        self, volume: str, epoch: int, chunk: int, *, layer: str = ""
+    ) -> ChunkCopy:
         v = self._vol(volume, epoch)
         data = v["chunks"].get(chunk)
-        return (bytes(data) if data is not None else None), v["gens"].get(chunk, (0, 0))
+        return ChunkCopy(bytes(data) if data is not None else None, v["gens"].get(chunk, (0, 0)))
 
     async def write_chunk(
-        self, volume: str, epoch: int, chunk: int, data: bytes | None, generation: Generation
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | None,
+        generation: Generation,
+        *,
+        present: bytes | None = None,
     ) -> None:
         v = self._vol(volume, epoch)
         if data is None:
@@ -251,13 +262,13 @@ async def test_client_server_every_call() -> None:
         await c.flush("v", 3)
         assert await c.generations("v", 3) == {2: (3, 1), 1: (3, 2)}
         await c.mark_clean("v", 3, [1, 2])
-        data, gen = await c.read_chunk("v", 3, 1)
+        data, gen, _ = await c.read_chunk("v", 3, 1)
         assert data is not None and data[:3] == b"yyy" and gen == (3, 2)
-        assert await c.read_chunk("v", 3, 9) == (None, (0, 0))
+        assert await c.read_chunk("v", 3, 9) == (None, (0, 0), None)
         await c.write_chunk("v", 3, 9, b"z" * (1 << 20), (3, 7))
         await c.write_chunk("v", 3, 1, None, (3, 8))
-        assert await c.read_chunk("v", 3, 9) == (b"z" * (1 << 20), (3, 7))
-        assert await c.read_chunk("v", 3, 1) == (None, (3, 8))
+        assert await c.read_chunk("v", 3, 9) == (b"z" * (1 << 20), (3, 7), None)
+        assert await c.read_chunk("v", 3, 1) == (None, (3, 8), None)
         assert await c.stats() == ReplicaStats(100, 10, 90, 1)
         with pytest.raises(StaleEpoch):
             await c.write("v", 2, 0, 0, b"a", seq=9)

@@ -60,11 +60,11 @@ async def test_placement_io_fencing_and_stats() -> None:
     await svc.mark_clean("a", 6, [2, 3])
     assert (await svc.open("a", 6, 8 << 20, CHUNK)).dirty == []
 
-    data, gen = await svc.read_chunk("a", 6, 3)
+    data, gen, _ = await svc.read_chunk("a", 6, 3)
     assert data is not None and data[4096:8192] == b"\x07" * 4096 and gen == (5, 1)
-    assert await svc.read_chunk("a", 6, 7) == (None, (0, 0))
+    assert await svc.read_chunk("a", 6, 7) == (None, (0, 0), None)
     await svc.write_chunk("a", 6, 7, b"\x05" * CHUNK, (6, 9))
-    assert await svc.read_chunk("a", 6, 7) == (b"\x05" * CHUNK, (6, 9))
+    assert await svc.read_chunk("a", 6, 7) == (b"\x05" * CHUNK, (6, 9), None)
 
     b = await svc.open("b", 1, 4 << 20, CHUNK)
     assert b.epoch == 1
