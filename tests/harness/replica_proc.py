@@ -24,9 +24,16 @@ class ReplicaProc:
     """Sparse-file disks in ``workdir``; start/kill/restart keep the disks (and the port)."""
 
     def __init__(
-        self, workdir: Path, *, disks: int = 1, disk_size: int = 512 << 20, host: str = "127.0.0.1"
+        self,
+        workdir: Path,
+        *,
+        disks: int = 1,
+        disk_size: int = 512 << 20,
+        host: str = "127.0.0.1",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.host = host
+        self.extra_args = extra_args  # e.g. --tls-cert/--tls-key/--tls-ca
         self.port = free_port(host)
         self.disks = [workdir / f"disk{i}.img" for i in range(disks)]
         for d in self.disks:
@@ -49,6 +56,7 @@ class ReplicaProc:
             "--port",
             str(self.port),
             "--format",
+            *self.extra_args,
         ]
         for d in self.disks:
             cmd += ["--disk", str(d)]
