@@ -35,8 +35,10 @@ def check_file_name(name: str, what: str = "name") -> str:
 def _resolve(path: Path, what: str) -> Path:
     try:
         return path.resolve(strict=False)
-    except (RuntimeError, OSError) as e:  # RuntimeError: a symlink loop (Python 3.11)
-        raise InvalidArgument(f"{what} {path}: cannot be resolved ({e})") from None
+    except RuntimeError:  # Python 3.11's report of a loop
+        raise InvalidArgument(f"{what} {path} is a symlink loop") from None
+    except OSError as e:
+        raise InvalidArgument(f"{what} {path}: cannot be resolved ({e.strerror})") from None
 
 
 def check_data_dir(data_dir: str) -> str:

@@ -29,6 +29,7 @@ from aiohttp import web
 from membership.etcd import EtcdUnavailable
 from pxcluster.api.app import NodeView
 from pxcluster.errors import DuplicateName, InvalidArgument, PxcError
+from pxcluster.paths import inside
 from pxcluster.service import Service
 from pxcluster.units import parse_size
 
@@ -94,7 +95,7 @@ class VolumePlugin:
             raise InvalidArgument("the Docker volume plugin needs --data-dir (mount points)")
         self.svc = svc
         self.node_name = node_name
-        self.mount_root = Path(data_dir, "docker")
+        self.mount_root = Path(inside(data_dir, "docker"))
         self.mounts: dict[str, Mounted] = {}
         # One Mount/Unmount at a time: Docker may mount a volume for two containers at once,
         # and both must see one attach and one kernel device.
@@ -214,6 +215,7 @@ class VolumePlugin:
             code, _ = await run("blkid", "-o", "value", "-s", "TYPE", device, check=False)
             if code == 2:  # blkid: no filesystem found; a new volume reads as zeros
                 await run("mkfs.ext4", "-q", device)
+            inside(str(self.mount_root), name)  # refuses a name that would leave --data-dir
             path = self.mount_root / name
             path.mkdir(parents=True, exist_ok=True)
             await run("mount", device, str(path))
