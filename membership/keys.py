@@ -55,6 +55,17 @@ class Keys:
         """The last move of the volume's attachment (FailoverRecord)."""
         return self._k("volumes", volume_id, "failover")
 
+    def snapshots_prefix(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "snapshots", "")
+
+    def snapshot(self, volume_id: str, snap_id: str) -> bytes:
+        """A snapshot (SnapshotRecord): asked for by the CLI, taken by the serving engine."""
+        return self._k("volumes", volume_id, "snapshots", snap_id)
+
+    def revert(self, volume_id: str) -> bytes:
+        """A revert asked for (RevertRecord), carried out by the serving engine."""
+        return self._k("volumes", volume_id, "revert")
+
     def drain_op(self, node_id: str) -> bytes:
         return self._k("ops", f"drain-{node_id}")
 

@@ -163,3 +163,26 @@ class DrainOp(_Record):
     bytes_copied: int = 0
     message: str = ""
     moves: dict[str, str] = field(default_factory=dict)  # volume id -> node of its new replica
+
+
+SNAPSHOT_STATES = ("creating", "ready", "deleting", "failed")
+
+
+@dataclass(frozen=True)
+class SnapshotRecord(_Record):
+    """volumes/<id>/snapshots/<snap id>. `creating` and `deleting` are requests the engine
+    serving the volume carries out; `ready` means every in-sync replica holds it."""
+
+    id: str
+    name: str
+    state: str
+    requested: float = 0.0
+    created: float = 0.0  # when the engine took it
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RevertRecord(_Record):
+    snapshot: str  # snapshot id
+    state: str = "pending"  # pending | failed
+    error: str = ""

@@ -18,7 +18,15 @@ import time
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
-from membership.records import Attachment, FailoverRecord, NodeRecord, RebuildOp, ReplicaState
+from membership.records import (
+    Attachment,
+    FailoverRecord,
+    NodeRecord,
+    RebuildOp,
+    ReplicaState,
+    RevertRecord,
+    SnapshotRecord,
+)
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import VolumeIOError
 from pxcluster.engine.rebuild import Progress, rebuild
@@ -157,6 +165,7 @@ class NodeAgent:
         for vid, engine in list(self.engines.items()):
             view = views.get(vid)
             if view is not None:
+                await self._apply_snapshots(view, engine)
                 await self._reconcile_rebuilds(view, engine, alive)
                 await self._apply_settings(view, engine)
         self.metrics.attached_volumes.set(len(self.engines))
@@ -210,7 +219,7 @@ class NodeAgent:
         try:
             if rec.encrypted:
                 engine.cipher = BlockCipher(await self.service.volume_key(vid))
-            report = await engine.open()
+            report = await engine.open([r.id for r in view.ready_snapshots()])
         except Exception as e:
             log.error("volume %s: attach at epoch %d failed: %s", rec.name, epoch, e)
             self._failures[vid] = asyncio.get_running_loop().time() + self._retry_after
@@ -361,9 +370,10 @@ class NodeAgent:
             not pending
             and not any(k[0] == vid for k in self.rebuilds)
             and view.target is not None
-            and view.target.reason == "rebuild"
+            and view.target.reason in ("rebuild", "snapshot")
+            and not _snapshot_work(view)
         ):
-            # The leader attached this volume here only to rebuild it: done, let it go.
+            # Attached here only to rebuild it or to work on its snapshots: done, let it go.
             txn = self.etcd.txn().value_is(self.keys.target(vid), view.target.encode())
             await self.etcd.commit(txn.delete(self.keys.target(vid)))
 
@@ -443,6 +453,60 @@ class NodeAgent:
             self.rebuilds.pop(key, None)
             self.wake.set()
 
+    # --- snapshots, taken and dropped by the engine that serves the volume
+
+    async def _apply_snapshots(self, view: VolumeView, engine: VolumeEngine) -> None:
+        vid = view.record.id
+        for rec in sorted(view.snapshots.values(), key=lambda r: (r.requested, r.id)):
+            key = self.keys.snapshot(vid, rec.id)
+            if rec.state == "creating":
+                await self._cancel_rebuilds(vid)  # they restart, copying the snapshot too
+                try:
+                    created = time.time()
+                    await engine.snapshot(rec.id, rec.name, created)
+                    done = SnapshotRecord.from_dict(
+                        rec.to_dict() | {"state": "ready", "created": created}
+                    )
+                    log.info("volume %s: snapshot %s taken", engine.name, rec.name)
+                except (VolumeIOError, PxcError) as e:
+                    done = SnapshotRecord.from_dict(
+                        rec.to_dict() | {"state": "failed", "error": str(e)}
+                    )
+                    log.warning("volume %s: snapshot %s failed: %s", engine.name, rec.name, e)
+                txn = self.etcd.txn().value_is(key, rec.encode()).put(key, done.encode())
+                await self.etcd.commit(txn)
+            elif rec.state in ("deleting", "failed"):
+                await self._cancel_rebuilds(vid)
+                try:
+                    await engine.delete_snapshot(rec.id)
+                except (VolumeIOError, PxcError) as e:
+                    log.warning("volume %s: deleting snapshot %s: %s", engine.name, rec.name, e)
+                    continue
+                if rec.state == "deleting":
+                    await self.etcd.commit(self.etcd.txn().value_is(key, rec.encode()).delete(key))
+        known = set(view.snapshots)
+        for snap in [x for x in engine.snapshots if x.id not in known]:
+            with contextlib.suppress(VolumeIOError, PxcError):
+                await engine.delete_snapshot(snap.id)
+        rv = view.revert
+        if rv is not None and rv.state == "pending" and view.target is not None:
+            key = self.keys.revert(vid)
+            if view.target.reason == "user":
+                failed = RevertRecord(rv.snapshot, "failed", "the volume is attached for clients")
+                txn = self.etcd.txn().value_is(key, rv.encode()).put(key, failed.encode())
+                await self.etcd.commit(txn)
+                return
+            await self._cancel_rebuilds(vid)
+            try:
+                await engine.revert(rv.snapshot)
+            except (VolumeIOError, PxcError) as e:
+                failed = RevertRecord(rv.snapshot, "failed", str(e))
+                txn = self.etcd.txn().value_is(key, rv.encode()).put(key, failed.encode())
+                await self.etcd.commit(txn)
+                return
+            log.info("volume %s: reverted to snapshot %s", engine.name, rv.snapshot)
+            await self.etcd.commit(self.etcd.txn().value_is(key, rv.encode()).delete(key))
+
     async def _cancel_rebuilds(self, vid: str) -> None:
         tasks = [t for k, t in self.rebuilds.items() if k[0] == vid]
         for t in tasks:
@@ -455,3 +519,9 @@ class NodeAgent:
             await self.peers.local.delete(vid)
             await self.etcd.delete(kv.key)
             log.info("volume %s (%s): chunks freed", kv.value.decode(), vid)
+
+
+def _snapshot_work(view: VolumeView) -> bool:
+    """Snapshot requests still waiting for the engine that serves the volume."""
+    busy = any(r.state in ("creating", "deleting") for r in view.snapshots.values())
+    return busy or (view.revert is not None and view.revert.state == "pending")

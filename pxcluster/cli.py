@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -628,38 +629,88 @@ async def volume_update(
         )
 
 
-_stub(
-    volume,
-    "clone",
-    "volume clone",
-    click.argument("name"),
-    click.option("--snapshot"),
-    click.option("--name", "new_name"),
-    click.option("--repl"),
-)
-_stub(volume, "revert", "volume revert", click.argument("name"), click.option("--snapshot"))
+@volume.command("clone")
+@click.argument("name")
+@click.option("--snapshot", "snap", required=True, help="the snapshot to clone")
+@click.option("--name", "new_name", required=True, help="name of the new volume")
+@click.option("--repl", type=int, default=None, help="replicas (default: as the source)")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_clone(
+    svc: Service, name: str, snap: str, new_name: str, repl: int | None, as_json: bool
+) -> None:
+    """A new, independent volume holding snapshot SNAP of NAME."""
+    from pxcluster import snapshots
+
+    info = await snapshots.clone(svc, name, snap, new_name, repl)
+    if as_json:
+        output.emit_json(info)
+    else:
+        click.echo(f"volume {new_name} cloned from {name}@{snap}")
+
+
+@volume.command("revert")
+@click.argument("name")
+@click.option("--snapshot", "snap", required=True, help="the snapshot to go back to")
+@with_service
+async def volume_revert(svc: Service, name: str, snap: str) -> None:
+    """Discard what was written to NAME since SNAP (NAME must be detached)."""
+    from pxcluster import snapshots
+
+    await snapshots.revert(svc, name, snap)
+    click.echo(f"volume {name} reverted to snapshot {snap}")
 
 
 @volume.group()
 def snapshot() -> None:
-    """Snapshots of a volume."""
+    """Snapshots of a volume (crash-consistent, online)."""
 
 
-_stub(
-    snapshot,
-    "create",
-    "volume snapshot create",
-    click.argument("name"),
-    click.option("--name", "snap"),
-)
-_stub(
-    snapshot,
-    "list",
-    "volume snapshot list",
-    click.argument("name"),
-    click.option("--json", is_flag=True),
-)
-_stub(snapshot, "delete", "volume snapshot delete", click.argument("name"), click.argument("snap"))
+@snapshot.command("create")
+@click.argument("name")
+@click.option("--name", "snap", required=True, help="the snapshot's name")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def snapshot_create(svc: Service, name: str, snap: str, as_json: bool) -> None:
+    """Snapshot volume NAME: every write acknowledged before this returns is in it."""
+    from pxcluster import snapshots
+
+    info = await snapshots.create(svc, name, snap)
+    if as_json:
+        output.emit_json(info)
+    else:
+        click.echo(f"snapshot {snap} of volume {name} created")
+
+
+@snapshot.command("list")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def snapshot_list(svc: Service, name: str, as_json: bool) -> None:
+    """List the snapshots of volume NAME, oldest first."""
+    from pxcluster import snapshots
+
+    snaps = await snapshots.list_snapshots(svc, name)
+    if as_json:
+        output.emit_json(snaps)
+        return
+    rows = [
+        [x["name"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["created"])), x["state"]]
+        for x in snaps
+    ]
+    output.table(None, ["snapshot", "created", "state"], rows)
+
+
+@snapshot.command("delete")
+@click.argument("name")
+@click.argument("snap")
+@with_service
+async def snapshot_delete(svc: Service, name: str, snap: str) -> None:
+    """Delete snapshot SNAP of volume NAME; what only it held is freed."""
+    from pxcluster import snapshots
+
+    await snapshots.delete(svc, name, snap)
+    click.echo(f"snapshot {snap} of volume {name} deleted")
 
 
 @main.group()

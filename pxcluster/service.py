@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from membership.election import current_leader
@@ -23,6 +23,8 @@ from membership.records import (
     NodeRecord,
     RebuildOp,
     ReplicaState,
+    RevertRecord,
+    SnapshotRecord,
     VolumeRecord,
 )
 from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
@@ -54,6 +56,12 @@ class VolumeView:
     target: AttachTarget | None
     replicas: dict[str, ReplicaState]
     failover: FailoverRecord | None = None
+    snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
+    revert: RevertRecord | None = None
+
+    def ready_snapshots(self) -> list[SnapshotRecord]:
+        ready = [r for r in self.snapshots.values() if r.state in ("ready", "deleting")]
+        return sorted(ready, key=lambda r: (r.created, r.id))
 
 
 class Service:
@@ -171,6 +179,8 @@ class Service:
     def _view(self, record: VolumeRecord, kvs: list[Any]) -> VolumeView:
         epoch, attachment, target, failover = 0, None, None, None
         replicas: dict[str, ReplicaState] = {}
+        snapshots: dict[str, SnapshotRecord] = {}
+        revert = None
         for kv in kvs:
             parts = self.keys.split(kv.key)[2:]
             if parts == ["epoch"]:
@@ -183,7 +193,11 @@ class Service:
                 failover = FailoverRecord.decode(kv.value)
             elif len(parts) == 2 and parts[0] == "replicas":
                 replicas[parts[1]] = ReplicaState.decode(kv.value)
-        return VolumeView(record, epoch, attachment, target, replicas, failover)
+            elif len(parts) == 2 and parts[0] == "snapshots":
+                snapshots[parts[1]] = SnapshotRecord.decode(kv.value)
+            elif parts == ["revert"]:
+                revert = RevertRecord.decode(kv.value)
+        return VolumeView(record, epoch, attachment, target, replicas, failover, snapshots, revert)
 
     async def volumes(self) -> list[VolumeView]:
         kvs = await self.etcd.get_prefix(self.keys.volumes_prefix())
@@ -288,7 +302,7 @@ class Service:
         view = await self.volume(name)
         node = await self.find_node(node_name)
         vid = view.record.id
-        takeover = view.target is not None and view.target.reason == "rebuild"
+        takeover = view.target is not None and view.target.reason in ("rebuild", "snapshot")
         if view.target is not None and view.target.node != node.id and not takeover:
             other = await self._node_name(view.target.node)
             raise VolumeBusy(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pxcluster.engine.errors import VolumeIOError
 from pxcluster.engine.volume import CatchUp, VolumeEngine
-from replica.api import Generation, ReplicaAPI
+from replica.api import Generation, ReplicaAPI, VolumeInfo
 from replica.errors import ReplicaError
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ async def rebuild(
     engine.rebuilding[node] = cu
     copied: set[int] = set()
     try:
+        if [x.id for x in await target.snapshots(s.id)] != [x.id for x in engine.snapshots]:
+            info = await _copy_snapshots(engine, node, cu, progress)
         suspect = set(info.dirty)  # may hold torn or lost unflushed writes: copy regardless
         throttle = Throttle(bandwidth)
         while True:
@@ -154,6 +156,34 @@ async def rebuild(
     finally:
         if engine.rebuilding.get(node) is cu:
             del engine.rebuilding[node]
+
+
+async def _copy_snapshots(
+    engine: VolumeEngine, node: str, cu: CatchUp, progress: Progress
+) -> VolumeInfo:
+    """The target's snapshots differ from the volume's: start it over and copy each snapshot
+    layer exactly (through its head, then frozen), oldest first. New writes skip the target
+    meanwhile (`cu.pending` is None); the head is compared and copied afterwards as usual."""
+    s = engine.spec
+    epoch = engine.epoch
+    target = cu.api
+    await target.delete(s.id)
+    info = await target.open(s.id, epoch, s.size, s.chunk_size, sync_writes=s.sync_writes)
+    snaps = list(engine.snapshots)
+    for snap in snaps:
+        if not engine.in_sync:
+            raise RebuildAborted(f"volume {s.name}: no in-sync source left")
+        source = engine.in_sync[min(engine.in_sync)]
+        for chunk in sorted(await source.generations(s.id, epoch, layer=snap.id)):
+            copy = await source.read_chunk(s.id, epoch, chunk, layer=snap.id)
+            await target.write_chunk(s.id, epoch, chunk, copy.data, copy.gen, present=copy.present)
+            progress.bytes_done += len(copy.data or b"")
+            if engine.rebuilding.get(node) is not cu:
+                raise RebuildAborted(f"volume {s.name}: snapshots changed during the rebuild")
+        await target.snapshot_create(s.id, epoch, snap.id, snap.name, snap.created)
+    if [x.id for x in engine.snapshots] != [x.id for x in snaps]:
+        raise RebuildAborted(f"volume {s.name}: snapshots changed during the rebuild")
+    return info
 
 
 async def copy_chunk(engine: VolumeEngine, cu: CatchUp, chunk: int) -> None:

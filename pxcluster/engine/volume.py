@@ -28,7 +28,7 @@ from pxcluster.engine.limits import IoLimiter
 from pxcluster.engine.rangelock import RangeLocks
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
-from replica.api import ReplicaAPI, VolumeInfo
+from replica.api import ReplicaAPI, SnapshotInfo, VolumeInfo
 from replica.errors import StaleEpoch
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,11 @@ class VolumeEngine:
         self.limits = IoLimiter()
         self.cipher: BlockCipher | None = None  # set for encrypted volumes before serving
         self._block_locks = RangeLocks()
+        # Snapshots (oldest first), the same on every in-sync replica. While `_barrier` is set,
+        # new writes wait: a snapshot holds every write acknowledged before it, none after.
+        self.snapshots: list[SnapshotInfo] = []
+        self._barrier: asyncio.Event | None = None
+        self._snap_lock = asyncio.Lock()
         # Plain counters, read by the metrics collector at scrape time (no cost per request
         # beyond an add).
         self.counters = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0}
@@ -137,8 +142,11 @@ class VolumeEngine:
         self.spec = dataclasses.replace(s, size=size)
         self.size = size
 
-    async def open(self) -> OpenReport:
-        """Open every replica with this epoch; at least one must open (invariant 3)."""
+    async def open(self, snapshots: list[str] | None = None) -> OpenReport:
+        """Open every replica with this epoch; at least one must open (invariant 3).
+
+        `snapshots`: the ids etcd records as complete, oldest first. A replica holding one that
+        is not there (a creation cut short) drops it; one lacking any is stale."""
         s = self.spec
 
         async def do_open(r: ReplicaAPI) -> VolumeInfo:
@@ -151,11 +159,92 @@ class VolumeEngine:
             )
         if not infos:
             raise NoInSyncReplica(f"volume {s.name}: no in-sync replica could be opened")
+        if snapshots is not None:
+            await self._settle_snapshots(infos, failed, snapshots)
         if failed and not await self._state.mark_stale(sorted(failed)):
             raise Fenced(f"volume {s.name}: epoch {self.epoch} is no longer current")
         self.in_sync = {n: self._all[n] for n in sorted(infos)}
         count = await reconcile_dirty(s.id, self.epoch, self.in_sync, infos)
         return OpenReport(sorted(infos), sorted(failed), count)
+
+    async def _settle_snapshots(
+        self,
+        infos: dict[str, VolumeInfo],
+        failed: dict[str, BaseException],
+        expected: list[str],
+    ) -> None:
+        s = self.spec
+        lists, errors = await fan_out({n: self._all[n] for n in infos}, lambda r: r.snapshots(s.id))
+        for node, err in errors.items():
+            failed[node] = err
+            del infos[node]
+        for node, snaps in sorted(lists.items()):
+            r = self._all[node]
+            for extra in [x for x in snaps if x.id not in expected]:
+                await r.snapshot_delete(s.id, self.epoch, extra.id)
+                log.info(
+                    "volume %s: replica %s dropped unfinished snapshot %s", s.name, node, extra.id
+                )
+            held = {x.id for x in snaps}
+            if not all(e in held for e in expected):
+                failed[node] = RuntimeError("replica lacks a snapshot")
+                del infos[node]
+                continue
+            if not self.snapshots:
+                self.snapshots = [x for x in snaps if x.id in expected]
+        if not infos:
+            raise NoInSyncReplica(f"volume {s.name}: no replica holds every snapshot")
+
+    async def snapshot(self, snap_id: str, name: str, created: float) -> None:
+        """Crash-consistent snapshot on every in-sync replica: new writes wait while the
+        writes in flight finish and everything is flushed, then each replica freezes its data.
+        Replicas being rebuilt stop (they restart, copying the snapshot too)."""
+        async with self._snap_lock:
+            if any(x.id == snap_id for x in self.snapshots):
+                return
+            gate = asyncio.Event()
+            self._barrier = gate
+            try:
+                await self.wait_writes(lambda: not self.inflight)
+                await self.flush()
+                self._stop_rebuilds("a snapshot was taken")
+                vid, epoch = self.spec.id, self.epoch
+                await self._fan_write(
+                    lambda r: r.snapshot_create(vid, epoch, snap_id, name, created)
+                )
+                self.snapshots.append(SnapshotInfo(snap_id, name, created))
+            finally:
+                self._barrier = None
+                gate.set()
+
+    async def delete_snapshot(self, snap_id: str) -> None:
+        async with self._snap_lock:
+            self._stop_rebuilds("a snapshot was deleted")
+            vid, epoch = self.spec.id, self.epoch
+            await self._fan_write(lambda r: r.snapshot_delete(vid, epoch, snap_id))
+            self.snapshots = [x for x in self.snapshots if x.id != snap_id]
+
+    async def revert(self, snap_id: str) -> None:
+        """Back to the snapshot (newer snapshots go). Only for a volume no client uses."""
+        async with self._snap_lock:
+            gate = asyncio.Event()
+            self._barrier = gate
+            try:
+                await self.wait_writes(lambda: not self.inflight)
+                self._stop_rebuilds("the volume was reverted")
+                vid, epoch = self.spec.id, self.epoch
+                await self._fan_write(lambda r: r.revert(vid, epoch, snap_id))
+                ids = [x.id for x in self.snapshots]
+                if snap_id in ids:
+                    self.snapshots = self.snapshots[: ids.index(snap_id) + 1]
+            finally:
+                self._barrier = None
+                gate.set()
+
+    def _stop_rebuilds(self, why: str) -> None:
+        for node in list(self.rebuilding):
+            del self.rebuilding[node]
+            log.info("volume %s: rebuild of replica %s restarts: %s", self.name, node, why)
 
     async def close(self) -> None:
         """Clean detach: flush everywhere, then record every chunk as clean."""
@@ -398,6 +487,8 @@ class VolumeEngine:
         self, pieces: list[Piece], call: Callable[[ReplicaAPI, list[Piece]], Awaitable[None]]
     ) -> None:
         chunks = [p.chunk for p in pieces]
+        while self._barrier is not None:
+            await self._barrier.wait()
         while self.copying:
             # Re-check after every wait: another copy or clean may have gated the chunk since.
             gate = next((g for c in chunks if (g := self.copying.get(c)) is not None), None)
