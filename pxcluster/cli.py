@@ -14,6 +14,7 @@ import click
 
 from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable
 from pxcluster import logs, output
+from pxcluster.cli_backup import backup as backup_group
 from pxcluster.errors import InvalidArgument, PxcError
 from pxcluster.service import Service
 from pxcluster.units import parse_size
@@ -713,22 +714,7 @@ async def snapshot_delete(svc: Service, name: str, snap: str) -> None:
     click.echo(f"snapshot {snap} of volume {name} deleted")
 
 
-@main.group()
-def backup() -> None:
-    """Backups to S3 or a directory."""
-
-
-for _verb in ("create", "list", "inspect", "verify", "delete", "restore"):
-    _stub(
-        backup,
-        _verb,
-        f"backup {_verb}",
-        click.argument("args", nargs=-1),
-        click.option("--target"),
-        click.option("--json", is_flag=True),
-    )
-
-
+main.add_command(backup_group)
 main.add_command(verify_command)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
@@ -85,8 +86,9 @@ def progress_bar(description: str, quiet: bool) -> Iterator[Callable[[int, int],
         TransferSpeedColumn(),
         TimeElapsedColumn(),
         console=Console(stderr=True),
-        disable=quiet,
-        transient=False,
+        # Scripts read stderr for the one error line: no bar unless a person is watching.
+        disable=quiet or not sys.stderr.isatty(),
+        transient=True,
     ) as bar:
         task = bar.add_task(description, total=None)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from membership.election import current_leader
 from membership.etcd import Etcd
@@ -40,6 +41,9 @@ from pxcluster.errors import (
     VolumeBusy,
 )
 from pxcluster.placement import Candidate, pick_attach_node, place
+
+if TYPE_CHECKING:
+    from pxcluster.backup.volumeio import RestoreSink, SnapshotSource
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -153,6 +157,20 @@ class Service:
         await self.etcd.delete(self.keys.node(node.id))
 
     # --- volumes
+
+    def backup_source(
+        self, volume: str, snapshot: str | None
+    ) -> contextlib.AbstractAsyncContextManager[SnapshotSource]:
+        from pxcluster import snapshots
+
+        return snapshots.backup_source(self, volume, snapshot)
+
+    def restore_sink(
+        self, name: str, size: int, chunk_size: int, repl: int | None, encrypted: bool
+    ) -> contextlib.AbstractAsyncContextManager[RestoreSink]:
+        from pxcluster import snapshots
+
+        return snapshots.restore_sink(self, name, size, chunk_size, repl, encrypted)
 
     async def volume_key(self, volume_id: str) -> bytes:
         kv = await self.etcd.get(self.keys.secret(volume_id))

@@ -281,9 +281,11 @@ async def new_volume_writer(
     *,
     encrypted: bool = False,
     key: bytes | None = None,
+    chunk_size: int | None = None,
     timeout: float = 60.0,
 ) -> AsyncIterator[VolumeWriter]:
-    """Create volume `name` and yield a writer. On an error inside, the volume is deleted."""
+    """Create volume `name` and yield a writer of `chunk_size`-byte chunks (default: the
+    volume's). On an error inside, the volume is deleted."""
     view = await svc.create_volume(name, size, repl, encrypted=encrypted)
     vid = view.record.id
     if key is not None:
@@ -299,7 +301,7 @@ async def new_volume_writer(
         await svc.wait_attached(name, node_id, timeout)
         client = await NbdClient.connect(nbd_uri(node, name))
         try:
-            writer = VolumeWriter(svc, name, view.record.chunk_size, client)
+            writer = VolumeWriter(svc, name, chunk_size or view.record.chunk_size, client)
             yield writer
             await client.flush()
         finally:
@@ -349,3 +351,31 @@ async def clone(
                 if progress is not None:
                     progress(i + 1, len(chunks))
     return await svc.inspect(await svc.volume(new))
+
+
+@contextlib.asynccontextmanager
+async def backup_source(
+    svc: Service, volume: str, snapshot: str | None
+) -> AsyncIterator[SnapshotReader]:
+    """What a backup reads: the named snapshot, or a temporary one removed afterwards."""
+    if snapshot is not None:
+        async with open_reader(svc, volume, snapshot) as reader:
+            yield reader
+        return
+    async with temporary_snapshot(svc, volume) as name, open_reader(svc, volume, name) as reader:
+        yield reader
+
+
+@contextlib.asynccontextmanager
+async def restore_sink(
+    svc: Service, name: str, size: int, chunk_size: int, repl: int | None, encrypted: bool
+) -> AsyncIterator[VolumeWriter]:
+    if encrypted:
+        raise InvalidArgument(
+            "this backup is of an encrypted volume: its blocks are ciphertext, and restoring "
+            "one needs the volume's key, which this version cannot take yet"
+        )
+    if repl is None:
+        repl = max(1, min(3, len(await svc.alive())))
+    async with new_volume_writer(svc, name, size, repl, chunk_size=chunk_size) as writer:
+        yield writer
