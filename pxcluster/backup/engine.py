@@ -82,9 +82,16 @@ async def pool(n: int, items: Iterable[T], fn: Callable[[T], Awaitable[None]]) -
         for item in it:
             await fn(item)
 
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(n):
-            tg.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(n):
+                tg.create_task(worker())
+    except BaseExceptionGroup as group:
+        # Callers catch typed errors (BlockMissing, ...), not groups: raise the first.
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def split_and_hash(data: bytes, block_size: int) -> list[tuple[str | None, bytes]]:

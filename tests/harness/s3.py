@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -101,9 +102,12 @@ class SeaweedS3:
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer.grpc']}",
         ]
+        # weed turns AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment into an
+        # identity, and then refuses the unsigned requests below: start it without them.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+                args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir, env=env
             )
         try:
             self._wait_ready(START_TIMEOUT)
@@ -120,16 +124,26 @@ class SeaweedS3:
                     f"weed server exited with {self.proc.returncode}; see {self.log_path}"
                 )
             try:
-                # The S3 gateway answers ListBuckets only once the filer behind it is up.
+                # The S3 gateway answers ListBuckets once the filer behind it is up; a write
+                # also needs the volume server registered with the master, else the first
+                # one waits seconds in the filer's retries ("Not enough data nodes found").
                 with urllib.request.urlopen(self.endpoint + "/", timeout=1.0) as r:
-                    if r.status == 200:
-                        return
+                    s3_up = r.status == 200
+                if s3_up and self._data_node_registered():
+                    return
+                last = "no volume server registered with the master yet"
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
             except OSError as e:
                 last = str(e)
             time.sleep(0.2)
         raise TimeoutError(f"SeaweedFS S3 not ready after {timeout}s ({last}); see {self.log_path}")
+
+    def _data_node_registered(self) -> bool:
+        url = f"http://{self.host}:{self.ports['master']}/dir/status"
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            topology = json.load(r).get("Topology") or {}
+        return bool(topology.get("DataCenters")) and int(topology.get("Free") or 0) > 0
 
     def create_bucket(self, name: str, timeout: float = 15.0) -> None:
         """PUT /BUCKET (3+ characters); unsigned is fine without identities. Retried while the
@@ -159,7 +173,7 @@ class SeaweedS3:
             return
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(3)
+            proc.wait(1.5)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
