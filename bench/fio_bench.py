@@ -10,6 +10,8 @@ run under the same load):
   nbdkit_fua  the same with `--filter=fua fuamode=force` (every write durable)
   repl1/3     default volumes, fio nbd engine
   repl1/3_sync volumes created with --sync-writes
+  repl1/3_enc volumes created with --encrypted --key-file (ratios against repl1/3: the cost
+              of AES-XTS in the engine alone)
 Each target is preconditioned (its whole region written once) before the workloads. Then the
 scaling curve (repl-3 4 KiB random-write IOPS for 1, 2, 4, 8 volumes, one fio job per volume),
 then `bench/failover_bench.py` and `bench/rebuild_bench.py` (own clusters). Prints the table and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,9 +105,18 @@ def measure_all(
 
 
 def create_attached(
-    c: Cluster, name: str, size: str, repl: int, *, sync: bool = False, node: str | None = None
+    c: Cluster,
+    name: str,
+    size: str,
+    repl: int,
+    *,
+    sync: bool = False,
+    node: str | None = None,
+    key_file: Path | None = None,
 ) -> str:
     extra = ["--sync-writes"] if sync else []
+    if key_file is not None:
+        extra += ["--encrypted", "--key-file", str(key_file)]
     c.cli("volume", "create", name, "--size", size, "--repl", str(repl), *extra)
     if node is None:
         # Attach where a replica lives (as `pick_attach_node` would): repl-1 reads stay local.
@@ -238,21 +250,32 @@ def main() -> None:
         for n in ("n1", "n2", "n3"):
             c.add_node(n, disk_size=16 << 30)
         pids = [n.proc.pid for n in c.nodes.values() if n.proc is not None]
+        key = tmp / "bench.key"
+        key.write_bytes(os.urandom(64))
         for name, repl, sync in (
             ("repl1", 1, False),
             ("repl3", 3, False),
             ("repl1_sync", 1, True),
             ("repl3_sync", 3, True),
+            ("repl1_enc", 1, False),
+            ("repl3_enc", 3, False),
         ):
             if name in targets:
-                uri = create_attached(c, name.replace("_", "-"), vol_size, repl, sync=sync)
+                uri = create_attached(
+                    c,
+                    name.replace("_", "-"),
+                    vol_size,
+                    repl,
+                    sync=sync,
+                    key_file=key if name.endswith("_enc") else None,
+                )
                 up[name] = (nbd_target(uri), pids)
         try:
             measure_all(up, args, cells)
         finally:
             for k in kits:
                 k.close()
-        for name in ("repl1", "repl3", "repl1_sync", "repl3_sync"):
+        for name in ("repl1", "repl3", "repl1_sync", "repl3_sync", "repl1_enc", "repl3_enc"):
             if name in up:
                 c.cli("volume", "detach", name.replace("_", "-"))
         result["scaling_repl3_rand_write_4k_qd16_iops"] = scaling(c, args) if args.scale else {}

@@ -7,6 +7,7 @@ fdatasync per durable write, the same queue depth through asyncio). Patterns:
 after every 32nd write, (c) durable (every write on stable storage before its ack).
 
     .venv/bin/python bench/replica_bench.py [--seconds 3] [--dir DIR]
+    .venv/bin/python bench/replica_bench.py --tls   # plain replica port vs TLS with client certs
 """
 
 from __future__ import annotations
@@ -69,8 +70,22 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--dir", default=None, help="where the disk and the plain file go")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="compare the replica port in plain TCP against TLS with client certificates "
+        "(instead of against a plain file)",
+    )
     args = ap.parse_args()
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="replica-bench-"))
+    if args.tls:
+        print("| write | QD | mode | plain ops/s | plain MiB/s | TLS ops/s | TLS MiB/s | ratio |")
+    else:
+        print(
+            "| write | QD | mode | file ops/s | file MiB/s | replica ops/s | replica MiB/s "
+            "| ratio |"
+        )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 
     proc = ReplicaProc(workdir, disk_size=SIZE + (256 << 20))
     proc.start()
@@ -86,6 +101,40 @@ async def main() -> None:
 
     async def r_flush() -> None:
         await client.flush("bench", 1)
+
+    tls_proc: ReplicaProc | None = None
+    if args.tls:
+        from replica.tls import TlsFiles, client_context
+        from tests.harness.tls import TestCA
+
+        ca = TestCA(workdir / "pki", "bench-ca")
+        srv, cl = ca.issue("server", ips=(proc.host,)), ca.issue("client")
+        (workdir / "tls").mkdir(exist_ok=True)
+        tls_proc = ReplicaProc(
+            workdir / "tls",
+            disk_size=SIZE + (256 << 20),
+            extra_args=(
+                "--tls-cert",
+                str(srv.cert),
+                "--tls-key",
+                str(srv.key),
+                "--tls-ca",
+                str(ca.path),
+            ),
+        )
+        tls_proc.start()
+        ctx = client_context(TlsFiles(str(cl.cert), str(cl.key), str(ca.path)))
+        tls_client = ReplicaClient(tls_proc.host, tls_proc.port, timeout=30, tls=ctx)
+        await tls_client.open("bench", 1, SIZE, CHUNK)
+
+        async def t_write(off: int, data: memoryview, durable: bool) -> None:
+            nonlocal seq
+            seq += 1
+            chunk, inner = divmod(off, CHUNK)
+            await tls_client.write("bench", 1, chunk, inner, data, seq=seq, durable=durable)
+
+        async def t_flush() -> None:
+            await tls_client.flush("bench", 1)
 
     path = workdir / "plain.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -108,6 +157,10 @@ async def main() -> None:
 
     async def f_flush() -> None:
         await loop.run_in_executor(None, os.fdatasync, fd)
+
+    if args.tls:
+        # The plain replica port is the reference; the TLS one is measured against it.
+        f_write, f_flush, r_write, r_flush = r_write, r_flush, t_write, t_flush
 
     # Warm up both: every chunk allocated / every file block present, as in steady state.
     fill = memoryview(bytes(1 << 20))
@@ -132,12 +185,13 @@ async def main() -> None:
                 )
     await client.close()
     proc.stop()
+    if tls_proc is not None:
+        await tls_client.close()
+        tls_proc.stop()
     os.close(fd)
 
 
 if __name__ == "__main__":
-    print("| write | QD | mode | file ops/s | file MiB/s | replica ops/s | replica MiB/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     import uvloop
 
     uvloop.run(main())

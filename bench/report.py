@@ -16,8 +16,21 @@ REFERENCE: dict[str, str] = {
     "repl3": "nbdkit",
     "repl1_sync": "nbdkit_fua",
     "repl3_sync": "nbdkit_fua",
+    # Encrypted volumes against the same volume unencrypted: the cost of encryption alone.
+    "repl1_enc": "repl1",
+    "repl3_enc": "repl3",
 }
-ORDER = ("native", "nbdkit", "nbdkit_fua", "repl1", "repl3", "repl1_sync", "repl3_sync")
+ORDER = (
+    "native",
+    "nbdkit",
+    "nbdkit_fua",
+    "repl1",
+    "repl3",
+    "repl1_sync",
+    "repl3_sync",
+    "repl1_enc",
+    "repl3_enc",
+)
 
 
 @dataclass(frozen=True)
