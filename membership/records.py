@@ -77,6 +77,9 @@ class VolumeRecord(_Record):
     iops_limit: int = 0  # 0: unlimited
     bw_limit: int = 0  # bytes/s, 0: unlimited
     encrypted: bool = False  # AES-XTS in the engine; the key under secrets/<id>
+    snapshot_schedule: str = ""  # "every 1h keep 24"; "" = none (run by the leader)
+    backup_schedule: str = ""
+    backup_target: str = ""  # where scheduled backups go (s3://... or file://...)
 
 
 @dataclass(frozen=True)
@@ -186,3 +189,13 @@ class RevertRecord(_Record):
     snapshot: str  # snapshot id
     state: str = "pending"  # pending | failed
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ScheduleState(_Record):
+    """volumes/<id>/schedule: what the leader's schedules last did for a volume."""
+
+    last_snapshot: float = 0.0
+    last_backup: float = 0.0
+    last_backup_id: str = ""
+    last_error: str = ""

@@ -603,7 +603,11 @@ async def volume_resize(svc: Service, name: str, size_text: str, as_json: bool) 
 @click.argument("name")
 @click.option("--iops-limit", type=int, default=None, help="read+write ops/s, 0 = unlimited")
 @click.option("--bw-limit", default=None, help="read+write bytes/s, e.g. 100M, 0 = unlimited")
-@click.option("--snapshot-schedule", default=None, help='e.g. "every 1h keep 24" (not yet)')
+@click.option("--snapshot-schedule", default=None, help='e.g. "every 1h keep 24"; "none" to stop')
+@click.option(
+    "--backup-schedule", default=None, help='e.g. "every 1d keep 7"; needs --backup-target'
+)
+@click.option("--backup-target", default=None, help="s3://BUCKET/PREFIX or file:///PATH")
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_update(
@@ -612,21 +616,33 @@ async def volume_update(
     iops_limit: int | None,
     bw_limit: str | None,
     snapshot_schedule: str | None,
+    backup_schedule: str | None,
+    backup_target: str | None,
     as_json: bool,
 ) -> None:
-    """Change a volume's I/O limits (enforced by the engine serving it)."""
-    if snapshot_schedule is not None:
-        raise InvalidArgument("--snapshot-schedule is not implemented yet (snapshots are not)")
-    if iops_limit is None and bw_limit is None:
-        raise InvalidArgument("nothing to update: pass --iops-limit and/or --bw-limit")
-    bw = None if bw_limit is None else 0 if bw_limit.strip() == "0" else parse_size(bw_limit)
-    info = await svc.inspect(await svc.set_limits(name, iops_limit, bw))
+    """Change a volume's I/O limits (enforced by the engine serving it) and its snapshot and
+    backup schedules (run by the leader)."""
+    schedules = (snapshot_schedule, backup_schedule, backup_target)
+    if iops_limit is None and bw_limit is None and all(x is None for x in schedules):
+        raise InvalidArgument(
+            "nothing to update: pass --iops-limit, --bw-limit, --snapshot-schedule, "
+            "--backup-schedule or --backup-target"
+        )
+    if any(x is not None for x in schedules):
+        await svc.set_schedules(name, *schedules)
+    view = await svc.volume(name)
+    if iops_limit is not None or bw_limit is not None:
+        bw = None if bw_limit is None else 0 if bw_limit.strip() == "0" else parse_size(bw_limit)
+        view = await svc.set_limits(name, iops_limit, bw)
+    info = await svc.inspect(view)
     if as_json:
         output.emit_json(info)
     else:
         click.echo(
             f"volume {name}: iops limit {info['iops_limit'] or 'none'}, "
-            f"bandwidth limit {output.size(info['bw_limit']) if info['bw_limit'] else 'none'}"
+            f"bandwidth limit {output.size(info['bw_limit']) if info['bw_limit'] else 'none'}, "
+            f"snapshots {info['snapshot_schedule'] or 'unscheduled'}, "
+            f"backups {info['backup_schedule'] or 'unscheduled'}"
         )
 
 

@@ -31,6 +31,7 @@ from pxcluster.controllers.drain import DrainController
 from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
 from pxcluster.controllers.runner import ControllerRunner
+from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.errors import JoinRefused
 from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
@@ -295,6 +296,7 @@ class Node:
                 FailoverController(service),
                 RepairController(service, replace_after=c.replace_after),
                 DrainController(service),
+                ScheduleController(service),
             ],
         )
         self._tasks = [

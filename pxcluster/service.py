@@ -400,6 +400,39 @@ class Service:
 
         return await self._update_record(name, change)
 
+    async def set_schedules(
+        self,
+        name: str,
+        snapshot_schedule: str | None,
+        backup_schedule: str | None,
+        backup_target: str | None,
+    ) -> VolumeView:
+        from pxcluster.schedule import parse_schedule
+
+        changes: dict[str, str] = {}
+        if snapshot_schedule is not None:
+            s = parse_schedule(snapshot_schedule)
+            changes["snapshot_schedule"] = str(s) if s else ""
+        if backup_schedule is not None:
+            b = parse_schedule(backup_schedule)
+            changes["backup_schedule"] = str(b) if b else ""
+        if backup_target is not None:
+            if backup_target and not backup_target.startswith(("s3://", "file:///")):
+                raise InvalidArgument(
+                    f"invalid backup target {backup_target!r}: s3://BUCKET/PREFIX or file:///PATH"
+                )
+            changes["backup_target"] = backup_target
+        view = await self.volume(name)
+        if changes.get("backup_schedule", view.record.backup_schedule) and not changes.get(
+            "backup_target", view.record.backup_target
+        ):
+            raise InvalidArgument("a backup schedule needs --backup-target URL")
+
+        def change(r: VolumeRecord) -> VolumeRecord:
+            return VolumeRecord.from_dict(r.to_dict() | changes)
+
+        return await self._update_record(name, change)
+
     async def _update_record(
         self, name: str, change: Callable[[VolumeRecord], VolumeRecord]
     ) -> VolumeView:
@@ -448,8 +481,9 @@ class Service:
         nodes = {n.id: n for n in await self.nodes()}
         a = view.attachment
         attached = nodes.get(a.node) if a is not None and a.state == "serving" else None
-        if view.target is not None and view.target.reason == "rebuild":
-            state, attached = "detached", None  # attached only to rebuild: not for clients
+        if view.target is not None and view.target.reason in ("rebuild", "snapshot"):
+            # Served only to rebuild replicas or work on snapshots: not for clients.
+            state, attached = "detached", None
         elif attached is not None:
             state = "attached"
         elif view.target is not None:
@@ -486,6 +520,10 @@ class Service:
             "iops_limit": view.record.iops_limit,
             "bw_limit": view.record.bw_limit,
             "replicas": replicas,
+            "snapshots": len(view.ready_snapshots()),
+            "snapshot_schedule": view.record.snapshot_schedule,
+            "backup_schedule": view.record.backup_schedule,
+            "backup_target": view.record.backup_target,
             "last_failover": self._failover_view(view.failover, nodes),
             "rebuilds": await self._rebuilds(view, nodes),
         }
