@@ -193,6 +193,7 @@ class FileTarget(Target):
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
+    text = text.split(" Debug source:")[0]  # obstore appends the Rust error's Debug form
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -212,6 +213,10 @@ class S3Target(Target):
                 raise InvalidTarget(f"AWS_ENDPOINT_URL {endpoint!r} is not an http(s) URL")
             config["endpoint"] = endpoint.rstrip("/")
             config["virtual_hosted_style_request"] = False
+        if bool(env.get("AWS_ACCESS_KEY_ID")) != bool(env.get("AWS_SECRET_ACCESS_KEY")):
+            raise InvalidTarget(
+                f"{self.url}: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither"
+            )
         for var, name in (
             ("AWS_ACCESS_KEY_ID", "access_key_id"),
             ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
