@@ -11,6 +11,9 @@
 #   PXC_ZONE, PXC_DATA_DIR, PXC_API_PORT, PXC_DATA_PORT, PXC_NBD_PORT, PXC_LEASE_TTL,
 #   PXC_API_TOKEN_FILE, PXC_DOCKER_PLUGIN_SOCKET, PXC_LOG_LEVEL, PXC_LOG_FORMAT (json)
 #   PXC_WIPE=1                     erase disks formatted by another cluster
+#   PXC_ETCD_CACERT, PXC_ETCD_CERT, PXC_ETCD_KEY, PXC_ETCD_USER, PXC_ETCD_PASSWORD_FILE
+#                                  etcd TLS and user (read by pxcluster itself; https:// in PXC_ETCD)
+#   PXC_DATA_TLS_CERT, PXC_DATA_TLS_KEY, PXC_DATA_TLS_CA   replica port TLS (all three or none)
 set -eu
 
 : "${PXC_NAME:?set PXC_NAME to the node name}"
@@ -39,6 +42,9 @@ done
 [ -n "${PXC_API_TOKEN_FILE:-}" ] && set -- "$@" --api-token-file "$PXC_API_TOKEN_FILE"
 [ -n "${PXC_DOCKER_PLUGIN_SOCKET:-}" ] && set -- "$@" --docker-plugin-socket "$PXC_DOCKER_PLUGIN_SOCKET"
 [ "${PXC_WIPE:-0}" = "1" ] && set -- "$@" --wipe
+[ -n "${PXC_DATA_TLS_CERT:-}" ] && set -- "$@" --data-tls-cert "$PXC_DATA_TLS_CERT"
+[ -n "${PXC_DATA_TLS_KEY:-}" ] && set -- "$@" --data-tls-key "$PXC_DATA_TLS_KEY"
+[ -n "${PXC_DATA_TLS_CA:-}" ] && set -- "$@" --data-tls-ca "$PXC_DATA_TLS_CA"
 
 # etcd members may still be starting: wait (up to PXC_ETCD_WAIT s) for one to accept.
 PXC_ETCD="$(python3 - "$PXC_ETCD" "${PXC_ETCD_WAIT:-60}" <<'PY'
