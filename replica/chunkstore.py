@@ -68,6 +68,7 @@ from replica.chunkmeta import (
     rec_volume,
 )
 from replica.errors import (
+    ChecksumMismatch,
     DiskError,
     NoSpace,
     OutOfRange,
@@ -79,8 +80,10 @@ from replica.errors import (
 from replica.fileio import BlockFile
 from replica.ondisk import (
     BLOCK,
+    CSUM_SIZE,
     DEFAULT_CHUNK,
     Superblock,
+    block_csums,
     decode_checkpoint,
     decode_records,
     decode_superblock,
@@ -197,6 +200,8 @@ class ChunkStore:
         meta.clean = False
         meta.boot_id = boot_id
         store = cls(f, sb, meta, seq, unclean)
+        if unclean:
+            store._recompute_dirty_csums()
         store._write_checkpoint(*store._snapshot())
         return store
 
@@ -297,19 +302,20 @@ class ChunkStore:
         if snapshot:
             v = self._lookup(volume)
             _check_range(v, chunk, offset, length)
-            return self._read_view(
-                v.stack(chunk, self._snap_index(volume, v, snapshot)), offset, length
-            )
+            stack = v.stack(chunk, self._snap_index(volume, v, snapshot))
+            return self._read_view(stack, offset, length, volume, chunk)
         v = self._volume(volume, epoch)
         _check_range(v, chunk, offset, length)
         c = v.chunks.get(chunk)
         if c is not None and c.present is None:
-            return self._f.pread(length, self._sb.slot_offset(c.slot) + offset)
+            return self._data_read(volume, chunk, c, offset, length)
         if c is None and not v.snaps:
             return bytes(length)
-        return self._read_view(v.stack(chunk), offset, length)
+        return self._read_view(v.stack(chunk), offset, length, volume, chunk)
 
-    def _read_view(self, stack: list[ChunkState], offset: int, length: int) -> bytes:
+    def _read_view(
+        self, stack: list[ChunkState], offset: int, length: int, volume: str = "", chunk: int = 0
+    ) -> bytes:
         """Assemble a range block by block from the topmost entry holding each block."""
         if not stack:
             return bytes(length)
@@ -321,8 +327,8 @@ class ChunkStore:
             while run < end and _source(stack, run // BLOCK) is src:
                 run = min(end, run + BLOCK)
             if src is not None:
-                out[pos - offset : run - offset] = self._f.pread(
-                    run - pos, self._sb.slot_offset(src.slot) + pos
+                out[pos - offset : run - offset] = self._data_read(
+                    volume, chunk, src, pos, run - pos
                 )
             pos = run
         return bytes(out)
@@ -350,7 +356,7 @@ class ChunkStore:
             # No await between the checks in _ready_chunk and here: the epoch, the slot and
             # the durable dirty mark all still hold when the data lands.
             if c.present is None:
-                self._f.pwrite(data, self._sb.slot_offset(c.slot) + offset)
+                self._data_write(c.slot, offset, data)
             else:
                 self._write_partial(v, chunk, c, offset, data)
             self._written(volume, v, chunk, c, (epoch, seq))
@@ -375,7 +381,7 @@ class ChunkStore:
             self._free_chunk(volume, v, chunk, c)
         else:
             # On the loop, not a thread: the slot must still be this chunk's when it lands.
-            self._f.punch(self._sb.slot_offset(c.slot) + offset, length)
+            self._data_punch(c.slot, offset, length)
             self._written(volume, v, chunk, c, (epoch, seq))
         if v.sync_writes:
             await self.flush()
@@ -387,7 +393,7 @@ class ChunkStore:
         c = self._layer(volume, v, layer).get(chunk)
         if c is None:
             return ChunkCopy(None, (0, 0))
-        data = self._f.pread(v.chunk_len(chunk), self._sb.slot_offset(c.slot))
+        data = self._read_entry(volume, v, chunk, c)
         return ChunkCopy(data, (c.epoch, c.seq), mask_to_bytes(c.present))
 
     async def write_chunk(
@@ -411,9 +417,9 @@ class ChunkStore:
             if data is None:
                 self._free_chunk(volume, v, chunk, c)
             else:
-                base = self._sb.slot_offset(c.slot)
-                self._f.pwrite(data, base)
-                self._f.punch(base + len(data), self._sb.chunk_size - len(data))
+                self._data_write(c.slot, 0, data)
+                if len(data) < self._sb.chunk_size:
+                    self._data_punch(c.slot, len(data), self._sb.chunk_size - len(data))
                 c.epoch, c.seq = generation
                 c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
                 self._written(volume, v, chunk, c, None)
@@ -539,8 +545,8 @@ class ChunkStore:
             while b < blocks and not upper.has(b) and lower.has(b):
                 b += 1
             off, n = start * BLOCK, min(b * BLOCK, v.chunk_len(chunk)) - start * BLOCK
-            data = self._f.pread(n, self._sb.slot_offset(lower.slot) + off)
-            self._f.pwrite(data, self._sb.slot_offset(upper.slot) + off)
+            data = self._data_read("", chunk, lower, off, n)
+            self._data_write(upper.slot, off, data)
             added |= ((1 << (b - start)) - 1) << start
         return added
 
@@ -556,21 +562,92 @@ class ChunkStore:
         stop = min((last + 1) * BLOCK, v.chunk_len(chunk))
         if (offset != start and not c.has(first)) or (end != stop and not c.has(last)):
             below = v.stack(chunk)[1:]
-            buf = bytearray(self._read_view(below, start, stop - start))
+            buf = bytearray(self._read_view(below, start, stop - start, "", chunk))
             if c.has(first):
                 n = min(BLOCK, stop - start)
-                buf[:n] = self._f.pread(n, self._sb.slot_offset(c.slot) + start)
+                buf[:n] = self._data_read("", chunk, c, start, n)
             if last != first and c.has(last):
                 tail = last * BLOCK
-                buf[tail - start :] = self._f.pread(
-                    stop - tail, self._sb.slot_offset(c.slot) + tail
-                )
+                buf[tail - start :] = self._data_read("", chunk, c, tail, stop - tail)
             buf[offset - start : end - start] = data
-            self._f.pwrite(memoryview(buf), self._sb.slot_offset(c.slot) + start)
+            self._data_write(c.slot, start, memoryview(buf))
         else:
-            self._f.pwrite(data, self._sb.slot_offset(c.slot) + offset)
+            self._data_write(c.slot, offset, data)
         bits = ((1 << (last - first + 1)) - 1) << first
         c.present = _full_to_none(c.present | bits, v.chunk_len(chunk))
+
+    # ----- slot data with per-block checksums
+
+    def _data_write(self, slot: int, offset: int, data: bytes | memoryview) -> None:
+        """Write into a slot and refresh the checksums of the blocks it touches. Both land in
+        the page cache; the next fdatasync makes both durable (a chunk written since its last
+        clean mark has its checksums recomputed when the store opens after a crash)."""
+        self._f.pwrite(data, self._sb.slot_offset(slot) + offset)
+        self._refresh_csums(slot, offset, len(data), data)
+
+    def _data_punch(self, slot: int, offset: int, length: int) -> None:
+        self._f.punch(self._sb.slot_offset(slot) + offset, length)
+        if offset == 0 and length == self._sb.chunk_size:
+            self._f.punch(self._sb.csum_at(slot, 0), (self._sb.chunk_size // BLOCK) * CSUM_SIZE)
+        else:
+            self._refresh_csums(slot, offset, length, None)
+
+    def _refresh_csums(
+        self, slot: int, offset: int, length: int, data: bytes | memoryview | None
+    ) -> None:
+        if not length:
+            return
+        first = offset // BLOCK
+        end = offset + length
+        if data is None or offset % BLOCK or (end % BLOCK and end != self._sb.chunk_size):
+            stop = min(-(-end // BLOCK) * BLOCK, self._sb.chunk_size)
+            data = self._f.pread(stop - first * BLOCK, self._sb.slot_offset(slot) + first * BLOCK)
+        self._f.pwrite(block_csums(data), self._sb.csum_at(slot, first))
+
+    def _data_read(self, volume: str, chunk: int, c: ChunkState, offset: int, length: int) -> bytes:
+        """Read from an entry's slot, checking every block's checksum. A mismatch is never
+        returned as data: ChecksumMismatch, and a head entry's generation drops to (0, 0) so a
+        rebuild copies the chunk again."""
+        if not length:
+            return b""
+        first = offset // BLOCK
+        start = first * BLOCK
+        stop = min(-(-(offset + length) // BLOCK) * BLOCK, self._sb.chunk_size)
+        raw = self._f.pread(stop - start, self._sb.slot_offset(c.slot) + start)
+        blocks = -(-len(raw) // BLOCK)
+        stored = self._f.pread(blocks * CSUM_SIZE, self._sb.csum_at(c.slot, first))
+        if block_csums(raw) != stored:
+            bad = next(
+                i
+                for i in range(blocks)
+                if block_csums(raw[i * BLOCK : (i + 1) * BLOCK])
+                != stored[i * CSUM_SIZE : (i + 1) * CSUM_SIZE]
+            )
+            self._quarantine(volume, chunk, c)
+            raise ChecksumMismatch(
+                f"volume {volume!r} chunk {chunk} block {first + bad}: data does not match its "
+                "checksum (disk corruption); not served"
+            )
+        return raw[offset - start : offset - start + length]
+
+    def _read_entry(self, volume: str, v: VolState, chunk: int, c: ChunkState) -> bytes:
+        return self._data_read(volume, chunk, c, 0, v.chunk_len(chunk))
+
+    def _quarantine(self, volume: str, chunk: int, c: ChunkState) -> None:
+        v = self._meta.vols.get(volume)
+        if v is not None and v.chunks.get(chunk) is c and (c.epoch, c.seq) != (0, 0):
+            c.epoch, c.seq = 0, 0
+            self._gen_dirty.add((volume, chunk))
+
+    def _recompute_dirty_csums(self) -> None:
+        """Blocking (open). A chunk written since its last clean mark may have its data and its
+        checksums out of step after a crash (either write may be lost or torn): its content is
+        whatever survived, which the engine reconciles across replicas anyway."""
+        for v in self._meta.vols.values():
+            for chunk in v.dirty:
+                c = v.chunks.get(chunk)
+                if c is not None:
+                    self._refresh_csums(c.slot, 0, self._sb.chunk_size, None)
 
     def _snap_lock(self, volume: str) -> asyncio.Lock:
         lock = self._snap_locks.get(volume)
@@ -730,12 +807,12 @@ class ChunkStore:
 
     def _punch_slots(self, slots: list[int]) -> None:
         for slot in slots:
-            self._f.punch(self._sb.slot_offset(slot), self._sb.chunk_size)
+            self._data_punch(slot, 0, self._sb.chunk_size)
 
     def _free_chunk(self, volume: str, v: VolState, chunk: int, c: ChunkState) -> None:
         del v.chunks[chunk]
         self._records.append(rec_free(volume, chunk))
-        self._f.punch(self._sb.slot_offset(c.slot), self._sb.chunk_size)
+        self._data_punch(c.slot, 0, self._sb.chunk_size)
         # Reusable only after a sync makes both the free record and the zeros durable.
         self._punched.append(c.slot)
         v.unsynced[chunk] = self._started + 1

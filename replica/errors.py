@@ -29,6 +29,12 @@ class UnknownVolume(ReplicaError):
     code = "UNKNOWN_VOLUME"
 
 
+class ChecksumMismatch(ReplicaError):
+    """Data on the disk does not match its checksum: it is never returned as data."""
+
+    code = "CHECKSUM"
+
+
 class UnknownSnapshot(ReplicaError):
     code = "UNKNOWN_SNAPSHOT"
 
@@ -87,6 +93,7 @@ _BY_CODE: dict[str, type[ReplicaError]] = {
         OutOfRange,
         UnknownVolume,
         UnknownSnapshot,
+        ChecksumMismatch,
         NotOpen,
         ReplicaUnavailable,
         ProtocolError,

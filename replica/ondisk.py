@@ -5,6 +5,8 @@ Layout of a disk (every offset a multiple of 4 KiB):
     0               superblock (one 4 KiB block)
     journal_offset  journal area: records `u32 length | u32 crc32c | u64 generation | msgpack`
     meta_offset     metadata checkpoint area A, then area B (meta_size each)
+    csum_offset     a u32 per 4 KiB block of every slot: crc32c(block) ^ crc32c(zero block),
+                    so a zeroed (punched) entry describes a zeroed block
     data_offset     `slots` chunk slots of chunk_size bytes
 
 The journal is only valid on top of the checkpoint whose seq equals the records' generation:
@@ -31,11 +33,12 @@ from replica.errors import (
 )
 
 MAGIC = b"PXCDISK\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BLOCK = 4096
 MIN_CHUNK = 64 << 10
 DEFAULT_CHUNK = 4 << 20
 
+CSUM_SIZE = 4
 _SB_HEAD = struct.Struct("<8sII")  # magic, version, body length
 _REC_HEAD = struct.Struct("<IIQ")  # body length, crc32c(generation + body), generation
 _CKPT_MAGIC = b"PXCCKPT\0"
@@ -63,9 +66,14 @@ class Superblock:
     meta_size: int
     data_offset: int
     slots: int
+    csum_offset: int
 
     def meta_area(self, seq: int) -> int:
         return self.meta_offset + (seq % 2) * self.meta_size
+
+    def csum_at(self, slot: int, block: int) -> int:
+        """Where the checksum of block `block` of slot `slot` lives."""
+        return self.csum_offset + (slot * (self.chunk_size // BLOCK) + block) * CSUM_SIZE
 
     def slot_offset(self, slot: int) -> int:
         return self.data_offset + slot * self.chunk_size
@@ -84,7 +92,9 @@ def layout(
     meta_size = _align(base + (disk_size // chunk_size) * 64, BLOCK)
     journal_offset = BLOCK
     meta_offset = journal_offset + journal_size
-    data_offset = _align(meta_offset + 2 * meta_size, min(chunk_size, 1 << 20))
+    csum_offset = meta_offset + 2 * meta_size
+    csum_size = _align((disk_size // chunk_size) * (chunk_size // BLOCK) * CSUM_SIZE, BLOCK)
+    data_offset = _align(csum_offset + csum_size, min(chunk_size, 1 << 20))
     slots = max(0, (disk_size - data_offset) // chunk_size)
     if slots < 1:
         raise DiskError(f"disk of {disk_size} bytes is too small for one {chunk_size}-byte chunk")
@@ -100,6 +110,7 @@ def layout(
         meta_size=meta_size,
         data_offset=data_offset,
         slots=slots,
+        csum_offset=csum_offset,
     )
 
 
@@ -116,6 +127,7 @@ def encode_superblock(sb: Superblock) -> bytes:
             "meta_size": sb.meta_size,
             "data_offset": sb.data_offset,
             "slots": sb.slots,
+            "csum_offset": sb.csum_offset,
         }
     )
     head = _SB_HEAD.pack(MAGIC, sb.format_version, len(body))
@@ -135,10 +147,12 @@ def decode_superblock(block: bytes, *, cluster_id: str | None = None) -> Superbl
     if stored_crc != _crc(block[: BLOCK - 4]):
         if version != FORMAT_VERSION:
             # A later format may lay its checksum out differently; the version is the news.
-            raise UnsupportedFormat(f"disk format version {version}, this build reads 1")
+            raise UnsupportedFormat(
+                f"disk format version {version}, this build reads {FORMAT_VERSION}"
+            )
         raise CorruptSuperblock("superblock checksum mismatch")
     if version != FORMAT_VERSION:
-        raise UnsupportedFormat(f"disk format version {version}, this build reads 1")
+        raise UnsupportedFormat(f"disk format version {version}, this build reads {FORMAT_VERSION}")
     try:
         body = msgpack.unpackb(block[_SB_HEAD.size : _SB_HEAD.size + length])
         sb = Superblock(format_version=version, **body)
@@ -198,3 +212,17 @@ def decode_checkpoint(area: bytes) -> tuple[int, Any] | None:
         return seq, msgpack.unpackb(payload, strict_map_key=False)
     except (ValueError, msgpack.UnpackException):
         return None
+
+
+_ZERO_CRC = _crc(bytes(BLOCK))
+
+
+def block_csums(data: bytes | bytearray | memoryview) -> bytes:
+    """The stored checksums of whole 4 KiB blocks (a short last block is zero-padded)."""
+    view = memoryview(data)
+    out = bytearray()
+    for i in range(0, len(view), BLOCK):
+        block = view[i : i + BLOCK]
+        c = _crc(block) if len(block) == BLOCK else _crc(bytes(block) + bytes(BLOCK - len(block)))
+        out += struct.pack("<I", c ^ _ZERO_CRC)
+    return bytes(out)

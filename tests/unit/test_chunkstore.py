@@ -19,6 +19,7 @@ from replica.errors import (
 )
 from replica.fileio import OSFile, VolatileFile
 from replica.ondisk import (
+    FORMAT_VERSION,
     decode_checkpoint,
     decode_records,
     encode_superblock,
@@ -77,7 +78,7 @@ async def test_format_and_reopen_keeps_ids_and_chunks() -> None:
     assert not store.unclean
     sb = store.superblock
     assert (sb.cluster_id, sb.node_id, sb.disk_id, sb.chunk_size) == ("c1", "n1", "d1", CHUNK)
-    assert sb.format_version == 1
+    assert sb.format_version == FORMAT_VERSION
     await store.open_volume("v", 3, 10 * CHUNK)
     await store.write("v", 3, 2, 5, b"abc", seq=9)
     await store.close()
@@ -109,7 +110,7 @@ def test_corrupt_superblock_is_refused() -> None:
 def test_unsupported_version_is_refused() -> None:
     f = formatted()
     sb = ChunkStore.read_superblock(f)
-    f.pwrite(encode_superblock(dataclasses.replace(sb, format_version=2)), 0)
+    f.pwrite(encode_superblock(dataclasses.replace(sb, format_version=FORMAT_VERSION + 1)), 0)
     f.fdatasync()
     with pytest.raises(UnsupportedFormat):
         ChunkStore.open(f)

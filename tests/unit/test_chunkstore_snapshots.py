@@ -179,3 +179,34 @@ async def test_exact_layer_copy_rebuilds_the_same_views() -> None:
     for sid in ("a", "b"):
         assert read_all(dst, sid) == read_all(src, sid)
     assert dst.generations("v") == src.generations("v")
+
+
+async def test_a_flipped_byte_is_never_served_and_the_chunk_is_marked_for_copy() -> None:
+    from replica.errors import ChecksumMismatch
+
+    f = VolatileFile(8 << 20)
+    store = await new_store(f)
+    await store.open_volume("v", 1, SIZE)
+    head = bytearray(SIZE)
+    await write(store, head, 0, bytes(range(256)) * (2 * CHUNK // 256), 1)
+    await store.flush()
+    await store.mark_clean("v", 1, [0, 1])
+    sb = store.superblock
+    slot = store._meta.vols["v"].chunks[1].slot  # the test reaches in to aim the corruption
+    at = sb.slot_offset(slot) + 3 * BLOCK + 17
+    f.pwrite(bytes([f.pread(1, at)[0] ^ 0x01]), at)
+    assert store.read("v", 1, 0, 0, CHUNK) == bytes(head[:CHUNK])  # other chunks are fine
+    assert store.read("v", 1, 1, 0, 3 * BLOCK) == bytes(head[CHUNK : CHUNK + 3 * BLOCK])
+    with pytest.raises(ChecksumMismatch, match="chunk 1 block 3"):
+        store.read("v", 1, 1, 3 * BLOCK + 100, 10)
+    with pytest.raises(ChecksumMismatch):
+        store.read_chunk("v", 1, 1)
+    assert store.generations("v")[1] == (0, 0)  # a rebuild now sees it differ and copies it
+    # The corruption survives a restart (the chunk was clean: nothing recomputes it) ...
+    await store.flush()
+    again = ChunkStore.open(VolatileFile.from_image(f.durable_image()), cluster_id="c")
+    with pytest.raises(ChecksumMismatch):
+        again.read("v", 1, 1, 3 * BLOCK, BLOCK)
+    # ... and a write of the whole block repairs it.
+    await store.write("v", 1, 1, 3 * BLOCK, b"\x07" * BLOCK, seq=9)
+    assert store.read("v", 1, 1, 3 * BLOCK, BLOCK) == b"\x07" * BLOCK
