@@ -66,6 +66,9 @@ class Keys:
         """A revert asked for (RevertRecord), carried out by the serving engine."""
         return self._k("volumes", volume_id, "revert")
 
+    def scrub(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "scrub")
+
     def schedule_state(self, volume_id: str) -> bytes:
         return self._k("volumes", volume_id, "schedule")
 

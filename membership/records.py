@@ -192,6 +192,20 @@ class RevertRecord(_Record):
 
 
 @dataclass(frozen=True)
+class ScrubRecord(_Record):
+    """volumes/<id>/scrub: a scrub asked for (pending), carried out by the serving engine."""
+
+    state: str = "pending"  # pending | done | failed
+    requested: float = 0.0
+    finished: float = 0.0
+    chunks: int = 0
+    skipped: list[str] = field(default_factory=list)
+    repaired: list[dict[str, Any]] = field(default_factory=list)
+    unrepairable: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class ScheduleState(_Record):
     """volumes/<id>/schedule: what the leader's schedules last did for a volume."""
 

@@ -25,11 +25,13 @@ from membership.records import (
     RebuildOp,
     ReplicaState,
     RevertRecord,
+    ScrubRecord,
     SnapshotRecord,
 )
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import VolumeIOError
 from pxcluster.engine.rebuild import Progress, rebuild
+from pxcluster.engine.scrub import scrub
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
 from pxcluster.errors import PxcError
@@ -166,6 +168,7 @@ class NodeAgent:
             view = views.get(vid)
             if view is not None:
                 await self._apply_snapshots(view, engine)
+                await self._apply_scrub(view, engine)
                 await self._reconcile_rebuilds(view, engine, alive)
                 await self._apply_settings(view, engine)
         self.metrics.attached_volumes.set(len(self.engines))
@@ -507,6 +510,30 @@ class NodeAgent:
             log.info("volume %s: reverted to snapshot %s", engine.name, rv.snapshot)
             await self.etcd.commit(self.etcd.txn().value_is(key, rv.encode()).delete(key))
 
+    async def _apply_scrub(self, view: VolumeView, engine: VolumeEngine) -> None:
+        rec = view.scrub
+        if rec is None or rec.state != "pending":
+            return
+        key = self.keys.scrub(view.record.id)
+        try:
+            report = await scrub(engine)
+            done = ScrubRecord.from_dict(
+                rec.to_dict() | report.to_dict() | {"state": "done", "finished": time.time()}
+            )
+            log.info(
+                "volume %s: scrubbed %d chunks, repaired %d, unrepairable %d",
+                engine.name,
+                report.chunks,
+                len(report.repaired),
+                len(report.unrepairable),
+            )
+        except (VolumeIOError, PxcError) as e:
+            done = ScrubRecord.from_dict(
+                rec.to_dict() | {"state": "failed", "error": str(e), "finished": time.time()}
+            )
+        txn = self.etcd.txn().value_is(key, rec.encode()).put(key, done.encode())
+        await self.etcd.commit(txn)
+
     async def _cancel_rebuilds(self, vid: str) -> None:
         tasks = [t for k, t in self.rebuilds.items() if k[0] == vid]
         for t in tasks:
@@ -524,4 +551,5 @@ class NodeAgent:
 def _snapshot_work(view: VolumeView) -> bool:
     """Snapshot requests still waiting for the engine that serves the volume."""
     busy = any(r.state in ("creating", "deleting") for r in view.snapshots.values())
+    busy = busy or (view.scrub is not None and view.scrub.state == "pending")
     return busy or (view.revert is not None and view.revert.state == "pending")

@@ -678,6 +678,33 @@ async def volume_revert(svc: Service, name: str, snap: str) -> None:
     click.echo(f"volume {name} reverted to snapshot {snap}")
 
 
+@volume.command("scrub")
+@click.argument("name")
+@click.option("--timeout", default=600.0, show_default=True, help="seconds to wait")
+@click.option("--json", "as_json", is_flag=True)
+@with_service
+async def volume_scrub(svc: Service, name: str, timeout: float, as_json: bool) -> None:
+    """Compare every chunk of NAME (and of its snapshots) across its in-sync replicas, by
+    checksum, and repair any bad copy from a good one. Exit 1 if a chunk has no good copy."""
+    from pxcluster import snapshots
+
+    report = await snapshots.scrub(svc, name, timeout=timeout)
+    if as_json:
+        output.emit_json(report)
+    else:
+        for r in report["repaired"]:
+            click.echo(
+                f"repaired {r['layer']} chunk {r['chunk']} on {r['node']} from {r['from']} "
+                f"({r['reason']})"
+            )
+        click.echo(
+            f"volume {name}: {report['chunks']} chunks scrubbed, {len(report['repaired'])} "
+            f"repaired, {len(report['unrepairable'])} without a good copy"
+        )
+    if report["unrepairable"]:
+        output.fail(f"volume {name}: chunks without a good copy: {report['unrepairable']}")
+
+
 @volume.group()
 def snapshot() -> None:
     """Snapshots of a volume (crash-consistent, online)."""

@@ -25,6 +25,7 @@ from membership.records import (
     RebuildOp,
     ReplicaState,
     RevertRecord,
+    ScrubRecord,
     SnapshotRecord,
     VolumeRecord,
 )
@@ -62,6 +63,7 @@ class VolumeView:
     failover: FailoverRecord | None = None
     snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
     revert: RevertRecord | None = None
+    scrub: ScrubRecord | None = None
 
     def ready_snapshots(self) -> list[SnapshotRecord]:
         ready = [r for r in self.snapshots.values() if r.state in ("ready", "deleting")]
@@ -199,6 +201,7 @@ class Service:
         replicas: dict[str, ReplicaState] = {}
         snapshots: dict[str, SnapshotRecord] = {}
         revert = None
+        scrub = None
         for kv in kvs:
             parts = self.keys.split(kv.key)[2:]
             if parts == ["epoch"]:
@@ -215,7 +218,11 @@ class Service:
                 snapshots[parts[1]] = SnapshotRecord.decode(kv.value)
             elif parts == ["revert"]:
                 revert = RevertRecord.decode(kv.value)
-        return VolumeView(record, epoch, attachment, target, replicas, failover, snapshots, revert)
+            elif parts == ["scrub"]:
+                scrub = ScrubRecord.decode(kv.value)
+        return VolumeView(
+            record, epoch, attachment, target, replicas, failover, snapshots, revert, scrub
+        )
 
     async def volumes(self) -> list[VolumeView]:
         kvs = await self.etcd.get_prefix(self.keys.volumes_prefix())

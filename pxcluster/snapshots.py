@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from membership.records import AttachTarget, RevertRecord, SnapshotRecord
+from membership.records import AttachTarget, RevertRecord, ScrubRecord, SnapshotRecord
 from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.errors import (
@@ -379,3 +379,36 @@ async def restore_sink(
         repl = max(1, min(3, len(await svc.alive())))
     async with new_volume_writer(svc, name, size, repl, chunk_size=chunk_size) as writer:
         yield writer
+
+
+async def scrub(svc: Service, volume: str, *, timeout: float = 600.0) -> dict[str, Any]:
+    """Ask the engine serving `volume` (or one started for it) to scrub; wait for its report."""
+    view = await svc.volume(volume)
+    key = svc.keys.scrub(view.record.id)
+    if view.scrub is not None and view.scrub.state == "pending":
+        raise VolumeBusy(f"volume {volume!r}: a scrub is already running")
+    request = ScrubRecord(requested=time.time())
+    txn = svc.etcd.txn().present(svc.keys.volume(view.record.id))
+    if view.scrub is None:
+        txn.absent(key)
+    else:
+        txn.value_is(key, view.scrub.encode())
+    if not await svc.etcd.commit(txn.put(key, request.encode())):
+        raise VolumeBusy(f"volume {volume!r} changed while starting a scrub; try again")
+    await _ensure_served(svc, view)
+
+    def finished(v: VolumeView) -> ScrubRecord | None:
+        return v.scrub if v.scrub is not None and v.scrub.state != "pending" else None
+
+    done = await _wait(svc, volume, timeout, finished)
+    assert done is not None
+    if done.state == "failed":
+        raise SnapshotFailed(f"scrub of volume {volume!r} failed: {done.error}")
+    return {
+        "volume": volume,
+        "chunks": done.chunks,
+        "skipped": done.skipped,
+        "repaired": done.repaired,
+        "unrepairable": done.unrepairable,
+        "seconds": round(done.finished - done.requested, 3),
+    }

@@ -138,9 +138,15 @@ class ReplicaAPI(Protocol):
         generation: Generation,
         *,
         present: bytes | None = None,
+        layer: str = "",
     ) -> None:
         """Install a whole head chunk (None frees it) with the given generation and block
-        presence, durably."""
+        presence, durably; with `layer`, rewrite that snapshot's entry in place (repair)."""
+        ...
+
+    async def chunk_digest(self, volume: str, epoch: int, chunk: int, *, layer: str = "") -> bytes:
+        """A digest of one layer's entry for a chunk (b"" for none); ChecksumMismatch when the
+        replica's copy is corrupt. Scrub compares these across replicas."""
         ...
 
     async def delete(self, volume: str) -> None:

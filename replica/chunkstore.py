@@ -44,6 +44,7 @@ Deleting a snapshot merges its blocks into the layer above, which keeps every vi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 
 from replica.api import ChunkCopy, SnapshotInfo
@@ -405,13 +406,17 @@ class ChunkStore:
         generation: Generation,
         *,
         present: bytes | None = None,
+        layer: str = "",
     ) -> None:
         """Install a whole head chunk (shorter data: the rest reads as zeros) durably, with
         exactly `generation` and block presence `present` (None: every block). The chunk stays
-        dirty until mark_clean."""
+        dirty until mark_clean. With `layer`, repair a snapshot's entry in place (scrub)."""
         length = 0 if data is None else len(data)
         v = self._volume(volume, epoch)
         _check_range(v, chunk, 0, length)
+        if layer:
+            await self._repair_layer_entry(volume, v, layer, chunk, data, generation, present)
+            return
         v, c = await self._ready_chunk(volume, epoch, chunk, 0, length, allocate=data is not None)
         if c is not None:
             if data is None:
@@ -439,6 +444,43 @@ class ChunkStore:
             v.ready.discard(i)
             v.unsynced.pop(i, None)
         self._records.append(rec_clean(volume, done))
+        await self.flush()
+
+    def chunk_digest(self, volume: str, epoch: int, chunk: int, *, layer: str = "") -> bytes:
+        """A digest of one layer's entry (data and block presence), b"" when it has none;
+        ChecksumMismatch when its data is corrupt. What scrub compares across replicas."""
+        v = self._volume(volume, epoch)
+        _check_range(v, chunk, 0, 0)
+        c = self._layer(volume, v, layer).get(chunk)
+        if c is None:
+            return b""
+        h = hashlib.blake2b(self._read_entry(volume, v, chunk, c), digest_size=16)
+        h.update(mask_to_bytes(c.present) or b"all")
+        return h.digest()
+
+    async def _repair_layer_entry(
+        self,
+        volume: str,
+        v: VolState,
+        layer: str,
+        chunk: int,
+        data: bytes | memoryview | None,
+        generation: Generation,
+        present: bytes | None,
+    ) -> None:
+        chunks = self._layer(volume, v, layer)
+        c = chunks.get(chunk)
+        if data is None:
+            if c is not None:
+                raise OutOfRange(f"volume {volume!r}: a snapshot's chunk cannot be removed")
+            return
+        if c is None:
+            raise OutOfRange(f"volume {volume!r}: snapshot {layer} holds no chunk {chunk} here")
+        # The entry's slot belongs to the snapshot alone and nobody writes to it: rewriting it
+        # in place (data, then checksums) cannot race a writer.
+        self._data_write(c.slot, 0, data)
+        if len(data) < self._sb.chunk_size:
+            self._data_punch(c.slot, len(data), self._sb.chunk_size - len(data))
         await self.flush()
 
     # ----- snapshots -----

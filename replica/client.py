@@ -320,6 +320,7 @@ class ReplicaClient:
         generation: Generation,
         *,
         present: bytes | None = None,
+        layer: str = "",
     ) -> None:
         header: Header = {
             "op": "write_chunk",
@@ -331,7 +332,16 @@ class ReplicaClient:
         }
         if present is not None:
             header["mask"] = present
+        if layer:
+            header["layer"] = layer
         await self._call(header, data)
+
+    async def chunk_digest(self, volume: str, epoch: int, chunk: int, *, layer: str = "") -> bytes:
+        header: Header = {"op": "chunk_digest", "volume": volume, "epoch": epoch, "chunk": chunk}
+        if layer:
+            header["layer"] = layer
+        r, _ = await self._call(header)
+        return bytes(r["digest"])
 
     async def delete(self, volume: str) -> None:
         await self._call({"op": "delete", "volume": volume})

@@ -91,6 +91,7 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
     ),
     "snapshot_delete": (("volume", str), ("epoch", int), ("snap_id", str)),
     "revert": (("volume", str), ("epoch", int), ("snap_id", str)),
+    "chunk_digest": (("volume", str), ("epoch", int), ("chunk", int)),
 }
 
 # op -> optional request fields: absent means the default ("" / None).
@@ -98,7 +99,8 @@ OPTIONAL: dict[str, tuple[tuple[str, type], ...]] = {
     "read": (("snapshot", str),),
     "generations": (("layer", str),),
     "read_chunk": (("layer", str),),
-    "write_chunk": (("mask", bytes),),
+    "write_chunk": (("mask", bytes), ("layer", str)),
+    "chunk_digest": (("layer", str),),
 }
 
 _TYPE_NAMES = {

@@ -111,6 +111,11 @@ async def _snapshot_delete(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     return None, None
 
 
+async def _chunk_digest(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    digest = await s.chunk_digest(h["volume"], h["epoch"], h["chunk"], layer=h.get("layer") or "")
+    return {"digest": digest}, None
+
+
 async def _revert(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     await s.revert(h["volume"], h["epoch"], h["snap_id"])
     return None, None
@@ -132,7 +137,15 @@ async def _write_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     # The payload stays valid until this request completes (RxBuffer refs), and the store is
     # done with it by then: no copy of a whole chunk.
     data = p if h["present"] else None
-    await s.write_chunk(h["volume"], h["epoch"], h["chunk"], data, (e, q), present=h.get("mask"))
+    await s.write_chunk(
+        h["volume"],
+        h["epoch"],
+        h["chunk"],
+        data,
+        (e, q),
+        present=h.get("mask"),
+        layer=h.get("layer") or "",
+    )
     return None, None
 
 
@@ -168,6 +181,7 @@ HANDLERS: dict[str, Handler] = {
     "snapshot_create": _snapshot_create,
     "snapshot_delete": _snapshot_delete,
     "revert": _revert,
+    "chunk_digest": _chunk_digest,
 }
 
 

@@ -147,10 +147,14 @@ class ReplicaService:
         generation: Generation,
         *,
         present: bytes | None = None,
+        layer: str = "",
     ) -> None:
         await self._store(volume).write_chunk(
-            volume, epoch, chunk, data, generation, present=present
+            volume, epoch, chunk, data, generation, present=present, layer=layer
         )
+
+    async def chunk_digest(self, volume: str, epoch: int, chunk: int, *, layer: str = "") -> bytes:
+        return self._store(volume).chunk_digest(volume, epoch, chunk, layer=layer)
 
     async def delete(self, volume: str) -> None:
         store = self._where.get(volume)

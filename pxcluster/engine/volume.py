@@ -561,7 +561,14 @@ class VolumeEngine:
                 await self._degrade(failed)
         self._guard()
 
+    async def replicas_failed(self, failed: dict[str, BaseException]) -> None:
+        """Replicas that failed outside the write path (scrub): stale, as if a write failed."""
+        await self._degrade(failed)
+
     async def _degrade(self, failed: dict[str, BaseException]) -> None:
+        # Yield once first: a request stepped inline by the NBD server (nbd/inline.py) is not
+        # in a task until it suspends, and recording the stale mark needs one (timeouts).
+        await asyncio.sleep(0)
         if any(isinstance(e, StaleEpoch) for e in failed.values()):
             self._fence("a replica holds a newer epoch")
             raise Fenced(f"volume {self.name}: a newer epoch took over")

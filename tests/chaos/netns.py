@@ -180,6 +180,7 @@ class NetnsEtcd(EtcdServer):
         self.net = net
         self.ns, self.host = net.add("etcd", 2)
         self.port, self.peer_port = ETCD_PORT, ETCD_PEER_PORT
+        self.tls = None  # plain http inside the test's namespaces
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

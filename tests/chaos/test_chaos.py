@@ -236,16 +236,6 @@ def test_rebuild_target_crash_mid_rebuild(make_cluster: MakeCluster, tmp_path: P
     finish(c, w, tmp_path, "rebuild-target-crash", in_sync_timeout=120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "gap: chunk data carries no checksum (only journal records and metadata do) and "
-        "'volume scrub' does not exist yet: a byte flipped in one replica's chunk on disk is "
-        "served as data when the volume is read on that node, and the in-sync replicas "
-        "silently diverge (issue 7: 'caught by checksum, repaired, never served')"
-    ),
-)
 @pytest.mark.timeout(240)
 def test_corrupt_chunk_byte_on_one_replica_is_never_served(
     ncluster: NetnsCluster, tmp_path: Path
@@ -261,11 +251,48 @@ def test_corrupt_chunk_byte_on_one_replica_is_never_served(
     faults.restart(c, "n3")
     c.wait_for(lambda: all_in_sync(c, "cb"), 60, "n3 in sync")
     c.cli("volume", "detach", "cb")
-    c.attach("cb", "n3")  # reads are local on the attach node: n3's copy is what is served
+    c.attach("cb", "n3")  # reads are local on the attach node: n3's copy is tried first
     result = w.check(history)
     report("corrupt-chunk-byte", history, result, {"flipped_offset": at})
     assert result.ok, result
+    # The read that met the bad block dropped n3's copy; a rebuild brings it back, and a
+    # scrub then finds every copy good.
+    c.wait_for(lambda: all_in_sync(c, "cb"), 90, "n3 rebuilt")
+    assert c.cli_json("volume", "scrub", "cb")["repaired"] == []
     compare_replicas(c, "cb", tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_scrub_repairs_a_flipped_byte_before_anyone_reads_it(
+    ncluster: NetnsCluster, tmp_path: Path
+) -> None:
+    c = ncluster
+    setup_volume(c, "cs", "n1")
+    w = Workload(c, "cs", tmp_path, NBLOCKS, seconds=4, seed=113)
+    w.start()
+    history = w.finish()
+    c.wait_for(lambda: c.all_chunks_clean("n1", "cs"), 30, "idle chunks marked clean")
+    c.kill("n2")
+    faults.corrupt_stamp(c.nodes["n2"].disk, skip=5)
+    faults.restart(c, "n2")
+    # A restarted replica is caught up (stale, rebuilt) at the next write; the rebuild copies
+    # what changed, not what rotted: scrub is what finds the flipped byte.
+    uri = c.inspect("cs")["nbd_uri"]
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 20M 4k", uri],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    c.wait_for(lambda: all_in_sync(c, "cs"), 90, "n2 back in sync")
+    report_ = c.cli_json("volume", "scrub", "cs")
+    n2 = c.node_state("n2")["id"]
+    assert [r["node"] for r in report_["repaired"]] == [n2], report_
+    assert report_["repaired"][0]["reason"] == "checksum"
+    result = w.check(history)
+    report("scrub-repair", history, result, {"repaired": len(report_["repaired"])})
+    assert result.ok, result
+    compare_replicas(c, "cs", tmp_path)
 
 
 @pytest.mark.timeout(180)
