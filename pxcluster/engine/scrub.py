@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pxcluster.engine.errors import VolumeIOError
 from pxcluster.engine.fanout import fan_out
 from pxcluster.engine.volume import VolumeEngine
 from replica.api import Generation, ReplicaAPI
