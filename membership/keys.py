@@ -66,6 +66,9 @@ class Keys:
         """A revert asked for (RevertRecord), carried out by the serving engine."""
         return self._k("volumes", volume_id, "revert")
 
+    def hydration(self, volume_id: str) -> bytes:
+        return self._k("volumes", volume_id, "hydration")
+
     def scrub(self, volume_id: str) -> bytes:
         return self._k("volumes", volume_id, "scrub")
 

@@ -206,6 +206,21 @@ class ScrubRecord(_Record):
 
 
 @dataclass(frozen=True)
+class HydrationRecord(_Record):
+    """volumes/<id>/hydration: a clone still copying its source snapshot. Chunks below
+    `watermark` and those in `extra` are copied; the rest still read from the source."""
+
+    source_volume: str
+    snapshot: str  # snapshot id
+    source_name: str = ""
+    snapshot_name: str = ""
+    chunks_total: int = 0
+    watermark: int = 0
+    extra: list[int] = field(default_factory=list)
+    state: str = "running"  # running | done
+
+
+@dataclass(frozen=True)
 class ScheduleState(_Record):
     """volumes/<id>/schedule: what the leader's schedules last did for a volume."""
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
@@ -21,6 +22,7 @@ from membership.lease import LeaseKeeper
 from membership.records import (
     Attachment,
     FailoverRecord,
+    HydrationRecord,
     NodeRecord,
     RebuildOp,
     ReplicaState,
@@ -30,6 +32,7 @@ from membership.records import (
 )
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import VolumeIOError
+from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.rebuild import Progress, rebuild
 from pxcluster.engine.scrub import scrub
 from pxcluster.engine.state import EtcdReplicaState
@@ -232,6 +235,15 @@ class NodeAgent:
         self._failures.pop(vid, None)
         self.engines[vid] = engine
         engine.start_cleaner(self.clean_after)
+        if view.hydration is not None and view.hydration.state == "running":
+            try:
+                await self._start_hydration(view, engine, view.hydration)
+            except Exception as e:
+                log.error("volume %s: clone copy cannot start: %s", rec.name, e)
+                await self._drop(vid, engine, reason=f"clone source unavailable: {e}")
+                await self._release(vid, epoch)
+                self._failures[vid] = asyncio.get_running_loop().time() + self._retry_after
+                return
         if view.target is None or view.target.reason == "user":
             self.registry.add(engine)
         await self._record_failover(vid, epoch, fenced_at, reconciled_at, report.reconciled_chunks)
@@ -256,6 +268,7 @@ class NodeAgent:
     async def detach(self, vid: str) -> None:
         await self._cancel_rebuilds(vid)
         engine = self.engines.pop(vid)
+        engine.stop_hydration()
         await self.registry.remove(engine.name)
         try:
             await engine.close()
@@ -286,6 +299,7 @@ class NodeAgent:
         """Stop serving without touching the replicas: another engine may own them now."""
         self.engines.pop(vid, None)
         engine.fenced = True
+        engine.stop_hydration()
         await self._cancel_rebuilds(vid)
         await self.registry.remove(engine.name)
         log.warning("volume %s epoch %d: stopped serving: %s", engine.name, engine.epoch, reason)
@@ -510,6 +524,76 @@ class NodeAgent:
             log.info("volume %s: reverted to snapshot %s", engine.name, rv.snapshot)
             await self.etcd.commit(self.etcd.txn().value_is(key, rv.encode()).delete(key))
 
+    async def _start_hydration(
+        self, view: VolumeView, engine: VolumeEngine, rec: HydrationRecord
+    ) -> None:
+        src = await self.service._volume_by_id(rec.source_volume)
+        alive = await self.service.alive()
+        nodes = {n.id: n for n in await self.service.nodes()}
+        sources = [
+            self.peers.get(nodes[n])
+            for n, st in sorted(src.replicas.items(), key=lambda x: x[0] != self.node_id)
+            if st.state == "in_sync" and n in alive and n in nodes
+        ]
+        gens: dict[int, tuple[int, int]] | None = None
+        for s in sources:
+            try:
+                gens = await s.snapshot_generations(rec.source_volume, rec.snapshot)
+                break
+            except Exception as e:
+                log.warning("volume %s: clone source replica: %s", view.record.name, e)
+        if gens is None:
+            raise VolumeIOError("no replica of the source snapshot is reachable")
+        extra = set(rec.extra)
+        pending = {c for c in gens if c >= rec.watermark and c not in extra}
+        key = self.keys.hydration(view.record.id)
+
+        async def update(change: Callable[[HydrationRecord], HydrationRecord]) -> None:
+            for _ in range(20):
+                kv = await self.etcd.get(key)
+                if kv is None:
+                    return
+                new = change(HydrationRecord.decode(kv.value))
+                txn = self.etcd.txn().unchanged(key, kv.mod_revision).put(key, new.encode())
+                if await self.etcd.commit(txn):
+                    return
+            raise VolumeIOError("clone copy progress could not be recorded")
+
+        async def record_extra(chunk: int) -> None:
+            await update(
+                lambda r: HydrationRecord.from_dict(
+                    r.to_dict() | {"extra": sorted({*r.extra, chunk})}
+                )
+            )
+
+        async def record_watermark(mark: int) -> None:
+            await update(
+                lambda r: HydrationRecord.from_dict(
+                    r.to_dict() | {"watermark": max(r.watermark, mark)}
+                )
+            )
+
+        async def done() -> None:
+            await update(
+                lambda r: HydrationRecord.from_dict(
+                    r.to_dict() | {"state": "done", "watermark": r.chunks_total}
+                )
+            )
+            self.wake.set()
+
+        engine.start_hydration(
+            Hydration(
+                rec.source_volume,
+                rec.snapshot,
+                sources,
+                pending,
+                record_extra,
+                record_watermark,
+                bandwidth=self.rebuild_bandwidth,
+            ),
+            done,
+        )
+
     async def _apply_scrub(self, view: VolumeView, engine: VolumeEngine) -> None:
         rec = view.scrub
         if rec is None or rec.state != "pending":
@@ -552,4 +636,5 @@ def _snapshot_work(view: VolumeView) -> bool:
     """Snapshot requests still waiting for the engine that serves the volume."""
     busy = any(r.state in ("creating", "deleting") for r in view.snapshots.values())
     busy = busy or (view.scrub is not None and view.scrub.state == "pending")
+    busy = busy or (view.hydration is not None and view.hydration.state == "running")
     return busy or (view.revert is not None and view.revert.state == "pending")

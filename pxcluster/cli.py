@@ -663,7 +663,10 @@ async def volume_clone(
     if as_json:
         output.emit_json(info)
     else:
-        click.echo(f"volume {new_name} cloned from {name}@{snap}")
+        click.echo(
+            f"volume {new_name} cloned from {name}@{snap}: usable now, copying "
+            f"{info['clone_of']['chunks_total']} chunks in the background"
+        )
 
 
 @volume.command("revert")

@@ -21,6 +21,7 @@ from membership.records import (
     AttachTarget,
     ClusterRecord,
     FailoverRecord,
+    HydrationRecord,
     NodeRecord,
     RebuildOp,
     ReplicaState,
@@ -64,6 +65,7 @@ class VolumeView:
     snapshots: dict[str, SnapshotRecord] = field(default_factory=dict)
     revert: RevertRecord | None = None
     scrub: ScrubRecord | None = None
+    hydration: HydrationRecord | None = None
 
     def ready_snapshots(self) -> list[SnapshotRecord]:
         ready = [r for r in self.snapshots.values() if r.state in ("ready", "deleting")]
@@ -202,6 +204,7 @@ class Service:
         snapshots: dict[str, SnapshotRecord] = {}
         revert = None
         scrub = None
+        hydration = None
         for kv in kvs:
             parts = self.keys.split(kv.key)[2:]
             if parts == ["epoch"]:
@@ -220,8 +223,19 @@ class Service:
                 revert = RevertRecord.decode(kv.value)
             elif parts == ["scrub"]:
                 scrub = ScrubRecord.decode(kv.value)
+            elif parts == ["hydration"]:
+                hydration = HydrationRecord.decode(kv.value)
         return VolumeView(
-            record, epoch, attachment, target, replicas, failover, snapshots, revert, scrub
+            record,
+            epoch,
+            attachment,
+            target,
+            replicas,
+            failover,
+            snapshots,
+            revert,
+            scrub,
+            hydration,
         )
 
     async def volumes(self) -> list[VolumeView]:
@@ -299,6 +313,12 @@ class Service:
     async def delete_volume(self, name: str) -> None:
         view = await self.volume(name)
         vid = view.record.id
+        for other in await self.volumes():
+            h = other.hydration
+            if h is not None and h.state == "running" and h.source_volume == vid:
+                raise VolumeBusy(
+                    f"volume {name!r}: clone {other.record.name!r} is still copying from it"
+                )
         if view.attachment is not None or view.target is not None:
             where = await self._node_name(view.attachment.node if view.attachment else "")
             raise VolumeBusy(f"volume {name!r} is attached{where}; detach it first")
@@ -528,6 +548,7 @@ class Service:
             "bw_limit": view.record.bw_limit,
             "replicas": replicas,
             "snapshots": len(view.ready_snapshots()),
+            "clone_of": _clone_of(view),
             "snapshot_schedule": view.record.snapshot_schedule,
             "backup_schedule": view.record.backup_schedule,
             "backup_target": view.record.backup_target,
@@ -586,6 +607,20 @@ def _grown(record: VolumeRecord, size: int) -> VolumeRecord:
     if size > MAX_VOLUME_SIZE or size % 512:
         raise InvalidArgument(f"invalid size {size}: a positive multiple of 512 bytes")
     return VolumeRecord.from_dict(record.to_dict() | {"size": size})
+
+
+def _clone_of(view: VolumeView) -> dict[str, Any] | None:
+    h = view.hydration
+    if h is None:
+        return None
+    done = h.chunks_total if h.state == "done" else min(h.chunks_total, h.watermark + len(h.extra))
+    return {
+        "volume": h.source_name,
+        "snapshot": h.snapshot_name,
+        "state": "copying" if h.state == "running" else "done",
+        "chunks_total": h.chunks_total,
+        "chunks_copied": done,
+    }
 
 
 def nbd_uri(node: NodeRecord, volume_name: str) -> str:

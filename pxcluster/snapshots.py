@@ -18,9 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from membership.records import AttachTarget, RevertRecord, ScrubRecord, SnapshotRecord
-from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
-from pxcluster.engine.crypt import BlockCipher
+from membership.records import (
+    AttachTarget,
+    HydrationRecord,
+    RevertRecord,
+    ScrubRecord,
+    SnapshotRecord,
+)
 from pxcluster.errors import (
     DuplicateName,
     InvalidArgument,
@@ -90,6 +94,11 @@ async def list_snapshots(svc: Service, volume: str) -> list[dict[str, Any]]:
 async def delete(svc: Service, volume: str, name: str, *, timeout: float = 60.0) -> None:
     view = await svc.volume(volume)
     rec = find(view, name)
+    busy = clones_of(await svc.volumes(), view.record.id, rec.id)
+    if busy:
+        raise VolumeBusy(
+            f"snapshot {name!r} of volume {volume!r}: clone {', '.join(busy)} is still copying it"
+        )
     key = svc.keys.snapshot(view.record.id, rec.id)
     if rec.state != "deleting":
         gone = SnapshotRecord.from_dict(rec.to_dict() | {"state": "deleting"})
@@ -317,40 +326,47 @@ async def new_volume_writer(
 
 
 async def clone(
-    svc: Service,
-    volume: str,
-    snapshot: str,
-    new: str,
-    repl: int | None,
-    progress: Callable[[int, int], None] | None = None,
+    svc: Service, volume: str, snapshot: str, new: str, repl: int | None
 ) -> dict[str, Any]:
-    """A new, independent volume with the snapshot's data (copied chunk by chunk; chunks the
-    snapshot never allocated are not copied)."""
+    """A new, independent volume with the snapshot's data, usable at once: its engine serves
+    chunks not yet copied from the snapshot's replicas and copies them in the background (an
+    engine is started for it, not exported, if nobody attaches it)."""
     view = await svc.volume(volume)
-    find(view, snapshot)
+    rec = find(view, snapshot)
     key = await svc.volume_key(view.record.id) if view.record.encrypted else None
     async with open_reader(svc, volume, snapshot) as reader:
-        chunks = sorted(await reader.generations())
-        async with new_volume_writer(
-            svc,
-            new,
-            view.record.size,
-            repl or view.record.repl,
-            encrypted=view.record.encrypted,
-            key=key,
-        ) as writer:
-            # The replicas hold ciphertext; the new volume's engine encrypts again, with the
-            # same key and the same block numbers, so the clone's replicas hold the same bytes.
-            cipher = BlockCipher(key) if key is not None else None
-            per_chunk = view.record.chunk_size // CRYPT_BLOCK
-            for i, chunk in enumerate(chunks):
-                data = await reader.read_chunk(chunk)
-                if cipher is not None:
-                    data = cipher.decrypt(chunk * per_chunk, data)
-                await writer.write_chunk(chunk, data)
-                if progress is not None:
-                    progress(i + 1, len(chunks))
+        total = len(await reader.generations())
+    created = await svc.create_volume(
+        new, view.record.size, repl or view.record.repl, encrypted=view.record.encrypted
+    )
+    vid = created.record.id
+    hydration = HydrationRecord(
+        view.record.id, rec.id, volume, rec.name, chunks_total=total, watermark=0
+    )
+    txn = (
+        svc.etcd.txn()
+        .present(svc.keys.volume(vid))
+        .put(svc.keys.hydration(vid), hydration.encode())
+    )
+    if key is not None:
+        # The same key and block numbers: the copied ciphertext reads as the same plaintext.
+        txn.put(svc.keys.secret(vid), base64.b64encode(key))
+    if not await svc.etcd.commit(txn):
+        raise VolumeBusy(f"volume {new!r} changed while cloning; try again")
+    await _ensure_served(svc, await svc.volume(new))
     return await svc.inspect(await svc.volume(new))
+
+
+def clones_of(views: list[VolumeView], volume_id: str, snap_id: str | None = None) -> list[str]:
+    """Clones still copying from the volume (or from that snapshot of it)."""
+    return [
+        v.record.name
+        for v in views
+        if v.hydration is not None
+        and v.hydration.state == "running"
+        and v.hydration.source_volume == volume_id
+        and (snap_id is None or v.hydration.snapshot == snap_id)
+    ]
 
 
 @contextlib.asynccontextmanager

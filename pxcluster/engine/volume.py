@@ -24,6 +24,7 @@ from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.fanout import fan_out, fan_out_calls
+from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.limits import IoLimiter
 from pxcluster.engine.rangelock import RangeLocks
 from pxcluster.engine.reconcile import reconcile_dirty
@@ -122,6 +123,9 @@ class VolumeEngine:
         self.snapshots: list[SnapshotInfo] = []
         self._barrier: asyncio.Event | None = None
         self._snap_lock = asyncio.Lock()
+        # A clone still copying its source snapshot (pxcluster/engine/hydrate.py).
+        self.hydration: Hydration | None = None
+        self._hydrator: asyncio.Task[None] | None = None
         # Plain counters, read by the metrics collector at scrape time (no cost per request
         # beyond an add).
         self.counters = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0}
@@ -240,6 +244,54 @@ class VolumeEngine:
             finally:
                 self._barrier = None
                 gate.set()
+
+    # --- clones: copying the source snapshot
+
+    def start_hydration(self, h: Hydration, on_done: Callable[[], Awaitable[None]]) -> None:
+        self.hydration = h
+        self._hydrator = asyncio.get_running_loop().create_task(self._hydrate_all(h, on_done))
+
+    async def _hydrate_all(self, h: Hydration, on_done: Callable[[], Awaitable[None]]) -> None:
+        try:
+            for chunk in sorted(h.pending):
+                if chunk in h.pending:
+                    await self.hydrate_chunk(chunk)
+                    await h.pace(self.spec.chunk_size)
+                if h.copied % 8 == 0:
+                    await h.record_watermark(min(h.pending, default=chunk + 1))
+            await self.flush()
+            await on_done()
+            self.hydration = None
+            log.info("volume %s: clone copy done (%d chunks)", self.name, h.copied)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("volume %s: clone copy stopped: %s (resumes at next attach)", self.name, e)
+
+    async def hydrate_chunk(self, chunk: int, *, early: bool = False) -> None:
+        """Copy one chunk of the source snapshot into every replica, exactly once."""
+        h = self.hydration
+        if h is None:
+            return
+        async with h.lock(chunk):
+            if chunk not in h.pending:
+                return
+            n = min(self.spec.chunk_size, self.size - chunk * self.spec.chunk_size)
+            data = await h.read_chunk(chunk, n)
+            gen = (self.epoch, next(self._seq))
+            vid, epoch = self.spec.id, self.epoch
+            if data.count(0) != len(data):
+                await self._fan_write(lambda r: r.write_chunk(vid, epoch, chunk, data, gen))
+                self._dirty_at[chunk] = time.monotonic()
+            if early:
+                await h.record_extra(chunk)
+            h.pending.discard(chunk)
+            h.copied += 1
+
+    def stop_hydration(self) -> None:
+        if self._hydrator is not None:
+            self._hydrator.cancel()
+            self._hydrator = None
 
     def _stop_rebuilds(self, why: str) -> None:
         for node in list(self.rebuilding):
@@ -487,6 +539,11 @@ class VolumeEngine:
         self, pieces: list[Piece], call: Callable[[ReplicaAPI, list[Piece]], Awaitable[None]]
     ) -> None:
         chunks = [p.chunk for p in pieces]
+        h = self.hydration
+        if h is not None:
+            for c in chunks:
+                if c in h.pending:
+                    await self.hydrate_chunk(c, early=True)
         while self._barrier is not None:
             await self._barrier.wait()
         while self.copying:
@@ -594,6 +651,9 @@ class VolumeEngine:
             raise NoInSyncReplica(f"volume {self.name}: every in-sync replica failed")
 
     async def _read_piece(self, p: Piece) -> bytes:
+        h = self.hydration
+        if h is not None and p.chunk in h.pending:
+            return await h.read(p.chunk, p.offset, p.length)
         order = sorted(self.in_sync, key=lambda n: n != self.local_node)
         for node in order:
             try:
