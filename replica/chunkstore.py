@@ -201,6 +201,8 @@ class ChunkStore:
         meta.clean = False
         meta.boot_id = boot_id
         store = cls(f, sb, meta, seq, unclean)
+        if unclean and not lost:
+            store._restore_present()
         if unclean:
             store._recompute_dirty_csums()
         store._write_checkpoint(*store._snapshot())
@@ -427,6 +429,7 @@ class ChunkStore:
                     self._data_punch(c.slot, len(data), self._sb.chunk_size - len(data))
                 c.epoch, c.seq = generation
                 c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
+                self._save_present(c)
                 self._written(volume, v, chunk, c, None)
         await self.flush()
 
@@ -543,6 +546,7 @@ class ChunkStore:
                         continue
                     assert upper.present is not None
                     upper.present = _full_to_none(upper.present | added, v.chunk_len(chunk))
+                    self._save_present(upper)
                     self._records.append(rec_present(volume, upper_name, chunk, added))
                     if upper_name == "":
                         self._gen_dirty.add((volume, chunk))
@@ -567,8 +571,10 @@ class ChunkStore:
             await self._free_slots(slots)
 
     async def _free_slots(self, slots: list[int]) -> None:
-        """Slots no entry references any more (their records are buffered): zero them and make
-        them reusable once a sync made both durable."""
+        """Slots no entry references any more (their records are buffered): once those records
+        are durable (a replay must never bring back an entry whose slot was zeroed), zero the
+        slots, and make them reusable once a sync made the zeros durable too."""
+        await self.flush()
         await asyncio.to_thread(self._punch_slots, slots)
         self._punched.extend(slots)
         await self.flush()
@@ -617,6 +623,7 @@ class ChunkStore:
             self._data_write(c.slot, offset, data)
         bits = ((1 << (last - first + 1)) - 1) << first
         c.present = _full_to_none(c.present | bits, v.chunk_len(chunk))
+        self._save_present(c)
 
     # ----- slot data with per-block checksums
 
@@ -627,10 +634,29 @@ class ChunkStore:
         self._f.pwrite(data, self._sb.slot_offset(slot) + offset)
         self._refresh_csums(slot, offset, len(data), data)
 
+    def _save_present(self, c: ChunkState) -> None:
+        """The entry's block presence, next to its data in the page cache: a process crash
+        loses the buffered journal record, not this (see _restore_present)."""
+        n = self._sb.present_size
+        raw = bytes(n) if c.present is None else c.present.to_bytes(n, "little")
+        self._f.pwrite(raw, self._sb.present_at(c.slot))
+
+    def _restore_present(self) -> None:
+        """Blocking (open after a process crash in this boot). A partial head entry written
+        since its last sync has blocks its journaled presence does not list yet."""
+        for v in self._meta.vols.values():
+            for chunk in v.dirty:
+                c = v.chunks.get(chunk)
+                if c is not None and c.present is not None:
+                    raw = self._f.pread(self._sb.present_size, self._sb.present_at(c.slot))
+                    mask = int.from_bytes(raw, "little")
+                    c.present = _full_to_none(c.present | mask, v.chunk_len(chunk))
+
     def _data_punch(self, slot: int, offset: int, length: int) -> None:
         self._f.punch(self._sb.slot_offset(slot) + offset, length)
         if offset == 0 and length == self._sb.chunk_size:
             self._f.punch(self._sb.csum_at(slot, 0), (self._sb.chunk_size // BLOCK) * CSUM_SIZE)
+            self._f.punch(self._sb.present_at(slot), self._sb.present_size)
         else:
             self._refresh_csums(slot, offset, length, None)
 

@@ -7,6 +7,8 @@ Layout of a disk (every offset a multiple of 4 KiB):
     meta_offset     metadata checkpoint area A, then area B (meta_size each)
     csum_offset     a u32 per 4 KiB block of every slot: crc32c(block) ^ crc32c(zero block),
                     so a zeroed (punched) entry describes a zeroed block
+    present_offset  a bitmap per slot of the blocks a partial (copy-on-write) entry holds,
+                    written with the data so it survives a process crash in the page cache
     data_offset     `slots` chunk slots of chunk_size bytes
 
 The journal is only valid on top of the checkpoint whose seq equals the records' generation:
@@ -67,6 +69,14 @@ class Superblock:
     data_offset: int
     slots: int
     csum_offset: int
+    present_offset: int
+
+    def present_at(self, slot: int) -> int:
+        return self.present_offset + slot * self.present_size
+
+    @property
+    def present_size(self) -> int:
+        return self.chunk_size // BLOCK // 8
 
     def meta_area(self, seq: int) -> int:
         return self.meta_offset + (seq % 2) * self.meta_size
@@ -94,7 +104,9 @@ def layout(
     meta_offset = journal_offset + journal_size
     csum_offset = meta_offset + 2 * meta_size
     csum_size = _align((disk_size // chunk_size) * (chunk_size // BLOCK) * CSUM_SIZE, BLOCK)
-    data_offset = _align(csum_offset + csum_size, min(chunk_size, 1 << 20))
+    present_offset = csum_offset + csum_size
+    present_size = _align((disk_size // chunk_size) * (chunk_size // BLOCK // 8), BLOCK)
+    data_offset = _align(present_offset + present_size, min(chunk_size, 1 << 20))
     slots = max(0, (disk_size - data_offset) // chunk_size)
     if slots < 1:
         raise DiskError(f"disk of {disk_size} bytes is too small for one {chunk_size}-byte chunk")
@@ -111,6 +123,7 @@ def layout(
         data_offset=data_offset,
         slots=slots,
         csum_offset=csum_offset,
+        present_offset=present_offset,
     )
 
 
@@ -128,6 +141,7 @@ def encode_superblock(sb: Superblock) -> bytes:
             "data_offset": sb.data_offset,
             "slots": sb.slots,
             "csum_offset": sb.csum_offset,
+            "present_offset": sb.present_offset,
         }
     )
     head = _SB_HEAD.pack(MAGIC, sb.format_version, len(body))
