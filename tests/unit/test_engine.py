@@ -104,6 +104,7 @@ class FakeReplica:
         generation: Generation,
         *,
         present: bytes | None = None,
+        layer: str = "",
     ) -> None:
         self._check(epoch)
         if data is None:

@@ -223,6 +223,7 @@ class MemoryReplica:
         generation: Generation,
         *,
         present: bytes | None = None,
+        layer: str = "",
     ) -> None:
         v = self._vol(volume, epoch)
         if data is None:
