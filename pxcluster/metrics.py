@@ -109,6 +109,18 @@ class Metrics:
         )
         self.capacity = Gauge("pxc_node_capacity_bytes", "Disk capacity", registry=r)
         self.used = Gauge("pxc_node_used_bytes", "Disk space in chunks", registry=r)
+        self.group_commit_callers = Histogram(
+            "pxc_journal_group_commit_callers",
+            "flush() callers made durable by one fdatasync (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.group_commit_records = Histogram(
+            "pxc_journal_group_commit_records",
+            "Journal records written by one sync",
+            buckets=(0, 1, 4, 16, 64, 256, 1024),
+            registry=r,
+        )
         self.lease_healthy = Gauge(
             "pxc_lease_healthy", "1 while the node's etcd lease is safely renewed", registry=r
         )

@@ -121,6 +121,10 @@ class Node:
 
     # --- join
 
+    def _observe_sync(self, callers: int, records: int) -> None:
+        self.metrics.group_commit_callers.observe(callers)
+        self.metrics.group_commit_records.observe(records)
+
     async def open_disks(self) -> None:
         """Recognise this cluster's disks, format new ones, refuse foreign ones (invariant 7)."""
         files = []
@@ -252,6 +256,8 @@ class Node:
         await self.check_identity()
         c.data_dir = check_data_dir(c.data_dir)
         self.service = ReplicaService(self.stores)
+        for store in self.stores:
+            store.on_sync = self._observe_sync
         self.replica_server = ReplicaServer(self.service)
         tls = c.data_tls
         await self.replica_server.start(

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from replica.api import ChunkCopy, SnapshotInfo
@@ -143,6 +144,10 @@ class ChunkStore:
         self._sync_begun = False
         self._closed = False
         self._snap_locks: dict[str, asyncio.Lock] = {}
+        # Group commit, observed: flush() callers waiting for the next sync, and a hook told
+        # (callers, journal records) of each sync (the node feeds /metrics with it).
+        self._callers = 0
+        self.on_sync: Callable[[int, int], None] | None = None
         self.unclean = unclean
 
     # ----- disk lifecycle -----
@@ -746,6 +751,7 @@ class ChunkStore:
             # That sync has not looked at anything yet: everything applied before this call
             # (data written, records appended) is in what it will take and fdatasync.
             need = self._started
+        self._callers += 1
         while self._done < need:
             task = self._sync_task
             if task is None:
@@ -757,8 +763,11 @@ class ChunkStore:
     async def _sync(self, number: int) -> None:
         self._sync_begun = True
         punched, self._punched = self._punched, []
+        callers, self._callers = self._callers, 0
         try:
             batch = self._take_records()
+            if self.on_sync is not None:
+                self.on_sync(callers, len(batch))
             blob = b"".join(encode_record(self._seq, r) for r in batch)
             if self._tail + len(blob) <= self._sb.journal_size:
                 if blob:

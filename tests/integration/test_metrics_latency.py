@@ -67,3 +67,7 @@ def test_metrics_endpoint_has_latency_buckets_after_io(cluster: Cluster) -> None
         # Cumulative buckets: never decreasing.
         values = list(counts.values())
         assert values == sorted(values)
+    # Group commit, observed: every sync made at least one flush() caller durable.
+    m = re.search(r"^pxc_journal_group_commit_callers_count (\S+)$", text, re.M)
+    assert m is not None and float(m.group(1)) >= 1, text[-2000:]
+    assert re.search(r'^pxc_journal_group_commit_records_bucket\{le="\+Inf"\} ', text, re.M)
