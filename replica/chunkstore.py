@@ -96,7 +96,7 @@ from replica.ondisk import (
 )
 
 Generation = tuple[int, int]
-_ZERO_BATCH = 8  # slots zeroed per sync when the pool of zeroed free slots runs dry
+_ZERO_BATCH = 16  # slots zeroed at a time, ahead of need (see _take_slot)
 
 __all__ = ["ChunkStore", "StoreStats", "Superblock", "VolumeMeta"]
 
@@ -148,6 +148,7 @@ class ChunkStore:
         # (callers, journal records) of each sync (the node feeds /metrics with it).
         self._callers = 0
         self.on_sync: Callable[[int, int], None] | None = None
+        self._prefill: asyncio.Task[None] | None = None
         self.unclean = unclean
 
     # ----- disk lifecycle -----
@@ -217,6 +218,8 @@ class ChunkStore:
         """Checkpoint and mark the shutdown clean. The BlockFile stays open (caller owns it)."""
         if self._closed:
             return
+        if self._prefill is not None:
+            await asyncio.gather(self._prefill, return_exceptions=True)
         await self.flush()
         self._closed = True
         while self._sync_task is not None:
@@ -509,11 +512,29 @@ class ChunkStore:
                 c = v.chunks.get(key[1])
                 if c is not None:
                     self._records.append(rec_generation(volume, key[1], c))
+            # Head entries still empty (warmed by the previous snapshot, never written) would
+            # freeze as entries holding nothing: give their slots back instead.
+            for chunk, c in [(i, c) for i, c in v.chunks.items() if c.present == 0]:
+                del v.chunks[chunk]
+                self._records.append(rec_free(volume, chunk))
+                self._punched.append(c.slot)  # never written: still zero, reusable after sync
             layer = SnapLayer(snap_id, name, created, v.chunks)
             v.snaps.append(layer)
             v.chunks = {}
             self._records.append(rec_snapshot(volume, layer))
+            # Chunks being written (in the dirty log) get their empty head entry now, in the
+            # same sync: the first write after the snapshot to a hot chunk then costs what any
+            # write costs, not a dirty-record sync of its own. Only from slots zeroed already.
+            warm = [c for c in sorted(v.ready) if c in layer.chunks][: len(self._zeroed)]
+            v.ready.difference_update(warm)
+            for chunk in warm:
+                entry = ChunkState(self._zeroed.pop(), present=0)
+                v.chunks[chunk] = entry
+                self._save_present(entry)
+                self._records.append(rec_dirty(volume, chunk, entry.slot, True))
             await self.flush()
+            if self._meta.vols.get(volume) is v:
+                v.ready.update(c for c in warm if c in v.dirty and c in v.chunks)
 
     async def snapshot_delete(self, volume: str, epoch: int, snap_id: str) -> None:
         """Merge the snapshot's blocks into the layer above (every view stays the same), then
@@ -522,6 +543,7 @@ class ChunkStore:
             v = self._volume(volume, epoch)
             if v.snap_index(snap_id) < 0:
                 return
+            emptied: list[int] = []
             while True:
                 # Phase 1: copy blocks the upper entry lacks into its slot (invisible until
                 # its presence says so); move entries the upper layer lacks, by record only.
@@ -533,6 +555,12 @@ class ChunkStore:
                     if lower is None:
                         continue
                     upper = v.above(i).get(chunk)
+                    if upper is not None and upper.present == 0 and i + 1 == len(v.snaps):
+                        # An empty head entry: drop it, the snapshot's entry moves up instead.
+                        del v.chunks[chunk]
+                        self._records.append(rec_free(volume, chunk))
+                        emptied.append(upper.slot)
+                        upper = None
                     if upper is None:
                         v.above(i)[chunk] = v.snaps[i].chunks.pop(chunk)
                         self._records.append(rec_move_up(volume, snap_id, chunk))
@@ -559,7 +587,7 @@ class ChunkStore:
                     break
             layer = v.snaps.pop(i)
             self._records.append(rec_drop_layer(volume, snap_id))
-            await self._free_slots([c.slot for c in layer.chunks.values()])
+            await self._free_slots([c.slot for c in layer.chunks.values()] + emptied)
 
     async def revert(self, volume: str, epoch: int, snap_id: str) -> None:
         """Drop the head and every snapshot newer than `snap_id`: the volume reads as the
@@ -870,6 +898,8 @@ class ChunkStore:
             async with self._refill:
                 if self._zeroed:
                     break
+                if self._prefill is not None:
+                    await asyncio.gather(self._prefill, return_exceptions=True)
                 if not self._unzeroed and not self._punched:
                     raise NoSpace(f"no free chunk slot on disk {self._sb.disk_id}")
                 batch = [self._unzeroed.pop() for _ in range(min(_ZERO_BATCH, len(self._unzeroed)))]
@@ -880,7 +910,24 @@ class ChunkStore:
                     raise
                 self._punched.extend(batch)
                 await self.flush()
-        return self._zeroed.pop()
+        slot = self._zeroed.pop()
+        if len(self._zeroed) < _ZERO_BATCH and self._unzeroed and self._prefill is None:
+            # Zero the next batch in the background: the next sync of any kind (the dirty
+            # record of this very allocation, say) makes it durable, so a run of first writes
+            # (after a snapshot, into a new volume) rarely waits for a sync of its own.
+            self._prefill = asyncio.get_running_loop().create_task(self._zero_ahead())
+        return slot
+
+    async def _zero_ahead(self) -> None:
+        batch = [self._unzeroed.pop() for _ in range(min(_ZERO_BATCH, len(self._unzeroed)))]
+        try:
+            await asyncio.to_thread(self._punch_slots, batch)
+            self._punched.extend(batch)
+        except BaseException:
+            self._unzeroed.update(batch)
+            raise
+        finally:
+            self._prefill = None
 
     def _punch_slots(self, slots: list[int]) -> None:
         for slot in slots:
