@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import random
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pxcluster.nbdclient import NbdClient
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
 from tests.harness.s3 import SeaweedS3, weed_binary
+from tests.harness.volume_io import nbd_sha, nbd_write
 
 MiB = 1 << 20
 BUCKET = "pxc-cluster-backups"
@@ -52,24 +50,6 @@ def target_url(
     return f"s3://{BUCKET}/{os.getpid()}-{tmp_path.name}"
 
 
-def write(uri: str, offset: int, data: bytes) -> None:
-    async def run() -> None:
-        client = await NbdClient.connect(uri)
-        try:
-            for i in range(0, len(data), MiB):
-                await client.write(offset + i, data[i : i + MiB])
-            await client.flush()
-        finally:
-            await client.close()
-
-    asyncio.run(run())
-
-
-def sha(uri: str) -> str:
-    out = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=60)
-    return hashlib.sha256(out.stdout).hexdigest()
-
-
 @pytest.mark.timeout(300)
 def test_backup_incremental_restore_here_and_in_another_cluster(
     cluster3: Cluster, target_url: str, tmp_path: Path
@@ -80,7 +60,7 @@ def test_backup_incremental_restore_here_and_in_another_cluster(
     c.cli("volume", "create", "reg", "--size", "32M", "--repl", "2")
     uri = c.attach("reg", "n1")
     first = rng.randbytes(20 * MiB)
-    write(uri, 0, first)
+    nbd_write(uri, 0, first)
     image[: len(first)] = first
     sha1 = hashlib.sha256(image).hexdigest()
 
@@ -104,7 +84,7 @@ def test_backup_incremental_restore_here_and_in_another_cluster(
 
     # A small change: the next backup reads one chunk and uploads one block.
     patch = rng.randbytes(10)
-    write(uri, 4 * MiB + 100, patch)
+    nbd_write(uri, 4 * MiB + 100, patch)
     image[4 * MiB + 100 : 4 * MiB + 110] = patch
     sha2 = hashlib.sha256(image).hexdigest()
     c.cli("volume", "snapshot", "create", "reg", "--name", "s2")
@@ -118,7 +98,7 @@ def test_backup_incremental_restore_here_and_in_another_cluster(
 
     for rid, name, want in [(r1["id"], "reg-1", sha1), (r2["id"], "reg-2", sha2)]:
         c.cli("backup", "restore", rid, "--target", target_url, "--name", name, "--repl", "2")
-        assert sha(c.attach(name, "n2")) == want
+        assert nbd_sha(c.attach(name, "n2")) == want
 
     # Deleting the first keeps everything the second needs.
     c.cli("backup", "delete", r1["id"], "--target", target_url)
@@ -137,7 +117,7 @@ def test_backup_incremental_restore_here_and_in_another_cluster(
         other.add_node("m1")
         other.cli("backup", "restore", r2["id"], "--target", target_url, "--name", "moved")
         assert other.inspect("moved")["repl"] == 1
-        assert sha(other.attach("moved", "m1")) == sha2
+        assert nbd_sha(other.attach("moved", "m1")) == sha2
     finally:
         other.close()
         etcd2.stop()
@@ -153,7 +133,7 @@ def test_restore_of_a_corrupt_backup_names_the_block_and_leaves_no_volume(
     url = f"file://{root}"
     c.cli("volume", "create", "small", "--size", "8M", "--repl", "2")
     uri = c.attach("small", "n1")
-    write(uri, 0, random.Random(3).randbytes(3 * MiB))
+    nbd_write(uri, 0, random.Random(3).randbytes(3 * MiB))
     r = c.cli_json("backup", "create", "small", "--target", url)
     blocks = sorted(p for p in (root / "blocks").rglob("*") if p.is_file())
     assert len(blocks) == 3

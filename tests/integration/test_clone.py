@@ -3,34 +3,15 @@ snapshot), writes during the copy win over it, and the copy resumes after its en
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import random
-import subprocess
 
 import pytest
 
-from pxcluster.nbdclient import NbdClient
 from tests.harness.cluster import Cluster
+from tests.harness.volume_io import nbd_bytes, nbd_write
 
 MiB = 1 << 20
-
-
-def nbd_write(uri: str, offset: int, data: bytes) -> None:
-    async def run() -> None:
-        c = await NbdClient.connect(uri)
-        try:
-            for i in range(0, len(data), MiB):
-                await c.write(offset + i, data[i : i + MiB])
-            await c.flush()
-        finally:
-            await c.close()
-
-    asyncio.run(run())
-
-
-def nbd_bytes(uri: str) -> bytes:
-    return subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=60).stdout
 
 
 @pytest.mark.timeout(300)

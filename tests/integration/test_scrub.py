@@ -3,13 +3,12 @@ one, in the head and in a snapshot; a corrupt copy is never served to a client."
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.harness.cluster import Cluster
+from tests.harness.volume_io import nbd_sha, nbd_write
 
 MARK_A = b"SCRUB-TEST-HEAD-"
 MARK_B = b"SCRUB-TEST-SNAP-"
@@ -34,41 +33,10 @@ def flip_after(disk: Path, marker: bytes) -> int:
             base += len(buf)
 
 
-def fill(uri: str, offset: int, marker: bytes) -> None:
-    """Write 64 KiB of recognisable bytes (the marker at each 4 KiB block's start)."""
+def write_marked(uri: str, offset: int, marker: bytes) -> None:
+    """64 KiB of recognisable blocks: the marker at each 4 KiB block's start."""
     block = marker + bytes(range(256)) * 15 + bytes(4096 - len(marker) - 3840)
-    data = block * 16
-    res = subprocess.run(
-        ["nbdcopy", "-", uri, "--destination-is-zero", f"--offset={offset}"],
-        input=data,
-        capture_output=True,
-        timeout=60,
-    )
-    if res.returncode != 0:  # older nbdcopy: fall back to qemu-io with a pattern file
-        raise AssertionError(res.stderr)
-
-
-def write_with_python(uri: str, offset: int, marker: bytes) -> None:
-    import asyncio
-
-    from pxcluster.nbdclient import NbdClient
-
-    block = marker + bytes(range(256)) * 15 + bytes(4096 - len(marker) - 3840)
-
-    async def run() -> None:
-        c = await NbdClient.connect(uri)
-        try:
-            await c.write(offset, block * 16)
-            await c.flush()
-        finally:
-            await c.close()
-
-    asyncio.run(run())
-
-
-def sha(uri: str) -> str:
-    out = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=60)
-    return hashlib.sha256(out.stdout).hexdigest()
+    nbd_write(uri, offset, block * 16)
 
 
 @pytest.mark.timeout(240)
@@ -76,10 +44,10 @@ def test_scrub_repairs_corrupt_copies_in_head_and_snapshot(cluster3: Cluster) ->
     c = cluster3
     c.cli("volume", "create", "sc", "--size", "16M", "--repl", "3")
     uri = c.attach("sc", "n1")
-    write_with_python(uri, 4 << 20, MARK_B)
+    write_marked(uri, 4 << 20, MARK_B)
     c.cli("volume", "snapshot", "create", "sc", "--name", "base")
-    write_with_python(uri, 9 << 20, MARK_A)
-    want = sha(uri)
+    write_marked(uri, 9 << 20, MARK_A)
+    want = nbd_sha(uri)
     clean = c.cli_json("volume", "scrub", "sc")
     assert clean["repaired"] == [] and clean["unrepairable"] == [] and clean["chunks"] >= 2
     c.wait_for(lambda: c.all_chunks_clean("n1", "sc"), 30, "idle chunks marked clean")
@@ -90,8 +58,8 @@ def test_scrub_repairs_corrupt_copies_in_head_and_snapshot(cluster3: Cluster) ->
     c.start("n3")
     # The first write after n3's restart finds it unopened: stale, caught up by a rebuild
     # (which copies what changed, not what rotted on its disk).
-    write_with_python(uri, 14 << 20, b"SCRUB-TEST-LATE-")
-    want = sha(uri)
+    write_marked(uri, 14 << 20, b"SCRUB-TEST-LATE-")
+    want = nbd_sha(uri)
     c.wait_for(lambda: set(c.replica_states("sc").values()) == {"in_sync"}, 60, "n3 back")
 
     report = c.cli_json("volume", "scrub", "sc")
@@ -105,7 +73,7 @@ def test_scrub_repairs_corrupt_copies_in_head_and_snapshot(cluster3: Cluster) ->
     c.cli("volume", "detach", "sc")
     c.wait_for(lambda: c.inspect("sc")["attached_node"] in (None, ""), 30, "detach")
     uri3 = c.attach("sc", "n3")
-    assert sha(uri3) == want
+    assert nbd_sha(uri3) == want
     assert set(c.replica_states("sc").values()) == {"in_sync"}
 
 
@@ -114,8 +82,8 @@ def test_a_corrupt_block_is_never_served(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "ns", "--size", "8M", "--repl", "2")
     uri = c.attach("ns", "n1")
-    write_with_python(uri, 1 << 20, MARK_A)
-    want = sha(uri)
+    write_marked(uri, 1 << 20, MARK_A)
+    want = nbd_sha(uri)
     c.wait_for(lambda: c.all_chunks_clean("n1", "ns"), 30, "idle chunks marked clean")
     holder = next(r["node"] for r in c.inspect("ns")["replicas"] if r["node"] != "n1")
     c.cli("volume", "detach", "ns")
@@ -126,7 +94,7 @@ def test_a_corrupt_block_is_never_served(cluster3: Cluster) -> None:
     # Served where the corrupt copy lives (reads go to the local replica first): the client
     # still gets the good bytes, the bad copy is dropped and rebuilt.
     uri2 = c.attach("ns", holder)
-    assert sha(uri2) == want
+    assert nbd_sha(uri2) == want
     c.wait_for(
         lambda: set(c.replica_states("ns").values()) == {"in_sync"}, 60, "the bad copy rebuilt"
     )
