@@ -9,8 +9,11 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pxcluster import stamp
+from replica import ondisk
+from tests.chaos import netns
 from tests.chaos.netns import NetnsCluster
 
 Heal = Callable[[], None]
@@ -108,3 +111,67 @@ def copy_disk(disk: Path, dest: Path) -> Path:
     """A copy to read with the chunk store without touching the node's own file."""
     shutil.copyfile(disk, dest)
     return dest
+
+
+def _host_veth(c: NetnsCluster, node: str) -> str:
+    """The root-namespace end of `node`'s veth (netns.Network.add numbers them in order)."""
+    return f"pxv{c.net.pid}n{list(c.net.namespaces).index(node)}"
+
+
+def rate_limit(c: NetnsCluster, node: str, rate: str = "2mbit") -> Heal:
+    """A slow replica: a tbf rate limit both ways on `node`'s link (its eth0 inside its
+    namespace, and the bridge side of its veth for the traffic towards it). This kernel has no
+    netem; tbf works. Raises CalledProcessError when tc or sch_tbf is missing."""
+    tbf = ("tbf", "rate", rate, "burst", "32kb", "latency", "400ms")
+    veth = _host_veth(c, node)
+    ns = c.net.namespaces[node]
+    netns.ns_exec(ns, "tc", "qdisc", "add", "dev", "eth0", "root", *tbf)
+    try:
+        netns.run("tc", "qdisc", "add", "dev", veth, "root", *tbf)
+    except Exception:
+        netns.ns_exec(ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        raise
+
+    def heal() -> None:
+        netns.ns_exec(ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        netns.run("tc", "qdisc", "del", "dev", veth, "root", check=False)
+
+    return heal
+
+
+def journal_records(disk: Path) -> list[tuple[int, int, Any]]:
+    """The live journal records of a (stopped) node's disk: (file offset, length, body), those
+    replay would apply on top of the newest valid checkpoint."""
+    with open(disk, "rb") as f:
+        sb = ondisk.decode_superblock(f.read(ondisk.BLOCK))
+        best = -1
+        for area in (0, 1):
+            f.seek(sb.meta_offset + area * sb.meta_size)
+            got = ondisk.decode_checkpoint(f.read(sb.meta_size))
+            if got is not None and got[0] % 2 == area and got[0] > best:
+                best = got[0]
+        f.seek(sb.journal_offset)
+        area_bytes = f.read(sb.journal_size)
+    out, start = [], 0
+    for end, body in ondisk.decode_records(area_bytes, best):
+        out.append((sb.journal_offset + start, end - start, body))
+        start = end
+    return out
+
+
+def flip_journal_bit(disk: Path, pick: Callable[[Any], bool] = lambda body: True) -> dict[str, Any]:
+    """Flip one bit in the payload of the first live journal record `pick` accepts (else the
+    first record) on a stopped node's disk: replay stops there, so that record and every one
+    after it are lost. Returns {"offset", "index", "records", "body"}."""
+    recs = journal_records(disk)
+    if not recs:
+        raise LookupError(f"no live journal record on {disk}")
+    index = next((i for i, (_, _, body) in enumerate(recs) if pick(body)), 0)
+    at, length, body = recs[index]
+    flip = at + 16 + (length - 16) // 2  # inside the msgpack payload, past the 16-byte head
+    with open(disk, "r+b") as f:
+        f.seek(flip)
+        (b,) = f.read(1)
+        f.seek(flip)
+        f.write(bytes([b ^ 0x08]))
+    return {"offset": flip, "index": index, "records": len(recs), "body": body}
