@@ -5,8 +5,8 @@
 #   PXC_DISKS                      space-separated disks (block devices or files); default
 #                                  $PXC_DATA_DIR/disk.img, created sparse ($PXC_DISK_SIZE)
 #   PXC_DISK_SIZE                  size of a disk file created here (default 10G)
-#   PXC_ETCD                       etcd endpoints, comma-separated; the first one that
-#                                  answers is used (the client speaks to one member)
+#   PXC_ETCD                       etcd endpoints, comma-separated (every member: the
+#                                  client moves to the next one when a member fails)
 #   PXC_CLUSTER                    cluster name (default "default")
 #   PXC_ZONE, PXC_DATA_DIR, PXC_API_PORT, PXC_DATA_PORT, PXC_NBD_PORT, PXC_LEASE_TTL,
 #   PXC_API_TOKEN_FILE, PXC_DOCKER_PLUGIN_SOCKET, PXC_LOG_LEVEL, PXC_LOG_FORMAT (json)
@@ -46,28 +46,24 @@ done
 [ -n "${PXC_DATA_TLS_KEY:-}" ] && set -- "$@" --data-tls-key "$PXC_DATA_TLS_KEY"
 [ -n "${PXC_DATA_TLS_CA:-}" ] && set -- "$@" --data-tls-ca "$PXC_DATA_TLS_CA"
 
-# etcd members may still be starting: wait (up to PXC_ETCD_WAIT s) for one to accept.
-PXC_ETCD="$(python3 - "$PXC_ETCD" "${PXC_ETCD_WAIT:-60}" <<'PY'
+# etcd members may still be starting: wait (up to PXC_ETCD_WAIT s) for one to accept; all of
+# them are passed on.
+python3 - "$PXC_ETCD" "${PXC_ETCD_WAIT:-60}" <<'PY'
 import socket, sys, time
 from urllib.parse import urlparse
 
 urls = [u.strip() for u in sys.argv[1].split(",") if u.strip()]
 deadline = time.monotonic() + float(sys.argv[2])
-while True:
+while time.monotonic() < deadline:
     for url in urls:
         p = urlparse(url if "://" in url else "http://" + url)
         try:
             socket.create_connection((p.hostname, p.port or 2379), timeout=1).close()
-            print(url)
             sys.exit(0)
         except OSError:
             pass
-    if time.monotonic() > deadline:
-        print(urls[0])  # let pxcluster report the unreachable endpoint in its own words
-        sys.exit(0)
     time.sleep(1)
 PY
-)"
 export PXC_ETCD
 
 # exec: pxcluster gets SIGTERM itself and hands its attachments off before it leaves.

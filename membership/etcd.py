@@ -209,7 +209,24 @@ class Txn:
 
 def parse_endpoint(url: str) -> tuple[str, int]:
     parsed = urlparse(url if "://" in url else f"http://{url}")
-    return parsed.hostname or "127.0.0.1", parsed.port or 2379
+    try:
+        port = parsed.port or 2379
+    except ValueError:
+        raise EtcdConfigError(f"bad etcd endpoint {url!r}: the port is not a number") from None
+    return parsed.hostname or "127.0.0.1", port
+
+
+def parse_endpoints(urls: str) -> list[str]:
+    """`--etcd` takes one endpoint or several, comma-separated (the members of a cluster)."""
+    found = [u.strip() for u in urls.split(",") if u.strip()]
+    if not found:
+        raise EtcdConfigError("no etcd endpoint given (--etcd or PXC_ETCD)")
+    schemes = {u.lower().startswith("https://") for u in found}
+    if len(schemes) > 1:
+        raise EtcdConfigError(f"etcd endpoints mix http:// and https://: {urls}")
+    for u in found:
+        parse_endpoint(u)
+    return found
 
 
 class Etcd:
@@ -218,26 +235,55 @@ class Etcd:
     ) -> None:
         self.url = url
         self.settings = settings = settings or EtcdSettings()
-        settings.check(url)
-        host, port = parse_endpoint(url)
+        self.endpoints = parse_endpoints(url)
+        settings.check(self.endpoints[0])
         self.timeout = timeout
-        tls = url.lower().startswith("https://")
-        self._client = _Client(
+        self._current = 0
+        self._client = self._make_client(0)
+        self._reauth_lock = asyncio.Lock()
+        self._retired: list[_Client] = []
+
+    def _make_client(self, i: int) -> _Client:
+        host, port = parse_endpoint(self.endpoints[i])
+        tls = self.endpoints[i].lower().startswith("https://")
+        return _Client(
             host=host,
             port=port,
-            username=settings.user or None,
-            password=settings.password or None,
-            timeout=max(1, int(timeout)),
-            credentials=settings.credentials() if tls else None,
+            username=self.settings.user or None,
+            password=self.settings.password or None,
+            timeout=max(1, int(self.timeout)),
+            credentials=self.settings.credentials() if tls else None,
         )
-        self._reauth_lock = asyncio.Lock()
+
+    def _next_endpoint(self) -> bool:
+        """After a failure: the following calls go to the next member (False if only one)."""
+        if len(self.endpoints) < 2:
+            return False
+        self._retired.append(self._client)
+        self._current = (self._current + 1) % len(self.endpoints)
+        self._client = self._make_client(self._current)
+        return True
 
     async def connect(self) -> None:
+        """Connect to the first endpoint that answers (each member in turn)."""
+        errors: list[str] = []
+        for _ in self.endpoints:
+            try:
+                await self._connect_one()
+                return
+            except EtcdUnavailable as e:
+                errors.append(str(e))
+                if not self._next_endpoint():
+                    raise
+        raise EtcdUnavailable("; ".join(errors))
+
+    async def _connect_one(self) -> None:
+        url = self.endpoints[self._current]
         try:
             async with asyncio.timeout(self.timeout):
                 await self._client.connect()
             # The channel connects lazily: one read proves etcd is really there.
-            await self._call(lambda: self._client.get(b"/pxc-probe"))
+            await self._call(lambda: self._client.get(b"/pxc-probe"), failover=False)
         except EtcdUnavailable:
             raise
         except (aetcd.exceptions.ClientError, TimeoutError, OSError) as e:
@@ -248,14 +294,31 @@ class Etcd:
             detail = _one_line(str(e)) or type(e).__name__
             if "handshake" in detail.lower():
                 detail += " (TLS: check --etcd-cacert, --etcd-cert and --etcd-key)"
-            raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
+            raise EtcdUnavailable(f"etcd at {url} is unreachable: {detail}") from None
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.timeout):
-                await self._client.close()
+        for client in [*self._retired, self._client]:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout):
+                    await client.close()
+        self._retired.clear()
 
-    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(self, call: Callable[[], Awaitable[Any]], *, failover: bool = True) -> Any:
+        """One etcd call; with several endpoints, a failed call is tried once more on the next
+        member (a member that is down or cut off must not take the node's lease with it)."""
+        try:
+            return await self._call_once(call)
+        except EtcdUnavailable:
+            if not failover or not self._next_endpoint():
+                raise
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._client.connect()
+            except (aetcd.exceptions.ClientError, TimeoutError, OSError):
+                pass
+            return await self._call_once(call)
+
+    async def _call_once(self, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # races with the call's completion (gh-86296).
@@ -283,7 +346,8 @@ class Etcd:
                     f"etcd at {self.url} requires a user: pass --etcd-user and "
                     "--etcd-password-file (or PXC_ETCD_USER, PXC_ETCD_PASSWORD)"
                 ) from None
-            raise EtcdUnavailable(f"etcd at {self.url} is unreachable: {detail}") from None
+            where = self.endpoints[self._current]
+            raise EtcdUnavailable(f"etcd at {where} is unreachable: {detail}") from None
 
     async def get(self, key: bytes) -> KV | None:
         raw = await self._call(lambda: self._client.get(key))

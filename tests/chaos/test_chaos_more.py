@@ -434,18 +434,6 @@ def test_etcd3_leader_lost_during_failover(cluster3: Etcd3Cluster, tmp_path: Pat
     finish(c, w, tmp_path, "etcd3-leader-lost-during-failover", in_sync_timeout=120)
 
 
-MULTI_ENDPOINT = (
-    "limitation/bug: `--etcd` (PXC_ETCD) takes exactly one endpoint. membership/etcd.py "
-    "parse_endpoint() runs urlparse on the whole value, so a comma-separated list (the form "
-    'docker-compose.yml sets) dies with a traceback, ValueError "Port could not be cast to '
-    "integer value as '2379,http:'\" (not the contract's one clear line); docker/entrypoint.sh "
-    "works around it by passing only the first member that answers at startup, so a node is "
-    "cut off from etcd (loses its lease, self-fences) whenever that one member dies, though "
-    "the other two still have a quorum"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MULTI_ENDPOINT)
 @pytest.mark.timeout(120)
 def test_etcd3_nodes_given_every_endpoint(etcd3: Etcd3, tmp_path: Path) -> None:
     """Given every member (as docker-compose does), a client must still reach etcd with the

@@ -67,7 +67,7 @@ def test_entrypoint_builds_the_join_command(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == "PXC_ETCD=http://127.0.0.1:1"  # none answers: the first, for the error
+    assert lines[0] == "PXC_ETCD=http://127.0.0.1:1,http://127.0.0.1:2"  # every member
     args = lines[1:]
     disk = tmp_path / "data" / "disk.img"
     assert args[:2] == ["cluster", "join"]
