@@ -30,7 +30,7 @@ integration: install
 bench: install
 	.venv/bin/python bench/run.py
 
-# A randomized fault schedule in network namespaces (root): `make chaos SEED=N ROUNDS=N`.
+# A randomized fault schedule in network namespaces (root): `make chaos SEED=N ROUNDS=N [MINUTES=M]`.
 # Without SEED a random one is drawn; it is printed first, and again with any failure.
 chaos: install
-	CHAOS_SEED=$(SEED) CHAOS_ROUNDS=$(ROUNDS) .venv/bin/pytest -q -s -m slow tests/chaos/randomized.py
+	CHAOS_SEED=$(SEED) CHAOS_ROUNDS=$(ROUNDS) CHAOS_MINUTES=$(MINUTES) .venv/bin/pytest -q -s -m slow tests/chaos/randomized.py

@@ -169,6 +169,9 @@ def _seed() -> int:
 
 SEED = _seed()
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "") or "5")
+# Optional wall-clock budget: stop after the round that passes it (ROUNDS stays the maximum).
+MINUTES = float(os.environ.get("CHAOS_MINUTES", "") or "0")
+SCRUB_EVERY = 5  # rounds between scrubs: the replicas must agree, nothing to repair
 
 
 @pytest.mark.slow
@@ -214,7 +217,13 @@ def test_randomized_schedule(ncluster: NetnsCluster, tmp_path: Path) -> None:
         for k, v in counts(history, result).items():
             totals[k] = totals.get(k, 0) + v
         assert result.ok, f"round {rnd} ({name}): {result}; replay: {replay}"
+        if rnd % SCRUB_EVERY == 0:
+            scrub = c.cli_json("volume", "scrub", "rz")
+            assert not scrub["repaired"] and not scrub["unrepairable"], (rnd, scrub, replay)
+            totals["scrubs"] = totals.get("scrubs", 0) + 1
+        if MINUTES and time.monotonic() - started > MINUTES * 60:
+            break
     compare_replicas(c, "rz", tmp_path)
     minutes = (time.monotonic() - started) / 60
     line = " ".join(f"{k}={v}" for k, v in {**totals, **KNOWN}.items())
-    print(f"CHAOS seed {SEED} total, {ROUNDS} rounds in {minutes:.1f} min: {line}", flush=True)
+    print(f"CHAOS seed {SEED} total, {rnd} rounds in {minutes:.1f} min: {line}", flush=True)
