@@ -530,3 +530,35 @@ def test_journal_bit_flip_on_a_replica(ncluster: NetnsCluster, tmp_path: Path) -
         {"records_lost": flipped["records"] - flipped["index"], "replicas_compared": len(chunks)},
     )
     assert history.acked and result.ok, result
+
+
+# ----- 6. the rebuild's source dies mid-rebuild -----
+
+
+@pytest.mark.timeout(300)
+def test_rebuild_source_crash_mid_rebuild(make_cluster: Any, tmp_path: Path) -> None:
+    """n3 catches up from n1 and n2 (a rebuild reads from every in-sync replica); n2 is killed
+    -9 half way, writes going on: the rebuild goes on from n1 alone, nothing is lost, and once
+    n2 is back both are rebuilt and every copy is identical."""
+    c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))
+    c.cli("volume", "create", "rs", "--size", "256M", "--repl", "3")
+    uri = c.attach("rs", "n1")
+    faults.kill9(c, "n3")
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5d 8M 160M", uri],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    w = Workload(c, "rs", tmp_path, NBLOCKS, seconds=14, seed=121)
+    w.start()
+    faults.restart(c, "n3")
+    c.wait_for(
+        lambda: any(r["chunks_done"] >= 6 for r in c.inspect("rs")["rebuilds"]),
+        60,
+        "rebuild of n3 under way",
+    )
+    faults.kill9(c, "n2")  # a source of the rebuild dies, writes going on
+    time.sleep(2)
+    faults.restart(c, "n2")
+    finish(c, w, tmp_path, "rebuild-source-crash", in_sync_timeout=150)
