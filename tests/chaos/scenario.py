@@ -18,7 +18,8 @@ from tests.harness.stamps import Check, History, UriFollower, Writer, check
 
 @dataclass
 class Workload:
-    """One stamped writer following the volume's URI (per-block order is one client's order)."""
+    """Several stamped writers (NBD clients, each its own share of the blocks, so per-block
+    order is one client's order) following the volume's URI."""
 
     c: NetnsCluster
     volume: str
@@ -26,16 +27,25 @@ class Workload:
     nblocks: int
     seconds: float
     seed: int
+    writers: int = 2
 
     def start(self) -> None:
         urifile = self.tmp / f"{self.volume}.uri"
         urifile.write_text(self.c.inspect(self.volume)["nbd_uri"])
         self.follower = UriFollower(self.c, self.volume, urifile)
-        self.writer = Writer(urifile, self.nblocks, self.seconds, self.seed)
+        self.procs = [
+            Writer(urifile, self.nblocks, self.seconds, self.seed + i, self.writers, i)
+            for i in range(self.writers)
+        ]
 
     def finish(self) -> History:
         try:
-            return self.writer.finish(timeout=self.seconds + 120)
+            whole = History()
+            for w in self.procs:
+                h = w.finish(timeout=self.seconds + 120)
+                whole.acked += h.acked
+                whole.failed += h.failed
+            return whole
         finally:
             self.follower.close()
 

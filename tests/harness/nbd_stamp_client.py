@@ -1,6 +1,9 @@
 """Stamped-block workload over libnbd, run with Debian's /usr/bin/python3 (python3-libnbd).
 
-  write URIFILE NBLOCKS SECONDS SEED  -> lines "ack BLOCK SEQ TOKEN" / "fail BLOCK SEQ TOKEN"
+  write URIFILE NBLOCKS SECONDS SEED [SHARE INDEX]
+                                      -> lines "ack BLOCK SEQ TOKEN" / "fail BLOCK SEQ TOKEN";
+                                         with SHARE, only blocks with BLOCK % SHARE == INDEX
+                                         (several writers, each block written by one of them)
   read URI NBLOCKS                    -> lines "blk BLOCK SEQ TOKEN" / "zero BLOCK" / "bad BLOCK"
 
 URIFILE holds the volume's current NBD URI; after a failed write the writer reconnects to
@@ -39,7 +42,7 @@ def connect(uri):
     return h
 
 
-def write(urifile, nblocks, seconds, seed):
+def write(urifile, nblocks, seconds, seed, share=1, index=0):
     rng = random.Random(seed)
     deadline = time.monotonic() + seconds
     h = None
@@ -54,7 +57,7 @@ def write(urifile, nblocks, seconds, seed):
                 time.sleep(0.1)
                 continue
         seq += 1
-        block = rng.randrange(nblocks)
+        block = rng.randrange(index, nblocks, share)
         token = rng.getrandbits(63)
         try:
             h.pwrite(make(block, seq, token), block * BLOCK)
@@ -93,6 +96,7 @@ def read(uri, nblocks):
 
 if __name__ == "__main__":
     if sys.argv[1] == "write":
-        write(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+        extra = [int(a) for a in sys.argv[6:8]]
+        write(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), *extra)
     else:
         read(sys.argv[2], int(sys.argv[3]))

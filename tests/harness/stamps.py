@@ -42,9 +42,16 @@ class History:
 
 
 class Writer:
-    def __init__(self, urifile: Path, nblocks: int, seconds: float, seed: int) -> None:
+    """One libnbd client writing stamps; with `share` > 1, only the blocks b with
+    b % share == index, so several writers never write the same block (per-block order stays
+    one client's order, which the checker relies on)."""
+
+    def __init__(
+        self, urifile: Path, nblocks: int, seconds: float, seed: int, share: int = 1, index: int = 0
+    ) -> None:
+        args = [str(urifile), str(nblocks), str(seconds), str(seed), str(share), str(index)]
         self.proc = subprocess.Popen(
-            [SYSTEM_PYTHON, CLIENT, "write", str(urifile), str(nblocks), str(seconds), str(seed)],
+            [SYSTEM_PYTHON, CLIENT, "write", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
