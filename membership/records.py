@@ -87,6 +87,7 @@ class Attachment(_Record):
     node: str
     epoch: int
     state: str = "opening"  # opening -> serving
+    exported: bool = False  # NBD clients can reach it (not only served for a rebuild/snapshot)
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,23 @@ class NodeAgent:
                 )
             elif not mine:
                 await self.detach(vid)
+            elif (
+                view is not None
+                and view.target is not None
+                and view.target.reason == "user"
+                and self.registry.get(engine.name) is not engine
+            ):
+                # Served here for a rebuild or a snapshot, now attached by a user on this
+                # same node: the engine goes on, and clients may now reach it.
+                self.registry.add(engine)
+                attachment = Attachment(self.node_id, engine.epoch, "serving", True).encode()
+                txn = (
+                    self.etcd.txn()
+                    .value_is(self.keys.epoch(vid), str(engine.epoch).encode())
+                    .put(self.keys.attachment(vid), attachment, self.lease.lease_id)
+                )
+                await self.etcd.commit(txn)
+                log.info("volume %s: exported (attached for clients)", engine.name)
         for vid, view in views.items():
             if (
                 view.target is not None
@@ -247,7 +264,8 @@ class NodeAgent:
         if view.target is None or view.target.reason == "user":
             self.registry.add(engine)
         await self._record_failover(vid, epoch, fenced_at, reconciled_at, report.reconciled_chunks)
-        serving = Attachment(self.node_id, epoch, "serving").encode()
+        exported = view.target is None or view.target.reason == "user"
+        serving = Attachment(self.node_id, epoch, "serving", exported).encode()
         txn = (
             self.etcd.txn()
             .value_is(self.keys.epoch(vid), str(epoch).encode())

@@ -656,10 +656,10 @@ async def volume_update(
 async def volume_clone(
     svc: Service, name: str, snap: str, new_name: str, repl: int | None, as_json: bool
 ) -> None:
-    """A new, independent volume holding snapshot SNAP of NAME."""
-    from pxcluster import snapshots
+    """A new, independent volume holding snapshot SNAP of NAME, usable at once."""
+    from pxcluster import volume_io
 
-    info = await snapshots.clone(svc, name, snap, new_name, repl)
+    info = await volume_io.clone(svc, name, snap, new_name, repl)
     if as_json:
         output.emit_json(info)
     else:

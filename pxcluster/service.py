@@ -165,16 +165,16 @@ class Service:
     def backup_source(
         self, volume: str, snapshot: str | None
     ) -> contextlib.AbstractAsyncContextManager[SnapshotSource]:
-        from pxcluster import snapshots
+        from pxcluster import volume_io  # it builds on this module
 
-        return snapshots.backup_source(self, volume, snapshot)
+        return volume_io.backup_source(self, volume, snapshot)
 
     def restore_sink(
         self, name: str, size: int, chunk_size: int, repl: int | None, encrypted: bool
     ) -> contextlib.AbstractAsyncContextManager[RestoreSink]:
-        from pxcluster import snapshots
+        from pxcluster import volume_io
 
-        return snapshots.restore_sink(self, name, size, chunk_size, repl, encrypted)
+        return volume_io.restore_sink(self, name, size, chunk_size, repl, encrypted)
 
     async def volume_key(self, volume_id: str) -> bytes:
         kv = await self.etcd.get(self.keys.secret(volume_id))
@@ -484,7 +484,7 @@ class Service:
         while True:
             view = await self.volume(name)
             a = view.attachment
-            if a is not None and a.node == node_id and a.state == "serving":
+            if a is not None and a.node == node_id and a.state == "serving" and a.exported:
                 return view
             if view.target is None or view.target.node != node_id:
                 raise VolumeBusy(f"volume {name!r}: attach to this node was cancelled")

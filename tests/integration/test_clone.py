@@ -39,7 +39,13 @@ def test_clone_is_usable_at_once_and_its_copy_resumes_elsewhere(cluster: Cluster
     res = c.cli("volume", "delete", "src", check=False)
     assert res.returncode != 0 and "still copying" in res.stderr
 
-    uri = c.attach("cl", "n2")
+    # Attach for clients on the very node copying it in the background (served there, not
+    # exported, until now): the same engine goes on and becomes reachable.
+    vid = c.inspect("cl")["id"]
+    target = c.etcd_get_prefix(f"/pxc/{c.name}/volumes/{vid}/target")
+    assert target and target[0]["reason"] == "snapshot", target
+    here = next(n["name"] for n in c.cli_json("node", "list") if n["id"] == target[0]["node"])
+    uri = c.attach("cl", here)
     assert c.inspect("cl")["clone_of"]["state"] == "copying"
     assert hashlib.sha256(nbd_bytes(uri)).digest() == hashlib.sha256(image).digest()
     # Writes during the copy: the chunk is copied first, then written; the copy never
@@ -50,10 +56,10 @@ def test_clone_is_usable_at_once_and_its_copy_resumes_elsewhere(cluster: Cluster
     nbd_write(uri, 31 * MiB, b"\x42" * MiB)
     image[31 * MiB : 32 * MiB] = b"\x42" * MiB
     assert nbd_bytes(uri) == bytes(image)
-    c.kill("n2")
+    c.kill(here)
 
     def moved() -> bool:
-        return c.inspect("cl")["attached_node"] not in (None, "n2")
+        return c.inspect("cl")["attached_node"] not in (None, here)
 
     c.wait_for(moved, 60, "the clone to fail over")
     c.wait_for(lambda: c.inspect("cl")["clone_of"]["state"] == "done", 120, "the copy to finish")
