@@ -87,7 +87,9 @@ class Attachment(_Record):
     node: str
     epoch: int
     state: str = "opening"  # opening -> serving
-    exported: bool = False  # NBD clients can reach it (not only served for a rebuild/snapshot)
+    # NBD clients can reach it (not only served for a rebuild or snapshot); None: written by a
+    # node that predates this field (which exported every attachment for a user).
+    exported: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -484,7 +484,12 @@ class Service:
         while True:
             view = await self.volume(name)
             a = view.attachment
-            if a is not None and a.node == node_id and a.state == "serving" and a.exported:
+            if (
+                a is not None
+                and a.node == node_id
+                and a.state == "serving"
+                and a.exported is not False
+            ):
                 return view
             if view.target is None or view.target.node != node_id:
                 raise VolumeBusy(f"volume {name!r}: attach to this node was cancelled")
