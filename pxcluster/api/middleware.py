@@ -22,6 +22,7 @@ from pxcluster.errors import (
     UnknownVolume,
     VolumeBusy,
 )
+from pxcluster.snapshots import SnapshotFailed, UnknownSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,15 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (InvalidArgument, 400),
     (UnknownNode, 404),
     (UnknownVolume, 404),
+    (UnknownSnapshot, 404),
     (DuplicateName, 409),
     (VolumeBusy, 409),
     (NodeBusy, 409),
     # The request is well formed; the cluster cannot satisfy it as it is now.
     (PlacementError, 409),
+    # The engine or the replicas could not carry out a snapshot, revert, clone read or scrub:
+    # the cluster's state, not the request, is at fault (the message says what happened).
+    (SnapshotFailed, 409),
     (OperationTimeout, 504),
     (EtcdUnavailable, 503),
     (PxcError, 400),

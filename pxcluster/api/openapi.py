@@ -86,6 +86,7 @@ _SCHEMAS: dict[str, Any] = {
             "replicas": {"type": "array", "items": _ref("Replica")},
             "last_failover": _nullable({"type": "object"}),
             "rebuilds": {"type": "array", "items": {"type": "object"}},
+            "clone_of": _nullable(_ref("CloneOf")),
         },
         (
             "id",
@@ -99,6 +100,67 @@ _SCHEMAS: dict[str, Any] = {
             "sync_writes",
             "replicas",
         ),
+    ),
+    "CloneOf": _obj(
+        {
+            "volume": _STR,
+            "snapshot": _STR,
+            "state": {"type": "string", "enum": ["copying", "done"]},
+            "chunks_total": _INT,
+            "chunks_copied": _INT,
+        },
+        ("volume", "snapshot", "state", "chunks_total", "chunks_copied"),
+    ),
+    "Snapshot": _obj(
+        {
+            "id": _STR,
+            "name": _STR,
+            "volume": _STR,
+            "created": {**_NUM, "description": "Unix time the engine took it; 0 until then"},
+            "state": {"type": "string", "enum": ["creating", "ready", "deleting", "failed"]},
+        },
+        ("id", "name", "volume", "created", "state"),
+    ),
+    "CreateSnapshot": _obj(
+        {"name": {**_STR, "description": "letters, digits, '.', '_', '-', at most 63"}},
+        ("name",),
+    ),
+    "SnapshotDeleted": _obj(
+        {"volume": _STR, "snapshot": _STR, "deleted": _BOOL}, ("volume", "snapshot", "deleted")
+    ),
+    "Revert": _obj(
+        {"snapshot": {**_STR, "description": "the snapshot to go back to"}}, ("snapshot",)
+    ),
+    "Clone": _obj(
+        {
+            "snapshot": {**_STR, "description": "the source volume's snapshot"},
+            "name": {**_STR, "description": "the new volume (a DNS label)"},
+            "repl": {**_INT, "minimum": 1, "maximum": 3, "description": "default: the source's"},
+        },
+        ("snapshot", "name"),
+    ),
+    "Scrub": _obj(
+        {"timeout": {**_NUM, "default": 600, "maximum": 600, "description": "seconds to wait"}}
+    ),
+    "ScrubReport": _obj(
+        {
+            "volume": _STR,
+            "chunks": _INT,
+            "skipped": {"type": "array", "items": _STR},
+            "repaired": {
+                "type": "array",
+                "items": _obj(
+                    {"layer": _STR, "chunk": _INT, "node": _STR, "from": _STR, "reason": _STR}
+                ),
+            },
+            "unrepairable": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "chunks without a good copy (the CLI exits 1 on any)",
+            },
+            "seconds": _NUM,
+        },
+        ("volume", "chunks", "skipped", "repaired", "unrepairable", "seconds"),
     ),
     "DrainPlan": _obj(
         {
@@ -164,8 +226,9 @@ _SCHEMAS: dict[str, Any] = {
 _ERRORS = {
     "400": "invalid input",
     "401": "missing or wrong bearer token (mutating calls, when a token is set)",
-    "404": "unknown node or volume",
-    "409": "conflicts with the cluster's state (busy, duplicate, cannot place)",
+    "404": "unknown node, volume or snapshot",
+    "409": "conflicts with the cluster's state (busy, duplicate, cannot place, the engine or "
+    "replicas failed the snapshot operation)",
     "503": "etcd unreachable",
     "504": "timed out waiting",
 }
@@ -196,6 +259,7 @@ def _op(
 
 
 _NAME = [{"name": "name", "in": "path", "required": True, "schema": _STR}]
+_SNAP = [*_NAME, {"name": "snap", "in": "path", "required": True, "schema": _STR}]
 _MUT = ("400", "401", "404", "409", "503")
 _LIST = {"type": "array"}
 
@@ -286,6 +350,61 @@ def document() -> dict[str, Any]:
                 "Move the attachment: hand-off if its node is up, forced if down",
                 _ref("Volume"),
                 body="Failover",
+                errors=(*_MUT, "504"),
+            ),
+        },
+        "/v1/volumes/{name}/snapshots": {
+            "parameters": _NAME,
+            "get": _op(
+                "The volume's snapshots, oldest first",
+                {**_LIST, "items": _ref("Snapshot")},
+                errors=("404", "503"),
+            ),
+            "post": _op(
+                "Take a crash-consistent snapshot, attached or detached (201 once every "
+                "in-sync replica holds it)",
+                _ref("Snapshot"),
+                status="201",
+                body="CreateSnapshot",
+                errors=(*_MUT, "504"),
+            ),
+        },
+        "/v1/volumes/{name}/snapshots/{snap}": {
+            "parameters": _SNAP,
+            "delete": _op(
+                "Delete a snapshot (409 while a clone still copies it)",
+                _ref("SnapshotDeleted"),
+                errors=(*_MUT, "504"),
+            ),
+        },
+        "/v1/volumes/{name}/revert": {
+            "parameters": _NAME,
+            "post": _op(
+                "Rewind a detached volume to a snapshot (409 while attached or while newer "
+                "snapshots exist)",
+                _ref("Volume"),
+                body="Revert",
+                errors=(*_MUT, "504"),
+            ),
+        },
+        "/v1/volumes/{name}/clone": {
+            "parameters": _NAME,
+            "post": _op(
+                "A new, independent volume holding a snapshot, usable at once (copied in the "
+                "background: see clone_of)",
+                _ref("Volume"),
+                status="201",
+                body="Clone",
+                errors=_MUT,
+            ),
+        },
+        "/v1/volumes/{name}/scrub": {
+            "parameters": _NAME,
+            "post": _op(
+                "Check every chunk (head and snapshots) on every in-sync replica and repair "
+                "bad copies; answers the report",
+                _ref("ScrubReport"),
+                body="Scrub",
                 errors=(*_MUT, "504"),
             ),
         },

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from membership.records import DrainOp, NodeRecord
-from pxcluster import drain
+from pxcluster import drain, snapshots, volume_io
 from pxcluster.api.body import Body
 from pxcluster.errors import InvalidArgument, UnknownNode
 from pxcluster.service import Service
@@ -197,3 +197,55 @@ async def volume_failover(request: web.Request) -> web.Response:
     dest = await svc.failover(name, to, drill=drill)
     view = await svc.wait_attached(name, dest.id, timeout) if wait else await svc.volume(name)
     return _ok(await svc.inspect(view))
+
+
+# --- snapshots, clones, reverts, scrub (what `volume snapshot ...`, `volume clone`,
+# `volume revert` and `volume scrub` call)
+
+
+@routes.get("/v1/volumes/{name}/snapshots")
+async def snapshot_list(request: web.Request) -> web.Response:
+    return _ok(await snapshots.list_snapshots(_svc(request), request.match_info["name"]))
+
+
+@routes.post("/v1/volumes/{name}/snapshots")
+async def snapshot_create(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"name"}))
+    return _ok(await snapshots.create(svc, name, body.required_string("name")), status=201)
+
+
+@routes.delete("/v1/volumes/{name}/snapshots/{snap}")
+async def snapshot_delete(request: web.Request) -> web.Response:
+    name, snap = request.match_info["name"], request.match_info["snap"]
+    await snapshots.delete(_svc(request), name, snap)
+    return _ok({"volume": name, "snapshot": snap, "deleted": True})
+
+
+@routes.post("/v1/volumes/{name}/revert")
+async def volume_revert(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"snapshot"}))
+    await snapshots.revert(svc, name, body.required_string("snapshot"))
+    return _ok(await svc.inspect(await svc.volume(name)))
+
+
+@routes.post("/v1/volumes/{name}/clone")
+async def volume_clone(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"snapshot", "name", "repl"}))
+    snap, new = body.required_string("snapshot"), body.required_string("name")
+    repl = body.optional_integer("repl")
+    if repl is not None and repl < 1:
+        # volume_io.clone takes a falsy repl as "the source's": say so rather than guess.
+        raise InvalidArgument(f"invalid repl {repl}: must be 1, 2 or 3 (omit it: the source's)")
+    return _ok(await volume_io.clone(svc, name, snap, new, repl), status=201)
+
+
+@routes.post("/v1/volumes/{name}/scrub")
+async def volume_scrub(request: web.Request) -> web.Response:
+    svc, name = _svc(request), request.match_info["name"]
+    body = await Body.read(request, frozenset({"timeout"}))
+    timeout = body.number("timeout", MAX_WAIT, low=0.1, high=MAX_WAIT)
+    # A report listing unrepairable chunks is still a report (the CLI prints it, then exits 1).
+    return _ok(await snapshots.scrub(svc, name, timeout=timeout))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -123,3 +125,65 @@ def test_drain_dry_run_bad_input_auth_and_openapi(cluster3: Cluster, tmp_path: P
     status, _ = http(n4, "DELETE", "/v1/volumes/t", token="tok-123")
     assert status == 200
     wait_freed(c, [r["node"] for r in vol["replicas"]])
+
+
+def qemu_io(uri: str, *commands: str) -> None:
+    args = [a for c in commands for a in ("-c", c)]
+    subprocess.run(
+        ["qemu-io", "-f", "raw", *args, uri], check=True, capture_output=True, timeout=60
+    )
+
+
+@pytest.mark.timeout(240)
+def test_snapshot_clone_scrub_over_http(cluster3: Cluster) -> None:
+    c = cluster3
+    n1, n2 = c.nodes["n1"], c.nodes["n2"]
+    status, vol = http(n1, "POST", "/v1/volumes", {"name": "src", "size": "16M", "repl": 2})
+    assert status == 201, vol
+    status, att = http(n1, "POST", "/v1/volumes/src/attach", {"node": "n1", "wait": True})
+    assert status == 200 and att["state"] == "attached", att
+    uri = att["nbd_uri"]
+    qemu_io(uri, "write -P 0x5a 0 8M", "flush")
+
+    status, snap = http(n2, "POST", "/v1/volumes/src/snapshots", {"name": "s1"})
+    assert status == 201, snap
+    assert snap["name"] == "s1" and snap["volume"] == "src" and snap["state"] == "ready"
+    qemu_io(uri, "write -P 0xa5 0 1M", "flush")  # after the snapshot: not in the clone
+    status, listed = http(n1, "GET", "/v1/volumes/src/snapshots")
+    assert status == 200 and listed == [snap]
+    assert listed == c.cli_json("volume", "snapshot", "list", "src")
+    status, err = http(n1, "POST", "/v1/volumes/src/snapshots", {"name": "s1"})
+    assert status == 409 and "already has a snapshot" in err["error"]
+    status, err = http(n1, "DELETE", "/v1/volumes/src/snapshots/nope")
+    assert status == 404 and "no snapshot 'nope'" in err["error"]
+
+    status, cl = http(n2, "POST", "/v1/volumes/src/clone", {"snapshot": "s1", "name": "cl"})
+    assert status == 201, cl
+    assert cl["name"] == "cl" and cl["repl"] == 2 and cl["size"] == 16 << 20
+    assert cl["clone_of"]["volume"] == "src" and cl["clone_of"]["snapshot"] == "s1"
+    assert cl["clone_of"]["state"] in ("copying", "done")
+
+    status, rep = http(n1, "POST", "/v1/volumes/src/scrub", {"timeout": 60})
+    assert status == 200, rep
+    assert rep["volume"] == "src" and rep["chunks"] >= 2
+    assert rep["repaired"] == [] and rep["unrepairable"] == []
+    assert set(rep) == {"volume", "chunks", "skipped", "repaired", "unrepairable", "seconds"}
+
+    deadline = time.monotonic() + 90
+    while True:
+        status, got = http(n1, "GET", "/v1/volumes/cl")
+        assert status == 200, got
+        if got["clone_of"]["state"] == "done":
+            break
+        assert time.monotonic() < deadline, f"clone copy not done: {got['clone_of']}"
+        time.sleep(0.2)
+    assert got["clone_of"]["chunks_copied"] == got["clone_of"]["chunks_total"]
+    status, out = http(n1, "DELETE", "/v1/volumes/src/snapshots/s1")
+    assert status == 200 and out == {"volume": "src", "snapshot": "s1", "deleted": True}
+    status, listed = http(n2, "GET", "/v1/volumes/src/snapshots")
+    assert status == 200 and listed == []
+
+    # The clone holds the snapshot's data, not what the source got afterwards.
+    status, att = http(n1, "POST", "/v1/volumes/cl/attach", {"node": "n2", "wait": True})
+    assert status == 200 and att["state"] == "attached", att
+    qemu_io(att["nbd_uri"], "read -P 0x5a 0 8M", "read -P 0 8M 8M")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from membership.records import HydrationRecord
+from pxcluster import volume_io
 from pxcluster.api import middleware
+from pxcluster.service import Service
 from tests.harness.etcd import EtcdServer
-from tests.unit.api_support import Api, api, api_auth
+from tests.unit.api_support import CLUSTER, Api, FakeSnapshotReader, api, api_auth, fake_engine
 
 __all__ = ["api", "api_auth"]  # fixtures, imported for pytest
 
@@ -230,3 +236,218 @@ async def test_resize_and_limits(api: Api) -> None:
     ]:
         status, err = await api.call("PATCH", "/v1/volumes/v", body)
         assert status == 400 and message in err["error"], (body, err)
+
+
+# --- snapshots, clones, reverts, scrub (a FakeEngine plays the serving engine)
+
+SNAP_KEYS = {"id", "name", "volume", "created", "state"}
+
+
+async def test_snapshot_create_list_revert_delete(api: Api) -> None:
+    await three_nodes(api)
+    await api.call("POST", "/v1/volumes", {"name": "db", "size": "4M", "repl": 3})
+    status, listed = await api.call("GET", "/v1/volumes/db/snapshots")
+    assert status == 200 and listed == []
+    async with fake_engine(api, fail={"bad"}) as engine:
+        status, a = await api.call("POST", "/v1/volumes/db/snapshots", {"name": "a"})
+        assert status == 201, a
+        assert set(a) == SNAP_KEYS and a["name"] == "a" and a["volume"] == "db"
+        assert a["state"] == "ready" and a["created"] > 0
+        status, err = await api.call("POST", "/v1/volumes/db/snapshots", {"name": "a"})
+        assert status == 409 and "already has a snapshot" in err["error"]
+        status, b = await api.call("POST", "/v1/volumes/db/snapshots", {"name": "b"})
+        assert status == 201, b
+        status, listed = await api.call("GET", "/v1/volumes/db/snapshots")
+        assert status == 200 and [x["name"] for x in listed] == ["a", "b"]
+        assert listed[0] == a
+
+        # The engine failing a snapshot: 409 with its reason, and the request is withdrawn.
+        status, err = await api.call("POST", "/v1/volumes/db/snapshots", {"name": "bad"})
+        assert status == 409 and "replica n2 refused" in err["error"], err
+        status, listed = await api.call("GET", "/v1/volumes/db/snapshots")
+        assert [x["name"] for x in listed] == ["a", "b"]
+
+        status, err = await api.call("POST", "/v1/volumes/db/revert", {"snapshot": "a"})
+        assert status == 409 and "newer than 'a' (b)" in err["error"], err
+        status, out = await api.call("DELETE", "/v1/volumes/db/snapshots/b")
+        assert status == 200 and out == {"volume": "db", "snapshot": "b", "deleted": True}
+        status, err = await api.call("DELETE", "/v1/volumes/db/snapshots/b")
+        assert status == 404 and err["error"] == "volume 'db' has no snapshot 'b'"
+        # Until the node lets go of the volume it served for the delete, a revert is a 409
+        # "try again" (as with the CLI); then it goes through.
+        await engine.settle()
+        status, vol = await api.call("POST", "/v1/volumes/db/revert", {"snapshot": "a"})
+        assert status == 200, vol
+        assert INSPECT_KEYS <= set(vol) and vol["name"] == "db" and vol["state"] == "detached"
+
+        # Refused while attached for clients.
+        await api.call("POST", "/v1/volumes/db/attach", {"node": "n1"})
+        status, err = await api.call("POST", "/v1/volumes/db/revert", {"snapshot": "a"})
+        assert status == 409 and "detach it before reverting" in err["error"]
+        await api.call("POST", "/v1/volumes/db/detach", {"wait": False})
+        status, out = await api.call("DELETE", "/v1/volumes/db/snapshots/a")
+        assert status == 200
+        status, listed = await api.call("GET", "/v1/volumes/db/snapshots")
+        assert listed == []
+
+
+async def test_snapshot_create_without_an_engine_times_out_504(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pxcluster import snapshots
+
+    real = snapshots.create
+
+    async def quick(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return await real(*args, **{**kwargs, "timeout": 0.3})
+
+    monkeypatch.setattr(snapshots, "create", quick)
+    await api.add_node("n1")
+    await api.call("POST", "/v1/volumes", {"name": "v", "size": "1M"})
+    status, err = await api.call("POST", "/v1/volumes/v/snapshots", {"name": "s"})
+    assert status == 504 and "not done after" in err["error"], err
+
+
+async def test_clone(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    @contextlib.asynccontextmanager
+    async def reader(svc: Service, volume: str, snapshot: str) -> AsyncIterator[Any]:
+        yield FakeSnapshotReader(8)
+
+    monkeypatch.setattr(volume_io, "open_reader", reader)
+    await three_nodes(api)
+    await api.call("POST", "/v1/volumes", {"name": "src", "size": "32M", "repl": 2})
+    async with fake_engine(api):
+        await api.call("POST", "/v1/volumes/src/snapshots", {"name": "gold"})
+        status, cl = await api.call(
+            "POST", "/v1/volumes/src/clone", {"snapshot": "gold", "name": "cl"}
+        )
+        assert status == 201, cl
+        assert INSPECT_KEYS <= set(cl) and cl["name"] == "cl"
+        assert cl["size"] == 32 << 20 and cl["repl"] == 2  # the source's
+        assert cl["clone_of"] == {
+            "volume": "src",
+            "snapshot": "gold",
+            "state": "copying",
+            "chunks_total": 8,
+            "chunks_copied": 0,
+        }
+        status, got = await api.call("GET", "/v1/volumes/cl")
+        assert status == 200 and got["clone_of"]["state"] == "copying"
+        status, cl3 = await api.call(
+            "POST", "/v1/volumes/src/clone", {"snapshot": "gold", "name": "cl3", "repl": 3}
+        )
+        assert status == 201 and cl3["repl"] == 3
+
+        status, err = await api.call(
+            "POST", "/v1/volumes/src/clone", {"snapshot": "gold", "name": "cl"}
+        )
+        assert status == 409 and "already exists" in err["error"], err
+        status, err = await api.call("DELETE", "/v1/volumes/src/snapshots/gold")
+        assert status == 409 and "still copying" in err["error"], err
+
+        # The copies finish: the snapshot may go.
+        svc = Service(api.etcd, CLUSTER)
+        for name in ("cl", "cl3"):
+            view = await svc.volume(name)
+            assert view.hydration is not None
+            done = HydrationRecord.from_dict(view.hydration.to_dict() | {"state": "done"})
+            await api.etcd.put(svc.keys.hydration(view.record.id), done.encode())
+        status, got = await api.call("GET", "/v1/volumes/cl")
+        assert got["clone_of"]["state"] == "done" and got["clone_of"]["chunks_copied"] == 8
+        status, _ = await api.call("DELETE", "/v1/volumes/src/snapshots/gold")
+        assert status == 200
+
+
+async def test_clone_when_no_replica_serves_the_snapshot_is_409(api: Api) -> None:
+    # The fake nodes' data ports answer nothing: the snapshot cannot be read.
+    await api.add_node("n1")
+    await api.call("POST", "/v1/volumes", {"name": "src", "size": "1M"})
+    async with fake_engine(api):
+        await api.call("POST", "/v1/volumes/src/snapshots", {"name": "s"})
+        status, err = await api.call(
+            "POST", "/v1/volumes/src/clone", {"snapshot": "s", "name": "c"}
+        )
+    assert status == 409 and "no replica could serve snapshot 's'" in err["error"], err
+    status, err = await api.call("GET", "/v1/volumes/c")
+    assert status == 404  # nothing created
+
+
+async def test_scrub(api: Api) -> None:
+    await three_nodes(api)
+    await api.call("POST", "/v1/volumes", {"name": "v", "size": "4M", "repl": 3})
+    repaired = [{"layer": "head", "chunk": 1, "node": "n3", "from": "n1", "reason": "crc"}]
+    t0 = time.monotonic()
+    async with fake_engine(api, report={"chunks": 4, "repaired": repaired}):
+        status, rep = await api.call("POST", "/v1/volumes/v/scrub")
+        assert status == 200, rep
+        assert rep == {
+            "volume": "v",
+            "chunks": 4,
+            "skipped": [],
+            "repaired": repaired,
+            "unrepairable": [],
+            "seconds": 0.5,
+        }
+        status, rep = await api.call("POST", "/v1/volumes/v/scrub", {"timeout": 5})
+        assert status == 200 and rep["chunks"] == 4
+    assert time.monotonic() - t0 < 10
+
+    # Nobody carries it out: bounded by the timeout; a second one meanwhile is refused.
+    status, err = await api.call("POST", "/v1/volumes/v/scrub", {"timeout": 0.2})
+    assert status == 504 and "not done after" in err["error"], err
+    status, err = await api.call("POST", "/v1/volumes/v/scrub", {"timeout": 0.2})
+    assert status == 409 and "already running" in err["error"], err
+
+
+async def test_snapshot_routes_bad_input(api: Api) -> None:
+    await three_nodes(api)
+    await api.call("POST", "/v1/volumes", {"name": "v", "size": "1M"})
+    cases: list[tuple[str, str, Any, int, str]] = [
+        ("GET", "/v1/volumes/nope/snapshots", None, 404, "unknown volume 'nope'"),
+        ("POST", "/v1/volumes/nope/snapshots", {"name": "s"}, 404, "unknown volume"),
+        ("POST", "/v1/volumes/v/snapshots", {}, 400, "'name' is required"),
+        ("POST", "/v1/volumes/v/snapshots", {"name": 3}, 400, "'name' must be a string"),
+        ("POST", "/v1/volumes/v/snapshots", {"name": "a/b"}, 400, "invalid snapshot name"),
+        ("POST", "/v1/volumes/v/snapshots", {"name": "s", "x": 1}, 400, "unknown field(s) x"),
+        ("POST", "/v1/volumes/v/snapshots", b"[", 400, "not valid JSON"),
+        ("DELETE", "/v1/volumes/v/snapshots/nope", None, 404, "no snapshot 'nope'"),
+        ("DELETE", "/v1/volumes/nope/snapshots/s", None, 404, "unknown volume"),
+        ("POST", "/v1/volumes/v/revert", {}, 400, "'snapshot' is required"),
+        ("POST", "/v1/volumes/v/revert", {"snapshot": "nope"}, 404, "no snapshot 'nope'"),
+        ("POST", "/v1/volumes/v/revert", {"snapshot": "s", "wait": 1}, 400, "unknown field"),
+        ("POST", "/v1/volumes/v/clone", {"name": "c"}, 400, "'snapshot' is required"),
+        ("POST", "/v1/volumes/v/clone", {"snapshot": "s"}, 400, "'name' is required"),
+        ("POST", "/v1/volumes/v/clone", {"snapshot": "nope", "name": "c"}, 404, "no snapshot"),
+        ("POST", "/v1/volumes/nope/clone", {"snapshot": "s", "name": "c"}, 404, "unknown volume"),
+        ("POST", "/v1/volumes/v/clone", {"snapshot": "s", "name": "c", "repl": 0}, 400, "repl"),
+        ("POST", "/v1/volumes/v/clone", {"snapshot": "s", "name": "c", "repl": "2"}, 400, "repl"),
+        ("POST", "/v1/volumes/v/scrub", {"timeout": 0}, 400, "between 0.1 and 600"),
+        ("POST", "/v1/volumes/v/scrub", {"timeout": 601}, 400, "between 0.1 and 600"),
+        ("POST", "/v1/volumes/v/scrub", {"timeout": "5"}, 400, "must be a number"),
+        ("POST", "/v1/volumes/v/scrub", {"repair": False}, 400, "unknown field"),
+        ("POST", "/v1/volumes/nope/scrub", None, 404, "unknown volume"),
+        ("PUT", "/v1/volumes/v/snapshots", {}, 405, ""),
+    ]
+    for method, path, body, want, message in cases:
+        status, err = await api.call(method, path, body)
+        assert status == want, (method, path, body, status, err)
+        assert isinstance(err, dict) and message in err["error"], (method, path, err)
+
+
+async def test_token_guards_snapshot_routes(api_auth: Api) -> None:
+    a = api_auth
+    await a.add_node("n1")
+    await a.call("POST", "/v1/volumes", {"name": "v", "size": "1M"})
+    for method, path, body in [
+        ("POST", "/v1/volumes/v/snapshots", {"name": "s"}),
+        ("DELETE", "/v1/volumes/v/snapshots/s", None),
+        ("POST", "/v1/volumes/v/revert", {"snapshot": "s"}),
+        ("POST", "/v1/volumes/v/clone", {"snapshot": "s", "name": "c"}),
+        ("POST", "/v1/volumes/v/scrub", None),
+    ]:
+        status, err = await a.call(method, path, body, token=None)
+        assert status == 401 and "Bearer" in err["error"], (method, path, err)
+    status, listed = await a.call("GET", "/v1/volumes/v/snapshots", token=None)
+    assert status == 200 and listed == []
+    status, _ = await a.call("GET", "/v1/volumes/v", token=None)
+    assert status == 200
