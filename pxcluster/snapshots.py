@@ -114,7 +114,11 @@ async def revert(svc: Service, volume: str, name: str, *, timeout: float = 120.0
             "delete them first"
         )
     key = svc.keys.revert(view.record.id)
-    txn = svc.etcd.txn().absent(svc.keys.target(view.record.id))
+    txn = svc.etcd.txn()
+    if view.target is None:
+        txn.absent(svc.keys.target(view.record.id))
+    else:  # served, not exported, for earlier snapshot work: that engine reverts it
+        txn.value_is(svc.keys.target(view.record.id), view.target.encode())
     if view.revert is None:
         txn.absent(key)
     else:
@@ -162,9 +166,14 @@ async def _wait(
 ) -> T | None:
     deadline = time.monotonic() + timeout
     while True:
-        got = check(await svc.volume(volume))
+        view = await svc.volume(volume)
+        got = check(view)
         if got is not None:
             return got
+        if view.target is None:
+            # The engine started for earlier work let go just before this request arrived:
+            # start one again (the request is still waiting in etcd).
+            await ensure_served(svc, view)
         if time.monotonic() > deadline:
             raise OperationTimeout(
                 f"volume {volume!r}: not done after {timeout:.0f}s; the serving node will finish "
