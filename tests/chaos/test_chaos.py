@@ -209,11 +209,13 @@ def test_replica_clean_stop_rejoins_after_primary_kept_writing(
     finish(c, w, tmp_path, "replica-clean-stop-rejoin")
 
 
-@pytest.mark.timeout(300)
-def test_rebuild_target_crash_mid_rebuild(make_cluster: MakeCluster, tmp_path: Path) -> None:
+def rebuild_of_n3_under_way(
+    make_cluster: MakeCluster, tmp_path: Path, volume: str, seed: int
+) -> tuple[NetnsCluster, Workload]:
+    """A repl-3 volume on n1 whose n3 copy is being rebuilt (throttled), writes going on."""
     c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))
-    c.cli("volume", "create", "rb", "--size", "256M", "--repl", "3")
-    uri = c.attach("rb", "n1")
+    c.cli("volume", "create", volume, "--size", "256M", "--repl", "3")
+    uri = c.attach(volume, "n1")
     faults.kill9(c, "n3")
     # 40 chunks for n3 to catch up on (~7 s at 24M/s); the first 8 MiB are the stamps'.
     subprocess.run(
@@ -222,14 +224,20 @@ def test_rebuild_target_crash_mid_rebuild(make_cluster: MakeCluster, tmp_path: P
         capture_output=True,
         timeout=120,
     )
-    w = Workload(c, "rb", tmp_path, NBLOCKS, seconds=14, seed=109)
+    w = Workload(c, volume, tmp_path, NBLOCKS, seconds=14, seed=seed)
     w.start()
     faults.restart(c, "n3")
     c.wait_for(
-        lambda: any(r["chunks_done"] >= 6 for r in c.inspect("rb")["rebuilds"]),
+        lambda: any(r["chunks_done"] >= 6 for r in c.inspect(volume)["rebuilds"]),
         60,
         "rebuild of n3 under way",
     )
+    return c, w
+
+
+@pytest.mark.timeout(300)
+def test_rebuild_target_crash_mid_rebuild(make_cluster: MakeCluster, tmp_path: Path) -> None:
+    c, w = rebuild_of_n3_under_way(make_cluster, tmp_path, "rb", 109)
     faults.kill9(c, "n3")  # the target dies mid-rebuild, writes going on
     time.sleep(2)
     faults.restart(c, "n3")

@@ -31,7 +31,13 @@ from tests.chaos.scenario import (
     report,
     served,
 )
-from tests.chaos.test_chaos import NBLOCKS, finish, moved_off, setup_volume
+from tests.chaos.test_chaos import (
+    NBLOCKS,
+    finish,
+    moved_off,
+    rebuild_of_n3_under_way,
+    setup_volume,
+)
 from tests.harness.etcd import wait_port
 
 LEASE_TTL = 2  # the netns cluster's default (make_cluster(lease_ttl=2))
@@ -540,24 +546,7 @@ def test_rebuild_source_crash_mid_rebuild(make_cluster: Any, tmp_path: Path) -> 
     """n3 catches up from n1 and n2 (a rebuild reads from every in-sync replica); n2 is killed
     -9 half way, writes going on: the rebuild goes on from n1 alone, nothing is lost, and once
     n2 is back both are rebuilt and every copy is identical."""
-    c = make_cluster(disk_size=512 << 20, extra=("--rebuild-bw", "24M"))
-    c.cli("volume", "create", "rs", "--size", "256M", "--repl", "3")
-    uri = c.attach("rs", "n1")
-    faults.kill9(c, "n3")
-    subprocess.run(
-        ["qemu-io", "-f", "raw", "-c", "write -P 0x5d 8M 160M", uri],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    w = Workload(c, "rs", tmp_path, NBLOCKS, seconds=14, seed=121)
-    w.start()
-    faults.restart(c, "n3")
-    c.wait_for(
-        lambda: any(r["chunks_done"] >= 6 for r in c.inspect("rs")["rebuilds"]),
-        60,
-        "rebuild of n3 under way",
-    )
+    c, w = rebuild_of_n3_under_way(make_cluster, tmp_path, "rs", 121)
     faults.kill9(c, "n2")  # a source of the rebuild dies, writes going on
     time.sleep(2)
     faults.restart(c, "n2")
