@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.etcd import EtcdServer, free_port, wait_port
+from tests.harness.etcd import EtcdServer, free_port, port_open
 
 _subnet = itertools.count(1)
 
@@ -122,6 +122,24 @@ class Cluster:
         return node
 
     def start(self, name: str, *, wait: bool = True) -> None:
+        """Start (or restart) a node. free_port() can only say a port was free a moment ago:
+        if another process took one meanwhile, the node fails to bind; it then gets fresh
+        ports and another try."""
+        for attempt in range(3):
+            self._spawn(name)
+            if not wait:
+                return
+            try:
+                self.wait_up(name)
+                return
+            except (TimeoutError, AssertionError):
+                n = self.nodes[name]
+                lost_port = "address already in use" in self.log_tail(name, 3)
+                if attempt == 2 or n.running() or not lost_port:
+                    raise
+                n.ports = {k: free_port(n.address) for k in n.ports}
+
+    def _spawn(self, name: str) -> None:
         n = self.nodes[name]
         cmd = [
             sys.executable,
@@ -155,13 +173,19 @@ class Cluster:
         log = open(n.log, "ab")
         n.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        if wait:
-            self.wait_up(name)
 
     def wait_up(self, name: str, timeout: float = 30) -> None:
         n = self.nodes[name]
         deadline = time.monotonic() + timeout
-        wait_port(n.address, n.nbd_port, timeout)
+        while not port_open(n.address, n.nbd_port):
+            if not n.running():
+                raise AssertionError(f"node {name} exited; log tail: {self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"node {name}: nothing listening on {n.address}:{n.nbd_port} after "
+                    f"{timeout}s; log tail: {self.log_tail(name)}"
+                )
+            time.sleep(0.05)
         while time.monotonic() < deadline:
             nodes = {x["name"]: x for x in self.cli_json("node", "list")}
             if nodes.get(name, {}).get("up"):
