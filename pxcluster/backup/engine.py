@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from pxcluster.backup import format as fmt
@@ -54,17 +54,7 @@ class BackupResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "volume": self.volume,
-            "snapshot": self.snapshot,
-            "size": self.size,
-            "bytes_read": self.bytes_read,
-            "bytes_uploaded": self.bytes_uploaded,
-            "blocks": self.blocks,
-            "blocks_uploaded": self.blocks_uploaded,
-            "seconds": self.seconds,
-        }
+        return asdict(self)
 
 
 async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pxcluster.backup import format as fmt
@@ -72,16 +72,7 @@ class RestoreResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "volume": self.volume,
-            "snapshot": self.snapshot,
-            "size": self.size,
-            "bytes_written": self.bytes_written,
-            "bytes_downloaded": self.bytes_downloaded,
-            "blocks": self.blocks,
-            "seconds": self.seconds,
-        }
+        return asdict(self)
 
 
 async def restore_manifest(
