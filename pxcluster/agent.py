@@ -545,7 +545,7 @@ class NodeAgent:
     async def _start_hydration(
         self, view: VolumeView, engine: VolumeEngine, rec: HydrationRecord
     ) -> None:
-        src = await self.service._volume_by_id(rec.source_volume)
+        src = await self.service.volume_by_id(rec.source_volume)
         alive = await self.service.alive()
         nodes = {n.id: n for n in await self.service.nodes()}
         sources = [

@@ -189,9 +189,9 @@ class Service:
         return kv.value.decode()
 
     async def volume(self, name: str) -> VolumeView:
-        return await self._volume_by_id(await self.volume_id(name), name)
+        return await self.volume_by_id(await self.volume_id(name), name)
 
-    async def _volume_by_id(self, vid: str, name: str = "") -> VolumeView:
+    async def volume_by_id(self, vid: str, name: str = "") -> VolumeView:
         kvs = await self.etcd.get_prefix(self.keys.volume_sub_prefix(vid))
         record_kv = await self.etcd.get(self.keys.volume(vid))
         if record_kv is None:
@@ -308,7 +308,7 @@ class Service:
             txn.put(self.keys.secret(vid), base64.b64encode(key))
         if not await self.etcd.commit(txn):
             raise DuplicateName(f"volume {name!r} already exists")
-        return await self._volume_by_id(vid, name)
+        return await self.volume_by_id(vid, name)
 
     async def delete_volume(self, name: str) -> None:
         view = await self.volume(name)

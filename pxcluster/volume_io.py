@@ -107,12 +107,9 @@ class VolumeWriter:
     """Fills a new volume through its NBD export: attached on a node, written, flushed,
     detached. All-zero chunks are skipped (a new volume reads as zeros)."""
 
-    def __init__(self, svc: Service, name: str, chunk_size: int, client: NbdClient) -> None:
-        self.svc = svc
-        self.name = name
+    def __init__(self, chunk_size: int, client: NbdClient) -> None:
         self.chunk_size = chunk_size
         self.client = client
-        self.bytes_written = 0
 
     async def write_chunk(self, chunk: int, data: bytes) -> None:
         if data.count(0) == len(data):
@@ -121,7 +118,6 @@ class VolumeWriter:
         offset = chunk * self.chunk_size
         for i in range(0, len(data), step):
             await self.client.write(offset + i, data[i : i + step])
-        self.bytes_written += len(data)
 
 
 @contextlib.asynccontextmanager
@@ -153,7 +149,7 @@ async def new_volume_writer(
         await svc.wait_attached(name, node_id, timeout)
         client = await NbdClient.connect(nbd_uri(node, name))
         try:
-            writer = VolumeWriter(svc, name, chunk_size or view.record.chunk_size, client)
+            writer = VolumeWriter(chunk_size or view.record.chunk_size, client)
             yield writer
             await client.flush()
         finally:

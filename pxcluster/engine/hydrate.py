@@ -54,9 +54,6 @@ class Hydration:
             lambda r: r.read(self.source_volume, 0, chunk, offset, length, snapshot=self.snapshot)
         )
 
-    async def read_chunk(self, chunk: int, length: int) -> bytes:
-        return await self.read(chunk, 0, length)
-
     async def _any(self, call: Callable[[ReplicaAPI], Awaitable[bytes]]) -> bytes:
         last: Exception | None = None
         for r in self.sources:

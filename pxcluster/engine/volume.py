@@ -277,7 +277,7 @@ class VolumeEngine:
             if chunk not in h.pending:
                 return
             n = min(self.spec.chunk_size, self.size - chunk * self.spec.chunk_size)
-            data = await h.read_chunk(chunk, n)
+            data = await h.read(chunk, 0, n)
             gen = (self.epoch, next(self._seq))
             vid, epoch = self.spec.id, self.epoch
             if data.count(0) != len(data):
