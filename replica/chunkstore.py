@@ -868,7 +868,6 @@ class ChunkStore:
                 c = v.chunks.get(chunk)
                 if c is not None and chunk in v.ready:
                     return
-                slot = None
                 if c is None:
                     if not allocate:
                         return
@@ -880,11 +879,10 @@ class ChunkStore:
                     # write per block); otherwise the zeroed slot is the whole chunk.
                     partial = v.in_lower_layer(chunk)
                     v.chunks[chunk] = ChunkState(slot, present=0 if partial else None)
-                    v.dirty.add(chunk)
                     self._records.append(rec_dirty(volume, chunk, slot, partial))
                 else:
-                    v.dirty.add(chunk)
                     self._records.append(rec_dirty(volume, chunk, None))
+                v.dirty.add(chunk)
                 await self.flush()
                 if chunk in v.dirty:  # not cleaned meanwhile
                     v.ready.add(chunk)
