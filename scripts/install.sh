@@ -13,6 +13,8 @@ command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+# The per-block checksum helper (replica/_blockcrc.c) is built by pip install.
+command -v gcc >/dev/null || need+=(gcc)
 # The stamped-block workload of the tests speaks NBD through libnbd's Python binding, which
 # Debian builds for its own /usr/bin/python3 only.
 /usr/bin/python3 -c "import nbd" 2>/dev/null || need+=(python3-libnbd)
@@ -33,7 +35,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+  || ! compgen -G "replica/_blockcrc*.so" >/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
