@@ -1,0 +1,579 @@
+"""A worker process of `bench/scale.py`: many simulated storage nodes as asyncio tasks.
+
+Each simulated node runs the real control plane of `pxcluster.node.Node`: its own etcd client
+(`membership.etcd.Etcd`), a `LeaseKeeper` with `alive/<id>` bound to the lease, an `Election`,
+a `ControllerRunner` with the leader's four controllers, the node-record refresh, and the real
+`pxcluster.agent.NodeAgent`. Only the data path is replaced: `SimEngine` stands in for
+`VolumeEngine` (no replica connections, no NBD server), and the node has no disks.
+
+Two agents:
+  * `real`: `NodeAgent.run` unchanged (a full read of every volume on every change under the
+    cluster prefix and at least once a second, on every node).
+  * `lite` (default): `LiteAgent`, which watches `volumes/` and acts only on the attach targets
+    naming its node, then calls the real `NodeAgent.attach`/`detach`. So the writes an attach
+    makes (epoch bump + `opening` attachment bound to the lease, stale marks for unreachable
+    replicas, the failover record, the `serving`/exported attachment) are the real code's.
+
+`SimEngine.open` reads `alive/` and treats a replica as reachable iff its node is alive; the
+unreachable ones are marked stale through the real `EtcdReplicaState` (invariant 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pxcluster.agent
+from membership.election import Election
+from membership.etcd import Etcd, EtcdUnavailable
+from membership.keys import Keys
+from membership.lease import LeaseKeeper
+from membership.records import Attachment, AttachTarget, DiskRecord, NodeRecord
+from pxcluster.agent import NodeAgent, Peers
+from pxcluster.controllers.drain import DrainController
+from pxcluster.controllers.failover import FailoverController
+from pxcluster.controllers.repair import RepairController
+from pxcluster.controllers.runner import Controller, ControllerRunner
+from pxcluster.controllers.schedules import ScheduleController
+from pxcluster.engine.errors import Fenced, NoInSyncReplica
+from pxcluster.engine.state import EtcdReplicaState
+from pxcluster.engine.volume import OpenReport, VolumeSpec
+from pxcluster.nbd.export import Export, ExportRegistry
+from pxcluster.node import boot_id
+from pxcluster.service import Service
+from replica.api import ReplicaAPI
+
+log = logging.getLogger("scale")
+
+NODE_CAPACITY = 4 << 40  # what each simulated node's one (absent) disk reports
+
+
+# --- the replaced data path
+
+
+class _NoLimits:
+    def set(self, iops: int, bandwidth: int) -> None:
+        pass
+
+
+class SimEngine:
+    """What `NodeAgent` uses of a `VolumeEngine`, without replicas or I/O."""
+
+    def __init__(
+        self,
+        spec: VolumeSpec,
+        epoch: int,
+        replicas: dict[str, ReplicaAPI],
+        *,
+        local_node: str,
+        state: EtcdReplicaState,
+        lease_ok: Callable[[], bool],
+        on_fenced: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.size = spec.size
+        self.epoch = epoch
+        self.local_node = local_node
+        self._all = dict(replicas)
+        self._state = state
+        self._lease_ok = lease_ok
+        self.in_sync: dict[str, ReplicaAPI] = {}
+        self.rebuilding: dict[str, Any] = {}
+        self.snapshots: list[Any] = []
+        self.fenced = False
+        self.cipher: Any = None
+        self.hydration: Any = None
+        self.limits = _NoLimits()
+        self.counters = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0}
+
+    @property
+    def in_sync_count(self) -> int:
+        return len(self.in_sync)
+
+    @property
+    def replica_count(self) -> int:
+        return len(self._all)
+
+    @property
+    def limit_settings(self) -> tuple[int, int]:
+        return (0, 0)
+
+    async def open(self, snapshots: list[str] | None = None) -> OpenReport:
+        # The real engine connects to each replica; here a replica answers iff its node is up.
+        st = self._state
+        alive = {
+            st.keys.split(kv.key)[-1] for kv in await st.etcd.get_prefix(st.keys.alive_prefix())
+        }
+        opened = sorted(n for n in self._all if n in alive)
+        failed = sorted(n for n in self._all if n not in alive)
+        if not opened:
+            raise NoInSyncReplica(f"volume {self.name}: no in-sync replica could be opened")
+        if failed and not await st.mark_stale(failed):
+            raise Fenced(f"volume {self.name}: epoch {self.epoch} is no longer current")
+        self.in_sync = {n: self._all[n] for n in opened}
+        return OpenReport(opened, failed, 0)
+
+    def start_cleaner(self, after: float) -> None:
+        pass
+
+    def stop_hydration(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def grow(self, size: int) -> None:
+        self.size = size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        pass
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        pass
+
+
+# The agent builds its engines from this module global: the only change to the real agent.
+pxcluster.agent.VolumeEngine = SimEngine  # type: ignore[misc, assignment, attr-defined]
+
+
+class SimPeers(Peers):
+    """No replica connections: a replica is named by its node id only."""
+
+    def get(self, node: NodeRecord) -> ReplicaAPI:
+        return node.id  # type: ignore[return-value]
+
+
+@dataclass
+class Served:
+    """One stretch of time a node exported a volume (in the registry NBD clients would use)."""
+
+    volume: str
+    node: str
+    epoch: int
+    start: float
+    end: float = 0.0
+
+
+class TrackingRegistry(ExportRegistry):
+    def __init__(self, node_id: str, log_to: list[Served]) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.log = log_to
+        self.open: dict[str, Served] = {}
+
+    def add(self, export: Export) -> None:
+        super().add(export)
+        engine: SimEngine = export  # type: ignore[assignment]
+        s = Served(engine.spec.id, self.node_id, engine.epoch, time.time())
+        self.open[export.name] = s
+        self.log.append(s)
+
+    async def remove(self, name: str, *, timeout: float = 30.0) -> None:
+        s = self.open.pop(name, None)
+        if s is not None:
+            s.end = time.time()
+        await super().remove(name, timeout=timeout)
+
+    def close_all(self, at: float) -> None:
+        for s in self.open.values():
+            s.end = at
+        self.open.clear()
+
+
+# --- the lite agent
+
+
+class LiteAgent(NodeAgent):
+    """Acts on the attach targets naming this node (seen on a watch of `volumes/`) instead of
+    re-reading every volume on every change; attach and detach are the real agent's."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.wanted: set[str] = set()
+        self.kick = asyncio.Event()
+        self.watch_events = 0
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self._watch_loop(), name="lite-watch"),
+            asyncio.create_task(self._attach_loop(), name="lite-attach"),
+            asyncio.create_task(self._fence_loop(), name="lite-fence"),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _resync(self) -> None:
+        """After (re)opening the watch: one full read, as the real agent's every pass is."""
+        wanted = set()
+        for view in await self.service.volumes():
+            if view.target is not None and view.target.node == self.node_id:
+                wanted.add(view.record.id)
+        self.wanted = wanted
+        for vid in [v for v in self.engines if v not in wanted]:
+            await self.detach(vid)
+        self.kick.set()
+
+    async def _watch_loop(self) -> None:
+        prefix = self.keys.volumes_prefix()
+        while True:
+            try:
+                watch = await self.etcd._call(lambda: self.etcd._client.watch_prefix(prefix))
+                try:
+                    await self._resync()
+                    async for ev in watch:
+                        self.watch_events += 1
+                        await self._on_event(ev)
+                finally:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(self.etcd.timeout):
+                            await watch.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("node %s: target watch failed: %s", self.node_id, e)
+                await asyncio.sleep(1.0)
+
+    async def _on_event(self, ev: Any) -> None:
+        parts = self.keys.split(ev.kv.key)
+        if len(parts) != 3:
+            return
+        vid, leaf = parts[1], parts[2]
+        put = ev.kind == "PUT"
+        if leaf == "target":
+            mine = put and AttachTarget.decode(ev.kv.value).node == self.node_id
+            if mine:
+                self.wanted.add(vid)
+                self.kick.set()
+            else:
+                self.wanted.discard(vid)
+                if vid in self.engines:
+                    await self.detach(vid)
+        elif leaf == "attachment":
+            engine = self.engines.get(vid)
+            if engine is not None:
+                held = Attachment.decode(ev.kv.value) if put else None
+                if held is None or held.node != self.node_id or held.epoch != engine.epoch:
+                    await self._drop(vid, engine, reason="attachment lost")  # type: ignore[arg-type]
+            if not put and vid in self.wanted:
+                self.kick.set()  # the old holder's lease expired: the volume is free now
+
+    async def _attach_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._pass_interval):
+                    await self.kick.wait()
+            self.kick.clear()
+            if not self.lease.healthy():
+                continue
+            for vid in sorted(self.wanted - set(self.engines)):
+                now = asyncio.get_running_loop().time()
+                if now < self._failures.get(vid, 0.0):
+                    continue
+                try:
+                    view = await self.service.volume_by_id(vid)
+                    if view.target is not None and view.target.node == self.node_id:
+                        await self.attach(view)
+                except EtcdUnavailable as e:
+                    log.warning("node %s: attach of %s skipped: %s", self.node_id, vid, e)
+                except Exception:
+                    log.exception("node %s: attach of %s failed", self.node_id, vid)
+
+    async def _fence_loop(self) -> None:
+        """Self-fencing (invariant 4): what the real agent's pass does first."""
+        while True:
+            await asyncio.sleep(0.25)
+            if self.engines and not self.lease.healthy():
+                await self.fence_all("node lease at risk")
+
+
+# --- the proposed election fix, measured without touching membership/
+
+
+class GetFirstElection(Election):
+    """`Election.run` commits a put-if-absent transaction every 0.5 s on every node: a raft
+    proposal even when the compare fails. This one reads the leader key first and campaigns
+    only when it is absent (a read is not a proposal)."""
+
+    async def run(self, poll: float = 0.5) -> None:
+        key = self.keys.leader()
+        while True:
+            with contextlib.suppress(EtcdUnavailable):
+                current = await self.etcd.get(key)
+                if current is None:
+                    txn = (
+                        self.etcd.txn().absent(key).put(key, self.node_id.encode(), self.lease_id())
+                    )
+                    await self.etcd.commit(txn)
+                    current = await self.etcd.get(key)
+                leader = current is not None and current.value.decode() == self.node_id
+                if leader != self.is_leader:
+                    self.is_leader = leader
+                    self.changed.set()
+            await asyncio.sleep(poll)
+
+
+# --- a simulated node
+
+
+@dataclass
+class NodeStats:
+    lease_lost: int = 0
+    leader_since: float = 0.0
+
+
+class SimNode:
+    def __init__(
+        self,
+        node_id: str,
+        name: str,
+        zone: str,
+        cfg: dict[str, Any],
+        served: list[Served],
+    ) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.zone = zone
+        self.cfg = cfg
+        self.keys = Keys(cfg["cluster"])
+        self.etcd = Etcd(cfg["etcd"])
+        self.lease = LeaseKeeper(self.etcd, cfg["ttl"], self._lease_lost)
+        self.registry = TrackingRegistry(node_id, served)
+        self.agent: NodeAgent | None = None
+        self.election: Election | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stats = NodeStats()
+        self.dead = False
+
+    def record(self) -> NodeRecord:
+        disk = DiskRecord(f"/sim/{self.name}/disk0", self.node_id[:12], NODE_CAPACITY, 0)
+        return NodeRecord(
+            id=self.node_id,
+            name=self.name,
+            address="127.0.0.1",
+            data_port=9002,
+            nbd_port=10809,
+            api_port=9001,
+            zone=self.zone,
+            state="active",
+            disks=[disk.to_dict()],
+            capacity=NODE_CAPACITY,
+            used=0,
+            boot_id=boot_id(),
+        )
+
+    async def start(self) -> None:
+        await self.etcd.connect()
+        # Node.register
+        await self.lease.grant()
+        await self.etcd.put(self.keys.node(self.node_id), self.record().encode())
+        await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
+        self.lease.start()
+        agent_cls = LiteAgent if self.cfg["agent"] == "lite" else NodeAgent
+        self.agent = agent_cls(
+            self.node_id,
+            self.etcd,
+            self.keys,
+            self.lease,
+            SimPeers(self.node_id, None),  # type: ignore[arg-type]
+            self.registry,
+        )
+        election_cls = Election if self.cfg["election"] == "real" else GetFirstElection
+        self.election = election_cls(
+            self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id
+        )
+        service = Service(self.etcd, self.keys.cluster)
+        controllers: list[Controller] = [
+            FailoverController(service),
+            RepairController(service, replace_after=300.0),
+            DrainController(service),
+            ScheduleController(service),
+        ]
+        runner = ControllerRunner(self.etcd, self.keys.root.encode(), self.election, controllers)
+        self.tasks = [
+            asyncio.create_task(self.agent.run(), name="agent"),
+            asyncio.create_task(self.election.run(), name="election"),
+            asyncio.create_task(runner.run(), name="controllers"),
+            asyncio.create_task(self._refresh_record(), name="node-status"),
+        ]
+
+    async def _refresh_record(self) -> None:
+        """Node._refresh_record: the record is re-read every 2 s, written only when changed."""
+        last = b""
+        while True:
+            await asyncio.sleep(2.0)
+            with contextlib.suppress(Exception):
+                kv = await self.etcd.get(self.keys.node(self.node_id))
+                if kv is None:
+                    continue
+                state = NodeRecord.decode(kv.value).state
+                rec = self.record()
+                value = NodeRecord.from_dict({**rec.to_dict(), "state": state}).encode()
+                if value != last and value != kv.value:
+                    txn = self.etcd.txn().unchanged(self.keys.node(self.node_id), kv.mod_revision)
+                    if await self.etcd.commit(txn.put(self.keys.node(self.node_id), value)):
+                        last = value
+                else:
+                    last = value
+
+    async def _lease_lost(self) -> None:
+        """Node._lease_lost: fence, then rejoin with a new lease."""
+        self.stats.lease_lost += 1
+        if self.agent is not None:
+            await self.agent.fence_all("node lease expired")
+        while not self.dead:
+            try:
+                await self.lease.grant()
+                await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
+                self.lease.start()
+                return
+            except Exception as e:
+                log.warning("node %s: rejoin failed: %s", self.name, e)
+                await asyncio.sleep(1.0)
+
+    async def kill(self) -> float:
+        """As SIGKILL looks to etcd: everything stops at once, the lease is not revoked."""
+        self.dead = True
+        at = time.time()
+        for t in self.tasks:
+            t.cancel()
+        self.registry.close_all(at)
+        await self.lease.stop(revoke=False)
+        await asyncio.wait(self.tasks, timeout=5)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.etcd.close()
+        return at
+
+    async def stop(self) -> None:
+        if self.dead:
+            return
+        at = await self.kill()
+        self.dead = True
+        del at
+
+
+# --- the worker process
+
+
+@dataclass
+class LoopLag:
+    samples: list[float] = field(default_factory=list)
+
+    async def run(self, period: float = 0.1) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(period)
+            self.samples.append(max(0.0, loop.time() - t - period))
+
+    def summary(self) -> dict[str, float]:
+        s = sorted(self.samples) or [0.0]
+        return {
+            "p50_ms": round(s[len(s) // 2] * 1000, 1),
+            "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1000, 1),
+            "max_ms": round(s[-1] * 1000, 1),
+        }
+
+
+class Worker:
+    def __init__(self, conn: Connection, cfg: dict[str, Any]) -> None:
+        self.conn = conn
+        self.cfg = cfg
+        self.served: list[Served] = []
+        self.nodes: dict[str, SimNode] = {
+            n["id"]: SimNode(n["id"], n["name"], n["zone"], cfg, self.served) for n in cfg["nodes"]
+        }
+        self.lag = LoopLag()
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    def reply(self, what: str, data: Any) -> None:
+        self.conn.send((what, data))
+
+    def stats(self) -> dict[str, Any]:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "cpu_s": ru.ru_utime + ru.ru_stime,
+            "max_rss_mb": ru.ru_maxrss // 1024,
+            "lag": self.lag.summary(),
+            "lease_lost": {n.node_id: n.stats.lease_lost for n in self.nodes.values()},
+            "leaders": [
+                n.node_id
+                for n in self.nodes.values()
+                if not n.dead and n.election is not None and n.election.is_leader
+            ],
+            "watch_events": sum(
+                n.agent.watch_events for n in self.nodes.values() if isinstance(n.agent, LiteAgent)
+            ),
+            "attached": sum(len(n.agent.engines) for n in self.nodes.values() if n.agent),
+        }
+
+    async def start_all(self) -> None:
+        sem = asyncio.Semaphore(16)
+
+        async def one(n: SimNode) -> None:
+            async with sem:
+                await n.start()
+
+        await asyncio.gather(*(one(n) for n in self.nodes.values()))
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.conn.fileno(), lambda: self.inbox.put_nowait(self.conn.recv()))
+        lag = asyncio.create_task(self.lag.run())
+        try:
+            while True:
+                cmd, arg = await self.inbox.get()
+                if cmd == "start":
+                    await self.start_all()
+                    self.reply("started", len(self.nodes))
+                elif cmd == "kill":
+                    victims = [self.nodes[i] for i in arg if i in self.nodes]
+                    times = await asyncio.gather(*(n.kill() for n in victims))
+                    self.reply(
+                        "killed", {n.node_id: t for n, t in zip(victims, times, strict=True)}
+                    )
+                elif cmd == "reset":
+                    self.lag.samples.clear()
+                    self.reply("reset", self.stats())
+                elif cmd == "stats":
+                    self.reply("stats", self.stats())
+                elif cmd == "served":
+                    self.reply("served", [s.__dict__ for s in self.served])
+                elif cmd == "stop":
+                    await asyncio.gather(*(n.stop() for n in self.nodes.values()))
+                    self.reply("stopped", None)
+                    return
+        finally:
+            lag.cancel()
+            loop.remove_reader(self.conn.fileno())
+
+
+def worker_main(conn: Connection, cfg: dict[str, Any]) -> None:
+    import uvloop
+
+    logging.basicConfig(
+        level=logging.ERROR if cfg.get("quiet", True) else logging.WARNING,
+        format=f"[w{cfg['index']}] %(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    uvloop.run(Worker(conn, cfg).main())
