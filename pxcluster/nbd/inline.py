@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], first: Any) -> Generator[Any, None, None]:
+def _resume(coro: Coroutine[Any, Any, T], first: Any) -> Generator[Any, None, T]:
     """Carry on a coroutine whose first step ran outside any task: hand what it awaits to the
     enclosing task, as if the task had been running it all along."""
     yielded = first
@@ -25,17 +27,18 @@ def _resume(coro: Coroutine[Any, Any, None], first: Any) -> Generator[Any, None,
         except BaseException as e:  # the task's cancellation goes on to the coroutine
             try:
                 yielded = coro.throw(e)
-            except StopIteration:
-                return
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
             continue
         try:
             yielded = coro.send(None)
-        except StopIteration:
-            return
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
-async def _finish(coro: Coroutine[Any, Any, None], first: Any) -> None:
-    await _resume(coro, first)
+async def carry_on(coro: Coroutine[Any, Any, T], first: Any) -> T:
+    """The rest of a coroutine whose first step (which yielded `first`) already ran."""
+    return await _resume(coro, first)
 
 
 def start(
@@ -46,4 +49,4 @@ def start(
         first = coro.send(None)
     except StopIteration:
         return None
-    return loop.create_task(_finish(coro, first))
+    return loop.create_task(carry_on(coro, first))

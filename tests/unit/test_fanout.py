@@ -1,0 +1,100 @@
+"""fan_out_calls: every call starts at once, outcomes are sorted by replica, and calls that wait
+progress side by side (none waits for another's reply before it starts or finishes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pxcluster.engine.fanout import fan_out_calls
+
+
+async def test_calls_that_finish_in_their_first_step_need_no_wait() -> None:
+    started: list[str] = []
+
+    def call(name: str, fail: bool):  # type: ignore[no-untyped-def]
+        async def run() -> str:
+            started.append(name)
+            if fail:
+                raise OSError(name)
+            return name
+
+        return run
+
+    ok, failed = await fan_out_calls({"a": call("a", False), "b": call("b", True)})
+    assert ok == {"a": "a"}
+    assert isinstance(failed["b"], OSError)
+    assert started == ["a", "b"]
+
+
+async def test_every_call_has_started_before_the_first_waits() -> None:
+    sent: list[str] = []
+    replies = {n: asyncio.get_running_loop().create_future() for n in "abc"}
+
+    def call(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> str:
+            sent.append(name)  # what a remote call does first: its frame leaves
+            return await replies[name]
+
+        return run
+
+    job = asyncio.ensure_future(fan_out_calls({n: call(n) for n in "abc"}))
+    await asyncio.sleep(0)
+    assert sent == ["a", "b", "c"]
+    replies["c"].set_result("C")
+    replies["a"].set_exception(ConnectionError("a"))
+    replies["b"].set_result("B")
+    ok, failed = await asyncio.wait_for(job, 5)
+    assert ok == {"b": "B", "c": "C"}
+    assert list(failed) == ["a"]
+
+
+async def test_waiting_calls_progress_side_by_side() -> None:
+    # Each call waits twice; the second step of one must not wait for another's reply.
+    order: list[str] = []
+    gates = {n: asyncio.Event() for n in "ab"}
+
+    def call(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            await asyncio.sleep(0)
+            order.append(f"{name}1")
+            await gates[name].wait()
+            order.append(f"{name}2")
+
+        return run
+
+    job = asyncio.ensure_future(fan_out_calls({"a": call("a"), "b": call("b")}))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gates["a"].set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert "a2" in order and "b2" not in order
+    gates["b"].set()
+    ok, failed = await asyncio.wait_for(job, 5)
+    assert set(ok) == {"a", "b"} and not failed
+
+
+async def test_cancelling_the_caller_cancels_every_waiting_call() -> None:
+    cancelled: list[str] = []
+
+    def call(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+
+        return run
+
+    job = asyncio.ensure_future(fan_out_calls({n: call(n) for n in "abc"}))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sorted(cancelled) == ["a", "b", "c"]
