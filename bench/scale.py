@@ -53,6 +53,11 @@ from membership.election import current_leader
 from membership.etcd import Etcd
 from membership.keys import Keys
 from membership.records import Attachment, NodeRecord
+from pxcluster.controllers.drain import DrainController
+from pxcluster.controllers.failover import FailoverController
+from pxcluster.controllers.repair import RepairController
+from pxcluster.controllers.runner import Controller
+from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.node import ensure_cluster
 from pxcluster.service import Service
 from tests.harness.etcd import free_port, wait_port
@@ -425,6 +430,34 @@ async def setup_volumes(
     return {"create_s": round(created, 1), "targets_s": round(time.monotonic() - t1, 1)}
 
 
+async def time_leader_pass(etcd: Etcd, cluster: str) -> dict[str, float]:
+    """What one pass of each of the leader's controllers costs at this size (the runner runs
+    them all on every change under the cluster prefix, and at least once a second), timed in
+    this process on a quiet loop; and one full read of `volumes/` (what every pass starts with)."""
+    svc = Service(etcd, cluster)
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+    raw = await etcd.get_prefix(svc.keys.volumes_prefix())
+    out["read_volumes_prefix_s"] = round(time.perf_counter() - t, 3)
+    out["volumes_prefix_keys"] = len(raw)
+    out["volumes_prefix_mb"] = round(sum(len(kv.key) + len(kv.value) for kv in raw) / 1e6, 2)
+    t = time.perf_counter()
+    await svc.volumes()
+    out["service_volumes_s"] = round(time.perf_counter() - t, 3)
+    controllers: list[Controller] = [
+        FailoverController(svc),
+        RepairController(svc, replace_after=300.0),
+        DrainController(svc),
+        ScheduleController(svc),
+    ]
+    for c in controllers:
+        t = time.perf_counter()
+        await c.run_pass()
+        out[type(c).__name__] = round(time.perf_counter() - t, 3)
+    out["pass_total_s"] = round(sum(out[type(c).__name__] for c in controllers), 3)
+    return out
+
+
 async def failover_round(
     *,
     label: str,
@@ -564,10 +597,21 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         t = time.monotonic()
         result["setup"] = await setup_volumes(svc, vnames, [n["name"] for n in nodes], log)
         vids = {v.record.id: v.record.name for v in await svc.volumes()}
-        ok = await obs.wait_for(
-            lambda: sum(1 for h in obs.current.values() if h.exported) >= args.volumes,
-            60 + args.volumes / 10,
-        )
+        ok = False
+        deadline = time.monotonic() + args.setup_timeout
+        while not ok and time.monotonic() < deadline:
+            ok = await obs.wait_for(
+                lambda: sum(1 for h in obs.current.values() if h.exported) >= args.volumes,
+                min(15.0, max(0.1, deadline - time.monotonic())),
+            )
+            w = await workers.ask("stats")
+            log(
+                f"  {sum(1 for h in obs.current.values() if h.exported)} served; workers: "
+                f"cpu {[round(x['cpu_s']) for x in w]} s, loop lag max "
+                f"{[x['lag']['max_ms'] for x in w]} ms, leases lost "
+                f"{sum(sum(x['lease_lost'].values()) for x in w)}, etcd cpu "
+                f"{round(cluster.cpu_seconds())} s"
+            )
         result["setup"]["all_served_s"] = round(time.monotonic() - t, 1)
         served = sum(1 for h in obs.current.values() if h.exported)
         log(
@@ -603,6 +647,9 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             f"{steady['sent_mb_per_s']} MB/s out; etcd CPU {steady['etcd_cpu']} cores; "
             f"worker loop lag p99 {[w['lag']['p99_ms'] for w in wstats]} ms"
         )
+
+        result["leader_pass"] = await time_leader_pass(etcd, cluster_name)
+        log(f"one leader pass, timed here: {result['leader_pass']}")
 
         leader = await current_leader(etcd, keys)
         result["leader"] = names.get(leader or "", leader)
@@ -725,6 +772,7 @@ def main() -> None:
         help="real: membership.election.Election as is (default); get-first: the proposed fix, "
         "campaign (a write) only when the leader key is absent",
     )
+    ap.add_argument("--setup-timeout", type=float, default=900.0)
     ap.add_argument("--failover-timeout", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="20 nodes, 100 volumes, kill 4, 5 s")
     ap.add_argument("--dir", default="/var/tmp", help="where etcd's data directory goes")
