@@ -97,6 +97,8 @@ from replica.ondisk import (
 
 Generation = tuple[int, int]
 _ZERO_BATCH = 16  # slots zeroed at a time, ahead of need (see _take_slot)
+_OFFLOAD_MIN = 64 << 10  # write_chunk data from this size lands in a worker thread
+_LANDING = 1 << 62  # VolState.unsynced of a chunk whose bytes are still landing: no sync counts
 
 __all__ = ["ChunkStore", "StoreStats", "Superblock", "VolumeMeta"]
 
@@ -427,19 +429,105 @@ class ChunkStore:
         if layer:
             await self._repair_layer_entry(volume, v, layer, chunk, data, generation, present)
             return
+        landing: asyncio.Future[None] | None = None
+        offload = data is not None and length >= _OFFLOAD_MIN and length % BLOCK == 0
+        if offload and chunk not in v.chunks and not v.in_lower_layer(chunk):
+            assert data is not None
+            landing = await self._install_fresh(volume, epoch, chunk, data, generation, present)
+            if landing is not None:
+                await asyncio.shield(landing)  # (as below)
+                await self.flush()
+                v = self._meta.vols.get(volume) or v
+                if chunk in v.dirty and chunk in v.chunks:
+                    v.ready.add(chunk)
+                return
         v, c = await self._ready_chunk(volume, epoch, chunk, 0, length, allocate=data is not None)
         if c is not None:
             if data is None:
                 self._free_chunk(volume, v, chunk, c)
             else:
-                self._data_write(c.slot, 0, data)
+                if offload:
+                    landing = self._land_chunk(volume, v, chunk, c, data)
+                else:
+                    self._data_write(c.slot, 0, data)
                 if len(data) < self._sb.chunk_size:
                     self._data_punch(c.slot, len(data), self._sb.chunk_size - len(data))
                 c.epoch, c.seq = generation
                 c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
                 self._save_present(c)
-                self._written(volume, v, chunk, c, None)
+                if landing is None:
+                    self._written(volume, v, chunk, c, None)
+        if landing is not None:
+            # The caller's buffer is in use until the bytes landed. Cancelled: they still
+            # land, and the chunk stays unclean until a sync after that.
+            await asyncio.shield(landing)
         await self.flush()
+
+    async def _install_fresh(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        data: bytes | memoryview,
+        generation: Generation,
+        present: bytes | None,
+    ) -> asyncio.Future[None] | None:
+        """A whole chunk the volume has no entry for: its bytes go straight into a fresh slot,
+        and its dirty record (with the slot) goes to disk in the same sync as they do, not in
+        a sync before them. The order the dirty log keeps is for slots a durable record points
+        to; until this record is durable the slot is free space on disk (a restart zeroes it
+        before use), and once it is, the chunk is dirty: suspect after a crash, resynced,
+        checksums recomputed. None: the chunk got an entry meanwhile (take the usual path)."""
+        slot = await self._take_slot()
+        v = self._meta.vols.get(volume)
+        if v is None or epoch < v.epoch or chunk in v.chunks or v.in_lower_layer(chunk):
+            self._zeroed.append(slot)  # still zeroed: never written
+            self._volume(volume, epoch)  # unknown volume, stale epoch: the caller hears it
+            return None
+        try:
+            _check_range(v, chunk, 0, len(data))  # the volume may have been made anew
+        except OutOfRange:
+            self._zeroed.append(slot)
+            raise
+        c = ChunkState(slot, present=None)
+        v.chunks[chunk] = c
+        self._records.append(rec_dirty(volume, chunk, slot, False))
+        v.dirty.add(chunk)
+        landing = self._land_chunk(volume, v, chunk, c, data)
+        if len(data) < self._sb.chunk_size:
+            self._data_punch(slot, len(data), self._sb.chunk_size - len(data))
+        c.epoch, c.seq = generation
+        c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
+        self._save_present(c)
+        return landing
+
+    def _land_chunk(
+        self, volume: str, v: VolState, chunk: int, c: ChunkState, data: bytes | memoryview
+    ) -> asyncio.Future[None]:
+        """Write a whole chunk's bytes off the loop, so the next chunk is received meanwhile.
+        From this call on the file holds the slot's data range: any other read, write or punch
+        of it waits until they landed, so every reader sees what it would had they landed here,
+        and the slot can be freed and handed out again only after. Until then no sync counts
+        for the chunk (mark_clean leaves it dirty); a failed landing drops its generation."""
+        v.unsynced[chunk] = _LANDING
+        slot = c.slot
+
+        def land() -> None:  # in the file's worker thread, the range held
+            self._f.pwrite_direct(data, self._sb.slot_offset(slot))
+            # Checksums after data: every access to a slot's checksums follows one to its data.
+            self._f.pwrite(block_csums(data), self._sb.csum_at(slot, 0))
+
+        def landed(fut: asyncio.Future[None]) -> None:  # on the loop
+            if fut.cancelled() or fut.exception() is not None:
+                self._quarantine(volume, chunk, c)  # a rebuild copies it again
+            if v.unsynced.get(chunk) == _LANDING:
+                v.unsynced[chunk] = self._started + 1
+            if v.chunks.get(chunk) is c and self._meta.vols.get(volume) is v:
+                self._gen_dirty.add((volume, chunk))
+
+        fut = asyncio.wrap_future(self._f.submit(self._sb.slot_offset(slot), len(data), land))
+        fut.add_done_callback(landed)
+        return fut
 
     async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
         self._volume(volume, epoch)

@@ -3,18 +3,33 @@
 `OSFile` is a regular file or a block device. `VolatileFile` is an in-memory disk for tests
 that models a page cache: writes are visible at once but only `fdatasync` makes them durable,
 and `power_cut` returns what a disk could hold after losing power at that instant.
+
+Large writes (a whole chunk installed by a rebuild) may go off the event loop: `submit` runs a
+job in the file's own worker threads while the byte range it names stays *held*: every other
+`pread`, `pwrite` and `punch` of an overlapping range waits until the job is done. So a held
+range can be freed, zeroed and handed out again only after the job's bytes have landed, never
+under them. (`fdatasync` does not wait for jobs: what a job wrote is durable after the first
+`fdatasync` that starts once the job is done.) Inside
+such a job, `pwrite_direct` writes with O_DIRECT (page-aligned bounce buffer, aligned offset
+and length), skipping the page cache: the disk's sequential bandwidth without the writeback
+and copy costs. The kernel keeps the cached pages of that range coherent (written back before,
+invalidated after). O_DIRECT does not make a write durable (the device may cache it, and a
+write into a hole allocates blocks): `fdatasync` does, as for any write.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import random
 import stat
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from replica.errors import DiskInUse
@@ -23,6 +38,9 @@ SECTOR = 512
 _ZERO_CHUNK = 1 << 20
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+DIRECT_ALIGN = 4096  # offsets, lengths and buffers of O_DIRECT writes (any logical block size)
+_WORKERS = 4  # threads per file for submitted jobs
+_BOUNCE_KEEP = 8  # idle aligned buffers kept per file
 
 
 class BlockFile(Protocol):
@@ -38,6 +56,18 @@ class BlockFile(Protocol):
 
     def punch(self, offset: int, length: int) -> None:
         """Zero a range and free its space where the disk can; durable like a write."""
+        ...
+
+    def submit(
+        self, offset: int, length: int, job: Callable[[], None]
+    ) -> concurrent.futures.Future[None]:
+        """Run blocking `job` off the caller's thread with [offset, offset+length) held (see
+        the module docstring); the range is held from this call on, not from the job's start."""
+        ...
+
+    def pwrite_direct(self, data: bytes | memoryview, offset: int) -> None:
+        """Blocking: `pwrite` around the page cache where it can (an aligned whole-chunk write);
+        the same result as `pwrite` otherwise. Durable only after `fdatasync`, like `pwrite`."""
         ...
 
     def close(self) -> None: ...
@@ -66,6 +96,12 @@ class OSFile:
         self.path = path
         self._is_block = is_block
         self._can_punch = not is_block and _fallocate is not None
+        self._held = _HeldRanges()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._dfd = -1  # the O_DIRECT descriptor, opened on first use
+        self._direct_ok = True  # False once the filesystem refused O_DIRECT
+        self._bounce: list[mmap.mmap] = []
+        self._bounce_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str) -> OSFile:
@@ -83,14 +119,92 @@ class OSFile:
         return cls(fd, path, stat.S_ISBLK(os.fstat(fd).st_mode))
 
     def pread(self, length: int, offset: int) -> bytes:
+        if self._held.busy:
+            self._held.wait_clear(offset, length)
         return os.pread(self._fd, length, offset)
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
+        if self._held.busy:
+            self._held.wait_clear(offset, len(data))
+        self._pwrite(self._fd, memoryview(data), offset)
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
         while view:
-            n = os.pwrite(self._fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+
+    def submit(
+        self, offset: int, length: int, job: Callable[[], None]
+    ) -> concurrent.futures.Future[None]:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, "pxc-fileio")
+        ticket = self._held.hold(offset, length)
+        try:
+            fut = self._pool.submit(job)
+        except BaseException:
+            self._held.release(ticket)
+            raise
+        fut.add_done_callback(lambda _: self._held.release(ticket))
+        return fut
+
+    def pwrite_direct(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if not n or offset % DIRECT_ALIGN or n % DIRECT_ALIGN or not self._open_direct():
+            self._pwrite(self._fd, view, offset)  # the caller holds the range already
+            return
+        buf = self._take_bounce(n)
+        try:
+            out = memoryview(buf)[:n]
+            try:
+                _copy_into(buf, view, n)
+                self._pwrite(self._dfd, out, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Alignment this device does not take after all: the page cache it is.
+                self._direct_ok = False
+                self._pwrite(self._fd, view, offset)
+            finally:
+                out.release()
+        finally:
+            self._give_bounce(buf)
+
+    def _open_direct(self) -> bool:
+        if self._dfd >= 0:
+            return True
+        if not self._direct_ok or not hasattr(os, "O_DIRECT"):
+            return False
+        with self._bounce_lock:
+            if self._dfd < 0:
+                try:
+                    self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                except OSError:  # tmpfs and some others: no O_DIRECT
+                    self._direct_ok = False
+                    return False
+                if not os.path.samestat(os.fstat(self._dfd), os.fstat(self._fd)):
+                    os.close(self._dfd)  # the path names another file now: never write there
+                    self._dfd = -1
+                    self._direct_ok = False
+                    return False
+        return True
+
+    def _take_bounce(self, n: int) -> mmap.mmap:
+        with self._bounce_lock:
+            for i, b in enumerate(self._bounce):
+                if len(b) >= n:
+                    return self._bounce.pop(i)
+        # Anonymous mappings are page-aligned, as O_DIRECT wants its buffers.
+        return mmap.mmap(-1, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+
+    def _give_bounce(self, buf: mmap.mmap) -> None:
+        with self._bounce_lock:
+            if len(self._bounce) < _BOUNCE_KEEP:
+                self._bounce.append(buf)
+                return
+        buf.close()
 
     def fdatasync(self) -> None:
         os.fdatasync(self._fd)
@@ -101,6 +215,8 @@ class OSFile:
     def punch(self, offset: int, length: int) -> None:
         if length <= 0:
             return
+        if self._held.busy:
+            self._held.wait_clear(offset, length)
         if self._can_punch and _fallocate is not None:
             mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
             if _fallocate(self._fd, mode, offset, length) == 0:
@@ -117,9 +233,69 @@ class OSFile:
             offset += n
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
+        with self._bounce_lock:
+            bufs, self._bounce = self._bounce, []
+        for b in bufs:
+            b.close()
         if self._fd >= 0:
             os.close(self._fd)  # also drops the flock
             self._fd = -1
+
+
+def _copy_into(buf: mmap.mmap, view: memoryview, n: int) -> None:
+    """buf[:n] = view, without holding the GIL where ctypes can reach the source's memory
+    (a writable buffer: a receive buffer; or bytes): the event loop keeps receiving meanwhile."""
+    src: Any = None
+    if isinstance(view.obj, bytes) and view.nbytes == len(view.obj):
+        src = ctypes.c_char_p(view.obj)  # points into the bytes object itself, no copy
+        addr: int | None = ctypes.cast(src, ctypes.c_void_p).value
+    elif not view.readonly and view.c_contiguous:
+        src = (ctypes.c_char * n).from_buffer(view)
+        addr = ctypes.addressof(src)
+    if src is None or addr is None:
+        memoryview(buf)[:n] = view
+        return
+    dst = ctypes.c_char.from_buffer(buf)
+    try:
+        ctypes.memmove(ctypes.addressof(dst), addr, n)
+    finally:
+        del dst, src  # their exports of the buffers end here, not at some later collection
+
+
+class _HeldRanges:
+    """Byte ranges held by jobs in flight, and the waits for them to clear."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ranges: dict[int, tuple[int, int]] = {}  # ticket -> (start, end)
+        self._next = 0
+        self.busy = False  # read without the lock: a fast path that only ever errs towards it
+
+    def hold(self, offset: int, length: int) -> int:
+        with self._cond:
+            self._next += 1
+            self._ranges[self._next] = (offset, offset + length)
+            self.busy = True
+            return self._next
+
+    def release(self, ticket: int) -> None:
+        with self._cond:
+            self._ranges.pop(ticket, None)
+            self.busy = bool(self._ranges)
+            self._cond.notify_all()
+
+    def wait_clear(self, offset: int, length: int) -> None:
+        end = offset + length
+        with self._cond:
+            self._cond.wait_for(
+                lambda: not any(s < end and offset < e for s, e in self._ranges.values())
+            )
 
 
 class VolatileFile:
@@ -166,6 +342,23 @@ class VolatileFile:
 
     def punch(self, offset: int, length: int) -> None:
         self.pwrite(bytes(length), offset)
+
+    def submit(
+        self, offset: int, length: int, job: Callable[[], None]
+    ) -> concurrent.futures.Future[None]:
+        """Runs the job at once: deterministic for tests, and nothing can overlap it."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            job()
+        except BaseException as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(None)
+        return fut
+
+    def pwrite_direct(self, data: bytes | memoryview, offset: int) -> None:
+        # Like the real one: on the device once it returns, durable only after fdatasync.
+        self.pwrite(data, offset)
 
     def close(self) -> None:
         pass
