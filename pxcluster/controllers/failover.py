@@ -3,14 +3,18 @@ replica (invariant 3 happens on that node's agent: epoch bump, then open, reconc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 
-from membership.records import AttachTarget, FailoverRecord
+from membership.records import AttachTarget, FailoverRecord, NodeRecord
 from pxcluster.placement import pick_attach_node
-from pxcluster.service import Service
+from pxcluster.service import Service, VolumeView
 
 log = logging.getLogger(__name__)
+
+_PARALLEL_MOVES = 32
 
 
 class FailoverController:
@@ -19,12 +23,12 @@ class FailoverController:
 
     async def run_pass(self) -> None:
         svc = self.service
-        keys = svc.keys
         alive = await svc.alive()
         views = await svc.volumes()
         if not any(v.target is not None and v.target.node not in alive for v in views):
             return
         nodes = {n.id: n for n in await svc.nodes()}
+        moves: list[Awaitable[None]] = []
         for view in views:
             target = view.target
             if target is None or target.node in alive:
@@ -38,21 +42,37 @@ class FailoverController:
                     "volume %s: attach node down and no node to fail over to", view.record.name
                 )
                 continue
-            vid = view.record.id
-            record = FailoverRecord(
-                source=target.node, dest=dest, kind="automatic", detected=time.time()
+            moves.append(self._move(view, target, dest, nodes))
+        # Side by side, a bounded number at once: one node's death moves all its volumes, and
+        # one commit after another made the last of 100 wait for 99 round trips.
+        limit = asyncio.Semaphore(_PARALLEL_MOVES)
+
+        async def bounded(move: Awaitable[None]) -> None:
+            async with limit:
+                await move
+
+        await asyncio.gather(*(bounded(m) for m in moves))
+
+    async def _move(
+        self, view: VolumeView, target: AttachTarget, dest: str, nodes: dict[str, NodeRecord]
+    ) -> None:
+        svc = self.service
+        keys = svc.keys
+        vid = view.record.id
+        record = FailoverRecord(
+            source=target.node, dest=dest, kind="automatic", detected=time.time()
+        )
+        txn = (
+            svc.etcd.txn()
+            .value_is(keys.target(vid), target.encode())
+            .put(keys.target(vid), AttachTarget(dest, target.reason).encode())
+        )
+        if target.reason == "user":
+            txn.put(keys.failover(vid), record.encode())
+        if await svc.etcd.commit(txn):
+            log.warning(
+                "volume %s: node %s is down, failing over to %s",
+                view.record.name,
+                nodes[target.node].name if target.node in nodes else target.node,
+                nodes[dest].name,
             )
-            txn = (
-                svc.etcd.txn()
-                .value_is(keys.target(vid), target.encode())
-                .put(keys.target(vid), AttachTarget(dest, target.reason).encode())
-            )
-            if target.reason == "user":
-                txn.put(keys.failover(vid), record.encode())
-            if await svc.etcd.commit(txn):
-                log.warning(
-                    "volume %s: node %s is down, failing over to %s",
-                    view.record.name,
-                    nodes[target.node].name if target.node in nodes else target.node,
-                    nodes[dest].name,
-                )

@@ -35,9 +35,17 @@ class ControllerRunner:
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
-        watcher = asyncio.create_task(self.etcd.wake_on_changes(self.prefix, self.wake))
+        # Only the leader watches: a watch on the whole cluster prefix from every node sent
+        # every change to every node a second time (bench/scale.py).
+        watcher: asyncio.Task[None] | None = None
         try:
             while True:
+                leader = self.election.is_leader
+                if leader and watcher is None:
+                    watcher = asyncio.create_task(self.etcd.wake_on_changes(self.prefix, self.wake))
+                elif not leader and watcher is not None:
+                    await _stop(watcher)
+                    watcher = None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.interval):
                         await self.wake.wait()
@@ -52,5 +60,10 @@ class ControllerRunner:
                     except Exception:
                         log.exception("%s pass failed", type(c).__name__)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            if watcher is not None:
+                await _stop(watcher)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -38,7 +38,9 @@ def test_scale_bench_quick(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
 
     steady = r["steady"]
-    assert steady["raft_writes_per_node_s"] > 0
+    # The aim of issue 8: under 1 write/s per node when nothing happens (an idle cluster
+    # commits nothing through raft: lease keep-alives are not raft writes in etcd 3.4).
+    assert steady["raft_writes_per_node_s"] < 1.0
     assert steady["client_writes_per_node_s"] > 0
     assert steady["keepalives_per_node_s"] > 0  # every node keeps its lease alive
     assert steady["reads_per_s"] > 0
