@@ -445,18 +445,20 @@ class ChunkStore:
         if c is not None:
             if data is None:
                 self._free_chunk(volume, v, chunk, c)
+            elif offload:
+                c.epoch, c.seq = generation
+                c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
+                landing = self._land_chunk(volume, v, chunk, c, data)
+                if len(data) < self._sb.chunk_size:
+                    self._data_punch(c.slot, len(data), self._sb.chunk_size - len(data))
             else:
-                if offload:
-                    landing = self._land_chunk(volume, v, chunk, c, data)
-                else:
-                    self._data_write(c.slot, 0, data)
+                self._data_write(c.slot, 0, data)
                 if len(data) < self._sb.chunk_size:
                     self._data_punch(c.slot, len(data), self._sb.chunk_size - len(data))
                 c.epoch, c.seq = generation
                 c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
                 self._save_present(c)
-                if landing is None:
-                    self._written(volume, v, chunk, c, None)
+                self._written(volume, v, chunk, c, None)
         if landing is not None:
             # The caller's buffer is in use until the bytes landed. Cancelled: they still
             # land, and the chunk stays unclean until a sync after that.
@@ -493,29 +495,35 @@ class ChunkStore:
         v.chunks[chunk] = c
         self._records.append(rec_dirty(volume, chunk, slot, False))
         v.dirty.add(chunk)
+        c.epoch, c.seq = generation
+        c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
         landing = self._land_chunk(volume, v, chunk, c, data)
         if len(data) < self._sb.chunk_size:
             self._data_punch(slot, len(data), self._sb.chunk_size - len(data))
-        c.epoch, c.seq = generation
-        c.present = _full_to_none(mask_from_bytes(present), v.chunk_len(chunk))
-        self._save_present(c)
         return landing
 
     def _land_chunk(
         self, volume: str, v: VolState, chunk: int, c: ChunkState, data: bytes | memoryview
     ) -> asyncio.Future[None]:
-        """Write a whole chunk's bytes off the loop, so the next chunk is received meanwhile.
+        """Write a whole chunk's bytes off the loop, so the next chunk is received meanwhile,
+        with their checksums and the entry's block presence (`c.present`, set already).
         From this call on the file holds the slot's data range: any other read, write or punch
         of it waits until they landed, so every reader sees what it would had they landed here,
         and the slot can be freed and handed out again only after. Until then no sync counts
-        for the chunk (mark_clean leaves it dirty); a failed landing drops its generation."""
+        for the chunk (mark_clean leaves it dirty); a failed landing drops its generation.
+        No small write of this chunk stays on the loop: on a sparse file a write allocating
+        blocks holds the inode's lock for its whole duration, and a page-cache pwrite on the
+        loop would wait for it."""
         v.unsynced[chunk] = _LANDING
         slot = c.slot
+        n = self._sb.present_size
+        mask = bytes(n) if c.present is None else c.present.to_bytes(n, "little")
 
         def land() -> None:  # in the file's worker thread, the range held
             self._f.pwrite_direct(data, self._sb.slot_offset(slot))
             # Checksums after data: every access to a slot's checksums follows one to its data.
             self._f.pwrite(block_csums(data), self._sb.csum_at(slot, 0))
+            self._f.pwrite(mask, self._sb.present_at(slot))  # as _save_present
 
         def landed(fut: asyncio.Future[None]) -> None:  # on the loop
             if fut.cancelled() or fut.exception() is not None:
