@@ -384,18 +384,32 @@ class Etcd:
     async def revoke_lease(self, lease_id: int) -> None:
         await self._call(lambda: self._client.revoke_lease(lease_id))
 
-    async def wake_on_changes(self, prefix: bytes, wake: asyncio.Event) -> None:
+    async def wake_on_changes(
+        self,
+        prefix: bytes,
+        wake: asyncio.Event,
+        *,
+        on_event: Callable[[bytes, bytes | None], None] | None = None,
+        on_open: Callable[[], None] | None = None,
+    ) -> None:
         """Set `wake` on every change under `prefix`, forever; survives etcd restarts.
 
         Reconcile loops wait on `wake` (with a timeout as a safety net), then re-read state, so
-        a lost or coalesced event costs latency, never correctness.
+        a lost or coalesced event costs latency, never correctness. `on_event(key, value)`
+        (value None: deleted) sees each change first; `on_open()` is called each time the
+        watch is (re)opened, before `wake` is set: what it missed meanwhile must be re-read.
         """
         while True:
             try:
                 watch = await self._call(lambda: self._client.watch_prefix(prefix))
+                if on_open is not None:
+                    on_open()
                 wake.set()  # events may have been missed while no watch was open
                 try:
-                    async for _ in watch:
+                    async for event in watch:
+                        if on_event is not None:
+                            deleted = event.kind == "DELETE"
+                            on_event(event.kv.key, None if deleted else event.kv.value)
                         wake.set()
                 finally:
                     with contextlib.suppress(Exception):
