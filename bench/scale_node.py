@@ -356,7 +356,7 @@ class SimNode:
         self.zone = zone
         self.cfg = cfg
         self.keys = Keys(cfg["cluster"])
-        self.etcd = Etcd(cfg["etcd"])
+        self.etcd = Etcd(cfg["etcd"], spread_by=name)
         self.lease = LeaseKeeper(self.etcd, cfg["ttl"], self._lease_lost)
         self.registry = TrackingRegistry(node_id, served)
         self.agent: NodeAgent | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,15 +232,23 @@ def parse_endpoints(urls: str) -> list[str]:
 
 class Etcd:
     def __init__(
-        self, url: str, *, timeout: float = 3.0, settings: EtcdSettings | None = None
+        self,
+        url: str,
+        *,
+        timeout: float = 3.0,
+        settings: EtcdSettings | None = None,
+        spread_by: str = "",
     ) -> None:
+        """`spread_by` (a node's name): which member to start with, so that the nodes of a
+        cluster, all given the same member list, share the read and watch load between the
+        members instead of all using the first one."""
         self.url = url
         self.settings = settings = settings or EtcdSettings()
         self.endpoints = parse_endpoints(url)
         settings.check(self.endpoints[0])
         self.timeout = timeout
-        self._current = 0
-        self._client = self._make_client(0)
+        self._current = zlib.crc32(spread_by.encode()) % len(self.endpoints) if spread_by else 0
+        self._client = self._make_client(self._current)
         self._reauth_lock = asyncio.Lock()
         self._retired: list[_Client] = []
 

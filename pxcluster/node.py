@@ -100,7 +100,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.keys = Keys(config.cluster)
-        self.etcd = Etcd(config.etcd_url, settings=config.etcd_settings)
+        self.etcd = Etcd(config.etcd_url, settings=config.etcd_settings, spread_by=config.name)
         self.stores: list[ChunkStore] = []
         self.disk_paths: list[str] = []
         self.node_id = ""
