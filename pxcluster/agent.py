@@ -77,6 +77,7 @@ class Peers:
 
 
 _RELIST_EVERY = 30.0
+_PARALLEL_ATTACHES = 8
 
 
 class NodeAgent:
@@ -202,15 +203,30 @@ class NodeAgent:
                 )
                 await self.etcd.commit(txn)
                 log.info("volume %s: exported (attached for clients)", engine.name)
-        for vid, view in views.items():
-            if (
-                view.target is not None
-                and view.target.node == self.node_id
-                and vid not in self.engines
-            ):
-                now = asyncio.get_running_loop().time()
-                if now >= self._failures.get(vid, 0.0):
+        now = asyncio.get_running_loop().time()
+        to_attach = [
+            view
+            for vid, view in views.items()
+            if view.target is not None
+            and view.target.node == self.node_id
+            and vid not in self.engines
+            and now >= self._failures.get(vid, 0.0)
+        ]
+        if to_attach:
+            # Side by side: a node that takes over several volumes of a dead node opens them
+            # (fence, reconcile, serve) at once, not each after the one before.
+            limit = asyncio.Semaphore(_PARALLEL_ATTACHES)
+
+            async def attach(view: VolumeView) -> None:
+                async with limit:
                     await self.attach(view)
+
+            results = await asyncio.gather(*(attach(v) for v in to_attach), return_exceptions=True)
+            for view, result in zip(to_attach, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, BaseException):
+                    log.error("volume %s: attach failed: %r", view.record.name, result)
         alive = await self.service.alive()
         for vid, engine in list(self.engines.items()):
             view = views.get(vid)
