@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.replica_floor import FloorClient, FloorServer
 from replica.client import ReplicaClient
-from tests.harness.replica_proc import ReplicaProc
+from tests.harness.replica_proc import ReplicaProc, free_port
 
 CHUNK = 4 << 20
 SIZE = 256 << 20
@@ -76,16 +77,26 @@ async def main() -> None:
         help="compare the replica port in plain TCP against TLS with client certificates "
         "(instead of against a plain file)",
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the least a socket-fed server can do (bench/replica_floor.py) per cell",
+    )
     args = ap.parse_args()
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="replica-bench-"))
     if args.tls:
         print("| write | QD | mode | plain ops/s | plain MiB/s | TLS ops/s | TLS MiB/s | ratio |")
+    elif args.floor:
+        print(
+            "| write | QD | mode | file ops/s | floor ops/s | replica ops/s | replica MiB/s "
+            "| floor / file | replica / file | replica / floor |"
+        )
     else:
         print(
             "| write | QD | mode | file ops/s | file MiB/s | replica ops/s | replica MiB/s "
             "| ratio |"
         )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * (10 if args.floor else 8) + "|")
 
     proc = ReplicaProc(workdir, disk_size=SIZE + (256 << 20))
     proc.start()
@@ -136,6 +147,12 @@ async def main() -> None:
         async def t_flush() -> None:
             await tls_client.flush("bench", 1)
 
+    floor: FloorClient | None = None
+    if args.floor:
+        floor_server = FloorServer(workdir / "floor.img", SIZE, free_port())
+        floor = FloorClient()
+        await floor.connect(floor_server.port)
+
     path = workdir / "plain.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     os.ftruncate(fd, SIZE)
@@ -167,6 +184,8 @@ async def main() -> None:
     for off in range(0, SIZE, 1 << 20):
         await r_write(off, fill, False)
         await f_write(off, fill, False)
+        if floor is not None:
+            await floor.write(off, fill, False)
     await r_flush()
     await f_flush()
 
@@ -178,6 +197,15 @@ async def main() -> None:
                 r_ops, r_mib = await run(r_write, r_flush, bs, qd, mode, args.seconds)
                 rows.append((bs, qd, mode, f_ops, f_mib, r_ops, r_mib))
                 label = f"{bs >> 10} KiB" if bs < 1 << 20 else f"{bs >> 20} MiB"
+                if floor is not None:
+                    l_ops, _ = await run(floor.write, floor.flush, bs, qd, mode, args.seconds)
+                    print(
+                        f"| {label} | QD{qd} | {mode} | {f_ops:,.0f} | {l_ops:,.0f} | "
+                        f"{r_ops:,.0f} | {r_mib:,.1f} | {l_ops / f_ops:.2f} | "
+                        f"{r_ops / f_ops:.2f} | {r_ops / l_ops:.2f} |",
+                        flush=True,
+                    )
+                    continue
                 print(
                     f"| {label} | QD{qd} | {mode} | {f_ops:,.0f} | {f_mib:,.1f} | "
                     f"{r_ops:,.0f} | {r_mib:,.1f} | {r_ops / f_ops:.2f} |",
@@ -185,6 +213,9 @@ async def main() -> None:
                 )
     await client.close()
     proc.stop()
+    if floor is not None:
+        await floor.close()
+        floor_server.stop()
     if tls_proc is not None:
         await tls_client.close()
         tls_proc.stop()
