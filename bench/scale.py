@@ -551,7 +551,6 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 "window",
                 "etcd_members",
                 "agent",
-                "election",
                 "quick",
             )
         },
@@ -581,7 +580,6 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         "cluster": cluster_name,
         "ttl": args.ttl,
         "agent": args.agent,
-        "election": args.election,
         "quiet": not args.verbose,
     }
     workers = Workers(cfg, nodes, args.procs)
@@ -764,13 +762,6 @@ def main() -> None:
         choices=("lite", "real"),
         default="lite",
         help="lite: acts on the targets naming the node (default); real: NodeAgent.run as is",
-    )
-    ap.add_argument(
-        "--election",
-        choices=("real", "get-first"),
-        default="real",
-        help="real: membership.election.Election as is (default); get-first: the proposed fix, "
-        "campaign (a write) only when the leader key is absent",
     )
     ap.add_argument("--setup-timeout", type=float, default=900.0)
     ap.add_argument("--failover-timeout", type=float, default=60.0)

@@ -307,32 +307,6 @@ class LiteAgent(NodeAgent):
                 await self.fence_all("node lease at risk")
 
 
-# --- the proposed election fix, measured without touching membership/
-
-
-class GetFirstElection(Election):
-    """`Election.run` commits a put-if-absent transaction every 0.5 s on every node: a raft
-    proposal even when the compare fails. This one reads the leader key first and campaigns
-    only when it is absent (a read is not a proposal)."""
-
-    async def run(self, poll: float = 0.5) -> None:
-        key = self.keys.leader()
-        while True:
-            with contextlib.suppress(EtcdUnavailable):
-                current = await self.etcd.get(key)
-                if current is None:
-                    txn = (
-                        self.etcd.txn().absent(key).put(key, self.node_id.encode(), self.lease_id())
-                    )
-                    await self.etcd.commit(txn)
-                    current = await self.etcd.get(key)
-                leader = current is not None and current.value.decode() == self.node_id
-                if leader != self.is_leader:
-                    self.is_leader = leader
-                    self.changed.set()
-            await asyncio.sleep(poll)
-
-
 # --- a simulated node
 
 
@@ -398,10 +372,7 @@ class SimNode:
             SimPeers(self.node_id, None),  # type: ignore[arg-type]
             self.registry,
         )
-        election_cls = Election if self.cfg["election"] == "real" else GetFirstElection
-        self.election = election_cls(
-            self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id
-        )
+        self.election = Election(self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id)
         service = Service(self.etcd, self.keys.cluster)
         controllers: list[Controller] = [
             FailoverController(service),
