@@ -657,43 +657,32 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         candidates = [i for i in alive if i != leader]
         step = max(1, len(candidates) // max(1, args.kill))
         victims = candidates[::step][: args.kill]
-        rounds.append(
-            await failover_round(
-                label="kill",
-                etcd=etcd,
-                keys=keys,
-                cluster=cluster,
-                workers=workers,
-                obs=obs,
-                victims=victims,
-                vids=vids,
-                names=names,
-                timeout=args.failover_timeout,
-                log=log,
-            )
-        )
-        if args.kill_leader:
-            await asyncio.sleep(args.settle)
-            leader = await current_leader(etcd, keys)
-            dead = set(victims)
-            rest = [i for i in alive if i not in dead and i != leader]
-            step = max(1, len(rest) // max(1, args.kill))
-            victims2 = [leader or "", *rest[1::step][: args.kill - 1]]
+
+        async def one_round(label: str, killed: list[str]) -> None:
             rounds.append(
                 await failover_round(
-                    label="kill-with-leader",
+                    label=label,
                     etcd=etcd,
                     keys=keys,
                     cluster=cluster,
                     workers=workers,
                     obs=obs,
-                    victims=victims2,
+                    victims=killed,
                     vids=vids,
                     names=names,
                     timeout=args.failover_timeout,
                     log=log,
                 )
             )
+
+        await one_round("kill", victims)
+        if args.kill_leader:
+            await asyncio.sleep(args.settle)
+            leader = await current_leader(etcd, keys)
+            dead = set(victims)
+            rest = [i for i in alive if i not in dead and i != leader]
+            step = max(1, len(rest) // max(1, args.kill))
+            await one_round("kill-with-leader", [leader or "", *rest[1::step][: args.kill - 1]])
         result["failover"] = rounds
         await asyncio.sleep(1.0)
         wstats = await workers.ask("stats")
