@@ -258,10 +258,17 @@ class NodeAgent:
             return {
                 vid: v for vid, v in every.items() if vid in self._targeted or vid in self.engines
             }
+        vids = sorted(self._targeted | self.engines.keys())
+        found = await asyncio.gather(
+            *(self.service.volume_by_id(vid) for vid in vids), return_exceptions=True
+        )
         views: dict[str, VolumeView] = {}
-        for vid in sorted(self._targeted | self.engines.keys()):
-            with contextlib.suppress(UnknownVolume):
-                views[vid] = await self.service.volume_by_id(vid)
+        for vid, view in zip(vids, found, strict=True):
+            if isinstance(view, UnknownVolume):
+                continue  # deleted since: a pass without it drops its engine
+            if isinstance(view, BaseException):
+                raise view
+            views[vid] = view
         return views
 
     async def attach(self, view: VolumeView) -> None:
