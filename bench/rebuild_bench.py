@@ -1,6 +1,6 @@
 """Rebuild throughput against the disk's sequential bandwidth (a benchmark, not a test).
 
-  .venv/bin/python bench/rebuild_bench.py [--size 1G] [--profile DIR]
+  .venv/bin/python bench/rebuild_bench.py [--size 1G] [--profile DIR] [--floor]
 
 Full rebuild: a repl-2 volume is written while one replica's node is down, so every chunk
 must be copied when it returns. Incremental: the same node goes down again, 3 chunks change,
@@ -9,7 +9,9 @@ filesystem, with O_DIRECT in 4 MiB writes (the disk's sequential bandwidth: the 
 70% of it) and buffered in 1 MiB writes with an fsync at the end; the full rebuild's rate is
 given as a ratio to each, with the load average (the machine is shared). With --profile DIR,
 py-spy records both nodes for the first seconds of the full rebuild (raw profiles in DIR;
-bench/pyspy_summary.py folds them).
+bench/pyspy_summary.py folds them). With --floor, the least any two-process copy of the same
+bytes can do here (bench/rebuild_floor.py) runs first, and the rebuild is also given as a ratio
+to it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.rebuild_floor import copy_floor_mib_s
+from pxcluster.units import parse_size
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
 
@@ -105,12 +109,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1G")
     ap.add_argument("--profile", type=Path, help="py-spy both nodes during the full rebuild")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the least any two-process copy can do (bench/rebuild_floor.py)",
+    )
     args = ap.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="pxc-rbbench-", dir="/var/tmp") as d:
         tmp = Path(d)
         ref = disk_seq_write_mib_s(tmp, args.size, direct=True)
         buffered = disk_seq_write_mib_s(tmp, args.size, direct=False)
+        floor = copy_floor_mib_s(tmp, parse_size(args.size)) if args.floor else None
         etcd = EtcdServer(tmp / "etcd")
         etcd.start()
         c = Cluster(tmp, etcd, name="bench", lease_ttl=2)
@@ -176,12 +186,21 @@ def main() -> None:
             {
                 "disk_seq_write_direct_4m_mib_s": round(ref, 1),
                 "disk_seq_write_buffered_1m_fsync_mib_s": round(buffered, 1),
+                **(
+                    {}
+                    if floor is None
+                    else {
+                        "copy_floor_mib_s": round(floor, 1),
+                        "copy_floor_ratio_to_disk": round(floor / ref, 2),
+                    }
+                ),
                 "full_rebuild": {
                     "mib": round(mib),
                     "seconds": full["seconds"],
                     "mib_s": round(rate, 1),
                     "ratio_to_disk": round(rate / ref, 2),
                     "ratio_to_buffered_fsync": round(rate / buffered, 2),
+                    **({} if floor is None else {"ratio_to_copy_floor": round(rate / floor, 2)}),
                     "restart_to_in_sync_s": round(wall, 2),
                     # from the restart on: n1 attach node and source, n2 the rebuilt target
                     "cpu_s": cpu,
