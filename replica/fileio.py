@@ -155,22 +155,24 @@ class OSFile:
         if not n or offset % DIRECT_ALIGN or n % DIRECT_ALIGN or not self._open_direct():
             self._pwrite(self._fd, view, offset)  # the caller holds the range already
             return
-        buf = self._take_bounce(n)
+        # A large frame's payload sits page-aligned in its receive buffer: O_DIRECT takes it
+        # from there. Anything else goes through an aligned bounce buffer.
+        buf = None if _aligned(view) else self._take_bounce(n)
+        out = view if buf is None else memoryview(buf)[:n]
         try:
-            out = memoryview(buf)[:n]
-            try:
+            if buf is not None:
                 _copy_into(buf, view, n)
-                self._pwrite(self._dfd, out, offset)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # Alignment this device does not take after all: the page cache it is.
-                self._direct_ok = False
-                self._pwrite(self._fd, view, offset)
-            finally:
-                out.release()
+            self._pwrite(self._dfd, out, offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Alignment this device does not take after all: the page cache it is.
+            self._direct_ok = False
+            self._pwrite(self._fd, view, offset)
         finally:
-            self._give_bounce(buf)
+            if buf is not None:
+                out.release()
+                self._give_bounce(buf)
 
     def _open_direct(self) -> bool:
         if self._dfd >= 0:
@@ -246,6 +248,17 @@ class OSFile:
         if self._fd >= 0:
             os.close(self._fd)  # also drops the flock
             self._fd = -1
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether O_DIRECT can write straight from `view` (writable, contiguous, page-aligned)."""
+    if view.readonly or not view.c_contiguous:
+        return False
+    src = (ctypes.c_char * view.nbytes).from_buffer(view)
+    try:
+        return ctypes.addressof(src) % DIRECT_ALIGN == 0
+    finally:
+        del src  # its export of the buffer ends here
 
 
 def _copy_into(buf: mmap.mmap, view: memoryview, n: int) -> None:

@@ -12,7 +12,9 @@ framing itself: the connection is closed. A frame with an intact boundary but a 
 answered with a ProtocolError reply (id 0 when the id itself is unreadable) and the stream goes on.
 
 ``FramedProtocol`` is the shared transport half: it receives with ``recv_into`` into reusable
-buffers (a payload is copied once, kernel -> buffer, and handed on as a memoryview), and it
+buffers (a payload is copied once, kernel -> buffer, and handed on as a memoryview; a frame
+larger than the standard buffer gets a page-aligned one with its payload on a ``PAYLOAD_ALIGN``
+boundary, so a whole chunk can go to the disk with O_DIRECT straight from there), and it
 gathers outgoing frames into one ``writelines`` per loop iteration, since each transport write
 costs a syscall and, on these VMs, often a cross-CPU wakeup of the peer.
 """
@@ -20,6 +22,7 @@ costs a syscall and, on these VMs, often a cross-CPU wakeup of the peer.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import struct
 from typing import Any, cast
 
@@ -36,6 +39,7 @@ MAX_FRAME = 4 + MAX_HEADER + MAX_PAYLOAD  # largest acceptable ``total``
 _RX_SIZE = 256 << 10  # standard receive buffer: many small frames per recv_into
 _RX_MIN_FREE = 16 << 10  # roll to a fresh buffer below this much room, so recv stays large
 _POOL_BYTES = 32 << 20  # idle receive buffers kept per connection (saves page faults)
+PAYLOAD_ALIGN = 4096  # where a large frame's payload starts in its receive buffer
 _JOIN_MAX = 16 << 10  # payloads up to this are joined to their header; larger go by reference
 
 Header = dict[str, Any]
@@ -212,7 +216,11 @@ class RxBuffer:
     __slots__ = ("data", "pool", "refs", "retired", "view")
 
     def __init__(self, size: int, pool: RxPool) -> None:
-        self.data = bytearray(size)
+        # A large buffer is an anonymous mapping: page-aligned (see _roll), and zero-filled
+        # lazily like the allocator's own large blocks.
+        self.data: bytearray | mmap.mmap = (
+            bytearray(size) if size <= _RX_SIZE else mmap.mmap(-1, size)
+        )
         self.view = memoryview(self.data)
         self.refs = 0
         self.retired = False  # no longer the connection's current buffer
@@ -314,18 +322,24 @@ class FramedProtocol(asyncio.BufferedProtocol):
         rx, pos, end = self._rx, self._pos, self._end
         pending = end - pos
         need = max(self._frame_end() - pos, _RX_MIN_FREE + pending)
+        lead = 0
         if rx.refs == 0 and need <= len(rx.data) and len(rx.data) == _RX_SIZE:
             rx.data[0:pending] = rx.data[pos:end]  # nobody points into it: reuse in place
         else:
-            new = self._pool.take(max(need, _RX_SIZE))
-            new.view[0:pending] = rx.view[pos:end]
+            if need > _RX_SIZE and pending >= PREFIX.size:
+                # A large frame, its header length known: start it so that its payload lands
+                # on an aligned address of the (page-aligned) buffer.
+                hlen = PREFIX.unpack_from(rx.data, pos)[1]
+                lead = -(PREFIX.size + min(hlen, MAX_HEADER)) % PAYLOAD_ALIGN
+            new = self._pool.take(max(need + lead, _RX_SIZE))
+            new.view[lead : lead + pending] = rx.view[pos:end]
             if rx.refs == 0:
                 self._pool.put(rx)
             else:
                 rx.retired = True
             self._rx = new
-        self._pos = 0
-        self._end = pending
+        self._pos = lead
+        self._end = lead + pending
 
     def pause_parsing(self) -> None:
         if not self._parsing_paused:

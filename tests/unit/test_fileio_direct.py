@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
 import threading
 import time
@@ -68,6 +69,30 @@ def test_pwrite_direct_writes_exactly_the_bytes(tmp_path: Path) -> None:
     with open(tmp_path / "disk.img", "rb") as g:
         g.seek(CHUNK)
         assert g.read(CHUNK) == a
+
+
+def test_pwrite_direct_from_an_aligned_buffer_takes_no_bounce(tmp_path: Path) -> None:
+    if not direct_io_works(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    f = new_file(tmp_path)
+    try:
+        rx = mmap.mmap(-1, 2 * CHUNK)  # a large receive buffer: page-aligned
+        data = os.urandom(CHUNK)
+        rx[4096 : 4096 + CHUNK] = data
+        view = memoryview(rx)[4096 : 4096 + CHUNK]
+        f.pwrite_direct(view, CHUNK)
+        assert f._bounce == []  # written from the buffer itself
+        assert f.pread(CHUNK, CHUNK) == data
+        view.release()
+        # The same buffer, off by 512 bytes: through a bounce buffer, the same bytes.
+        view = memoryview(rx)[512 : 512 + CHUNK]
+        f.pwrite_direct(view, 0)
+        assert len(f._bounce) == 1
+        assert f.pread(CHUNK, 0) == bytes(view)
+        view.release()
+        rx.close()  # no export of the buffer is left behind
+    finally:
+        f.close()
 
 
 def test_held_range_makes_overlapping_access_wait(tmp_path: Path) -> None:

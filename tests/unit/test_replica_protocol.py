@@ -75,6 +75,36 @@ async def test_partial_frames_and_many_per_buffer(step: int) -> None:
     assert not p.bad and not p.broken
 
 
+@pytest.mark.parametrize("step", [8, 1000, 65536, 1 << 20])
+async def test_a_large_payload_lands_page_aligned(step: int) -> None:
+    """A chunk-sized payload starts on a PAYLOAD_ALIGN boundary of its receive buffer (so
+    O_DIRECT writes it from there), whatever its header's length and the receive sizes."""
+    import ctypes
+
+    from replica.protocol import PAYLOAD_ALIGN
+
+    class Addresses(Collector):
+        addresses: list[int] = []
+
+        def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+            if len(payload) >= 1 << 20:
+                c = (ctypes.c_char * len(payload)).from_buffer(payload)
+                self.addresses.append(ctypes.addressof(c))
+                del c
+            super().frame_received(header, payload, rx)
+
+    frames = [
+        ({"id": i, "op": "write_chunk", "pad": "x" * (i * 131)}, os.urandom(4 << 20))
+        for i in range(4)
+    ]
+    frames.insert(2, ({"id": 99, "op": "write"}, os.urandom(3000)))
+    p = Addresses()
+    feed(p, b"".join(wire(h, d) for h, d in frames), step)
+    assert p.frames == frames
+    assert len(p.addresses) == 4
+    assert all(a % PAYLOAD_ALIGN == 0 for a in p.addresses)
+
+
 async def test_buffers_are_reused_when_released() -> None:
     class Holder(Collector):
         held: list[tuple[memoryview, RxBuffer]] = []
