@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -50,13 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from membership.election import current_leader
-from membership.etcd import Etcd
+from membership.etcd import KV, Etcd
 from membership.keys import Keys
 from membership.records import Attachment, NodeRecord
 from pxcluster.controllers.drain import DrainController
 from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
-from pxcluster.controllers.runner import Controller
+from pxcluster.controllers.runner import Controller, run_pass
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.node import ensure_cluster
 from pxcluster.service import Service
@@ -430,32 +431,79 @@ async def setup_volumes(
     return {"create_s": round(created, 1), "targets_s": round(time.monotonic() - t1, 1)}
 
 
-async def time_leader_pass(etcd: Etcd, cluster: str) -> dict[str, float]:
-    """What one pass of each of the leader's controllers costs at this size (the runner runs
-    them all on every change under the cluster prefix, and at least once a second), timed in
-    this process on a quiet loop; and one full read of `volumes/` (what every pass starts with)."""
-    svc = Service(etcd, cluster)
-    out: dict[str, float] = {}
-    t = time.perf_counter()
-    raw = await etcd.get_prefix(svc.keys.volumes_prefix())
-    out["read_volumes_prefix_s"] = round(time.perf_counter() - t, 3)
-    out["volumes_prefix_keys"] = len(raw)
-    out["volumes_prefix_mb"] = round(sum(len(kv.key) + len(kv.value) for kv in raw) / 1e6, 2)
-    t = time.perf_counter()
-    await svc.volumes()
-    out["service_volumes_s"] = round(time.perf_counter() - t, 3)
-    controllers: list[Controller] = [
+class CountingEtcd(Etcd):
+    """`Etcd` that counts its range requests: `get_prefix` by prefix, `get` all together."""
+
+    def __init__(self, url: str, root: str) -> None:
+        super().__init__(url, timeout=10.0)
+        self.root = root
+        self.ranges: collections.Counter[str] = collections.Counter()
+
+    async def get(self, key: bytes) -> KV | None:
+        self.ranges["get"] += 1
+        return await super().get(key)
+
+    async def get_prefix(self, prefix: bytes) -> list[KV]:
+        self.ranges[prefix.decode().removeprefix(self.root)] += 1
+        return await super().get_prefix(prefix)
+
+
+def leader_controllers(svc: Service) -> list[Controller]:
+    return [
         FailoverController(svc),
         RepairController(svc, replace_after=300.0),
         DrainController(svc),
         ScheduleController(svc),
     ]
-    for c in controllers:
+
+
+async def time_leader_pass(url: str, cluster: str, rounds: int = 5) -> dict[str, Any]:
+    """What one pass of the leader's controllers costs at this size (the runner runs one on
+    every change under the cluster prefix, and at least once a second), timed in this process
+    on a quiet loop. The pass runs as the runner runs it (`run_pass`: the four in order on one
+    `PassView`, which reads `volumes/` once, in the first controller that asks); the median of
+    `rounds`, the per-controller times of that pass, and the range requests a pass sends. For
+    comparison, alternating with it: the same controllers each reading for itself (how every
+    pass ran before), and one bare read of `volumes/`."""
+    etcd = CountingEtcd(url, Keys(cluster).root)
+    await etcd.connect()
+    try:
+        svc = Service(etcd, cluster)
+        out: dict[str, Any] = {}
         t = time.perf_counter()
-        await c.run_pass()
-        out[type(c).__name__] = round(time.perf_counter() - t, 3)
-    out["pass_total_s"] = round(sum(out[type(c).__name__] for c in controllers), 3)
-    return out
+        raw = await etcd.get_prefix(svc.keys.volumes_prefix())
+        out["read_volumes_prefix_s"] = round(time.perf_counter() - t, 3)
+        out["volumes_prefix_keys"] = len(raw)
+        out["volumes_prefix_mb"] = round(sum(len(kv.key) + len(kv.value) for kv in raw) / 1e6, 2)
+        t = time.perf_counter()
+        await svc.volumes()
+        out["service_volumes_s"] = round(time.perf_counter() - t, 3)
+
+        shared: list[tuple[float, dict[str, float]]] = []
+        unshared: list[float] = []
+        for _ in range(rounds):
+            etcd.ranges.clear()
+            t = time.perf_counter()
+            took = await run_pass(leader_controllers(svc))
+            shared.append((time.perf_counter() - t, took))
+            out["pass_range_requests"] = sum(etcd.ranges.values())
+            out["pass_range_requests_by_prefix"] = dict(etcd.ranges)
+            etcd.ranges.clear()
+            t = time.perf_counter()
+            for c in leader_controllers(svc):
+                await c.run_pass()  # no view given: each reads for itself
+            unshared.append(time.perf_counter() - t)
+            out["unshared_range_requests"] = sum(etcd.ranges.values())
+        total, took = sorted(shared, key=lambda p: p[0])[len(shared) // 2]
+        out["pass_total_s"] = round(total, 3)
+        out.update({name: round(s, 3) for name, s in took.items()})
+        out["pass_runs_s"] = [round(p[0], 3) for p in shared]
+        out["unshared_pass_s"] = round(sorted(unshared)[len(unshared) // 2], 3)
+        out["unshared_runs_s"] = [round(x, 3) for x in unshared]
+        out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+        return out
+    finally:
+        await etcd.close()
 
 
 async def failover_round(
@@ -646,7 +694,7 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             f"worker loop lag p99 {[w['lag']['p99_ms'] for w in wstats]} ms"
         )
 
-        result["leader_pass"] = await time_leader_pass(etcd, cluster_name)
+        result["leader_pass"] = await time_leader_pass(cluster.url, cluster_name)
         log(f"one leader pass, timed here: {result['leader_pass']}")
 
         leader = await current_leader(etcd, keys)

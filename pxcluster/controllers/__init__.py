@@ -1,2 +1,3 @@
-"""Reconcile loops run by the leader only: failover and repair. Each is a class with one
-`run_pass()`; the runner calls them while this node holds the leader key."""
+"""Reconcile loops run by the leader only: failover, repair, drains and schedules. Each is a
+class with one `run_pass(pass_view)`; the runner (runner.py) calls them in turn while this node
+holds the leader key, all on one `PassView` (view.py) of the cluster."""

@@ -17,6 +17,7 @@ from membership.records import (
     ReplicaState,
     VolumeRecord,
 )
+from pxcluster.controllers.view import PassView, guard_volume
 from pxcluster.errors import PlacementError
 from pxcluster.placement import Candidate, pick_attach_node, place
 from pxcluster.service import Service, VolumeView
@@ -28,7 +29,8 @@ class DrainController:
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    async def run_pass(self) -> None:
+    async def run_pass(self, pass_view: PassView | None = None) -> None:
+        seen = pass_view if pass_view is not None else PassView(self.service)
         svc = self.service
         keys = svc.keys
         ops = {
@@ -39,7 +41,11 @@ class DrainController:
         running = {n: v for n, v in ops.items() if v[1].state == "running"}
         if not running:
             return
-        nodes = {n.id: n for n in await svc.nodes()}
+        nodes = {n.id: n for n in await seen.nodes()}
+        if any(n not in nodes or nodes[n].state != "draining" for n in running):
+            # The pass view's node list may predate a drain started since (its op was read
+            # just now): finish or cancel a drain only on a node state newer than its op.
+            nodes = {n.id: n for n in await svc.nodes()}
         for node_id, (kv, op) in running.items():
             node = nodes.get(node_id)
             if node is not None and node.state == "drained":  # finished, but not recorded
@@ -48,14 +54,20 @@ class DrainController:
             if node is None or node.state != "draining":
                 await self._finish(kv.key, kv.mod_revision, op, "cancelled", "drain cancelled")
                 continue
-            await self._advance(node, kv.key, kv.mod_revision, op, nodes)
+            await self._advance(node, kv.key, kv.mod_revision, op, nodes, seen)
 
     async def _advance(
-        self, node: NodeRecord, op_key: bytes, rev: int, op: DrainOp, nodes: dict[str, NodeRecord]
+        self,
+        node: NodeRecord,
+        op_key: bytes,
+        rev: int,
+        op: DrainOp,
+        nodes: dict[str, NodeRecord],
+        seen: PassView,
     ) -> None:
         svc = self.service
-        alive = await svc.alive()
-        views = await svc.volumes()
+        alive = await seen.alive()
+        views = await seen.volumes()
         moves = dict(op.moves)
         notes: list[str] = []
         moved = 0
@@ -91,6 +103,12 @@ class DrainController:
             }
         )
         if not busy:
+            # The pass view may be older than this drain (read before its op was), so it can
+            # miss what landed on the node just before it began draining, and no guard undoes
+            # a drain's end: decide it on a read newer than the op. Nothing lands on a
+            # draining node after that (attach and placement take active nodes only).
+            if _holds(await svc.volumes(), node.id):
+                return
             await svc.set_node_state(node.id, "drained", allowed_from=("draining",))
             await self._finish(op_key, rev, updated, "done", updated.message)
             log.warning("node %s drained", node.name)
@@ -109,7 +127,7 @@ class DrainController:
         if dest is None:
             return
         vid = v.record.id
-        txn = (
+        txn = (  # guarded on the target the pass view showed
             svc.etcd.txn()
             .value_is(svc.keys.target(vid), v.target.encode())
             .put(svc.keys.target(vid), AttachTarget(dest, v.target.reason).encode())
@@ -153,16 +171,14 @@ class DrainController:
                 await self._drop_replica(v, node)
                 return f"{rec.name}: now {len(others)} replica(s) of {rec.repl} (--force)"
             return f"{rec.name}: waiting for room: {e}"
-        kv = await svc.etcd.get(keys.volume(rec.id))
-        if kv is None:
+        txn = await guard_volume(svc, v)  # the record and replicas as the pass view showed
+        if txn is None:
             return ""
         updated = VolumeRecord.from_dict(
             rec.to_dict() | {"replica_nodes": [*rec.replica_nodes, new]}
         )
         txn = (
-            svc.etcd.txn()
-            .unchanged(keys.volume(rec.id), kv.mod_revision)
-            .absent(keys.replica(rec.id, new))
+            txn.absent(keys.replica(rec.id, new))
             .put(keys.volume(rec.id), updated.encode())
             .put(keys.replica(rec.id, new), ReplicaState(new, "stale", v.epoch).encode())
         )
@@ -179,16 +195,15 @@ class DrainController:
         svc = self.service
         keys = svc.keys
         rec = v.record
-        kv = await svc.etcd.get(keys.volume(rec.id))
-        if kv is None:
+        # Every other replica was in sync in the pass view: commit only if they still are.
+        txn = await guard_volume(svc, v)
+        if txn is None:
             return
         updated = VolumeRecord.from_dict(
             rec.to_dict() | {"replica_nodes": [n for n in rec.replica_nodes if n != node.id]}
         )
         txn = (
-            svc.etcd.txn()
-            .unchanged(keys.volume(rec.id), kv.mod_revision)
-            .present(keys.replica(rec.id, node.id))
+            txn.present(keys.replica(rec.id, node.id))
             .put(keys.volume(rec.id), updated.encode())
             .delete(keys.replica(rec.id, node.id))
             .put(keys.trash(node.id, rec.id), rec.name.encode())
@@ -202,3 +217,13 @@ class DrainController:
         )
         svc = self.service
         await svc.etcd.commit(svc.etcd.txn().unchanged(key, rev).put(key, done.encode()))
+
+
+def _holds(views: list[VolumeView], node_id: str) -> bool:
+    """The node still serves, or holds a replica of, one of these volumes."""
+    return any(
+        (v.target is not None and v.target.node == node_id)
+        or (v.attachment is not None and v.attachment.node == node_id)
+        or node_id in v.replicas
+        for v in views
+    )

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable
 
 from membership.records import AttachTarget, FailoverRecord, NodeRecord
+from pxcluster.controllers.view import PassView
 from pxcluster.placement import pick_attach_node
 from pxcluster.service import Service, VolumeView
 
@@ -21,13 +22,13 @@ class FailoverController:
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    async def run_pass(self) -> None:
-        svc = self.service
-        alive = await svc.alive()
-        views = await svc.volumes()
+    async def run_pass(self, pass_view: PassView | None = None) -> None:
+        seen = pass_view if pass_view is not None else PassView(self.service)
+        alive = await seen.alive()
+        views = await seen.volumes()
         if not any(v.target is not None and v.target.node not in alive for v in views):
             return
-        nodes = {n.id: n for n in await svc.nodes()}
+        nodes = {n.id: n for n in await seen.nodes()}
         moves: list[Awaitable[None]] = []
         for view in views:
             target = view.target
@@ -62,6 +63,7 @@ class FailoverController:
         record = FailoverRecord(
             source=target.node, dest=dest, kind="automatic", detected=time.time()
         )
+        # Guarded on the target the pass view showed: if it moved since, this does nothing.
         txn = (
             svc.etcd.txn()
             .value_is(keys.target(vid), target.encode())

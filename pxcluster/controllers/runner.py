@@ -1,20 +1,46 @@
-"""Runs the leader's controllers while this node holds the leader key."""
+"""Runs the leader's controllers while this node holds the leader key: a pass runs each of
+them once, one after another, on one `PassView` (controllers/view.py), so the pass reads
+`volumes/`, `alive/` and `nodes/` once between them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from membership.election import Election
 from membership.etcd import Etcd, EtcdUnavailable
+from pxcluster.controllers.view import PassView
+from pxcluster.service import Service
 
 log = logging.getLogger(__name__)
 
 
 class Controller(Protocol):
-    async def run_pass(self) -> None: ...
+    service: Service
+
+    async def run_pass(self, pass_view: PassView | None = None) -> None: ...
+
+
+async def run_pass(controllers: Sequence[Controller]) -> dict[str, float]:
+    """One pass: every controller, in order, on one view of the cluster. A controller that
+    fails is logged and the rest still run. Returns the seconds each took (bench/scale.py)."""
+    views: dict[int, PassView] = {}  # per Service; the leader's controllers share one
+    took: dict[str, float] = {}
+    for c in controllers:
+        view = views.setdefault(id(c.service), PassView(c.service))
+        t = time.perf_counter()
+        try:
+            await c.run_pass(view)
+        except EtcdUnavailable as e:
+            log.warning("%s pass skipped: %s", type(c).__name__, e)
+        except Exception:
+            log.exception("%s pass failed", type(c).__name__)
+        took[type(c).__name__] = time.perf_counter() - t
+    return took
 
 
 class ControllerRunner:
@@ -52,13 +78,7 @@ class ControllerRunner:
                 self.wake.clear()
                 if not self.election.is_leader:
                     continue
-                for c in self.controllers:
-                    try:
-                        await c.run_pass()
-                    except EtcdUnavailable as e:
-                        log.warning("%s pass skipped: %s", type(c).__name__, e)
-                    except Exception:
-                        log.exception("%s pass failed", type(c).__name__)
+                await run_pass(self.controllers)
         finally:
             if watcher is not None:
                 await _stop(watcher)

@@ -17,6 +17,7 @@ from typing import Any
 
 from membership.records import ScheduleState
 from pxcluster import snapshots
+from pxcluster.controllers.view import PassView
 from pxcluster.errors import PxcError
 from pxcluster.schedule import AUTO_PREFIX, parse_schedule
 from pxcluster.service import Service, VolumeView
@@ -29,17 +30,22 @@ class ScheduleController:
         self.service = service
         self.clock = clock
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._finished: dict[tuple[str, str], float] = {}  # time.monotonic() at the end
 
-    async def run_pass(self) -> None:
-        for view in await self.service.volumes():
+    async def run_pass(self, pass_view: PassView | None = None) -> None:
+        seen = pass_view if pass_view is not None else PassView(self.service)
+        views = await seen.volumes()
+        read_at = seen.volumes_read_at or 0.0
+        for view in views:
             rec = view.record
             if rec.snapshot_schedule:
-                self._maybe(view, "snapshot", self._snapshot_due(view), self._take_snapshot)
+                due = self._snapshot_due(view)
+                self._maybe(view, "snapshot", due, self._take_snapshot, read_at)
             if rec.backup_schedule and rec.backup_target:
                 state = await self._state(view)
                 sched = parse_schedule(rec.backup_schedule)
                 due = sched is not None and self.clock() - state.last_backup >= sched.interval
-                self._maybe(view, "backup", due, self._take_backup)
+                self._maybe(view, "backup", due, self._take_backup, read_at)
 
     def _maybe(
         self,
@@ -47,13 +53,21 @@ class ScheduleController:
         kind: str,
         due: bool,
         work: Callable[[VolumeView], Coroutine[Any, Any, None]],
+        read_at: float,
     ) -> None:
         key = (view.record.id, kind)
-        if not due or key in self.running:
+        # Work that ended after the view was read may be missing from it (a snapshot just
+        # taken): due or not is decided on the next pass, not taken twice.
+        if not due or key in self.running or self._finished.get(key, -1.0) >= read_at:
             return
         task = asyncio.get_running_loop().create_task(work(view), name=f"schedule-{kind}")
         self.running[key] = task
-        task.add_done_callback(lambda _t: self.running.pop(key, None))
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self.running.pop(key, None)
+            self._finished[key] = time.monotonic()
+
+        task.add_done_callback(done)
 
     def _snapshot_due(self, view: VolumeView) -> bool:
         sched = parse_schedule(view.record.snapshot_schedule)
