@@ -119,32 +119,10 @@ class NodeAgent:
         # nodes and 2000 volumes, a full read per pass per node was ~400 MB/s out of etcd).
         self._targeted: set[str] = set()
         self._relist_at = 0.0  # monotonic time of the next full read; 0: at the next pass
-        # The views of the last pass, and the volumes an event touched since they were read:
-        # a pass re-reads only those (at 50 nodes, re-reading every served volume on every
-        # 1 s pass was ~20 reads/s per node). Likewise the live nodes and this node's trash.
-        self._views: dict[str, VolumeView] = {}
-        self._touched: set[str] = set()
-        self._alive: set[str] | None = None
-        self._alive_events = 0  # alive/ events and watch (re)opens seen: a read that overlaps
-        self._watch_opens = 0  # one of these may miss it, so it is not kept
-        self._trash_pending = True
 
     def _on_watch_event(self, key: bytes, value: bytes | None) -> None:
         parts = self.keys.split(key)
-        if parts[0] == "alive" and len(parts) == 2:
-            self._alive_events += 1
-            if self._alive is not None and value is None:
-                self._alive.discard(parts[1])
-            elif self._alive is not None:
-                self._alive.add(parts[1])
-            return
-        if parts[0] == "trash" and len(parts) >= 2 and parts[1] == self.node_id:
-            self._trash_pending = True
-            return
-        if parts[0] != "volumes" or len(parts) < 2:
-            return
-        self._touched.add(parts[1])
-        if len(parts) != 3 or parts[2] != "target":
+        if len(parts) != 3 or parts[0] != "volumes" or parts[2] != "target":
             return
         if value is not None and AttachTarget.decode(value).node == self.node_id:
             self._targeted.add(parts[1])
@@ -152,12 +130,7 @@ class NodeAgent:
             self._targeted.discard(parts[1])
 
     def _on_watch_open(self) -> None:
-        # Changes while no watch was open were not seen: read everything again.
-        self._relist_at = 0.0
-        self._watch_opens += 1
-        self._alive = None
-        self._alive_events += 1
-        self._trash_pending = True
+        self._relist_at = 0.0  # changes while no watch was open were not seen
 
     async def run(self) -> None:
         watcher = asyncio.create_task(
@@ -254,7 +227,7 @@ class NodeAgent:
                     raise result
                 if isinstance(result, BaseException):
                     log.error("volume %s: attach failed: %r", view.record.name, result)
-        alive = await self._alive_nodes()
+        alive = await self.service.alive()
         for vid, engine in list(self.engines.items()):
             view = views.get(vid)
             if view is not None:
@@ -269,55 +242,34 @@ class NodeAgent:
         await self._empty_trash()
 
     async def _relevant_views(self) -> dict[str, VolumeView]:
-        """Views of the volumes served here or targeted here: every decision of a pass is made
-        on them. A view is read again when an event of the watch touched one of its keys since
-        it was read (so it is what etcd holds, up to events still on their way, which wake the
-        next pass); the others are the last pass's. Which volumes are targeted here comes from
-        the watch too. A full read redoes it all when the watch (re)opens, and every
+        """Views of the volumes served here or targeted here, read now (linearizable reads):
+        every decision of a pass is made on them. Which volumes are targeted here comes from
+        the watch; a full read rebuilds that set when the watch (re)opens, and every
         `_RELIST_EVERY` seconds in case an event was lost."""
         now = time.monotonic()
         if now >= self._relist_at:
-            self._touched.clear()  # before the read: an event during it marks its volume again
-            opens = self._watch_opens
             every = {v.record.id: v for v in await self.service.volumes()}
             self._targeted = {
                 vid
                 for vid, v in every.items()
                 if v.target is not None and v.target.node == self.node_id
             }
-            if self._watch_opens == opens:  # else the reopen's full read is still to come
-                self._relist_at = now + _RELIST_EVERY
-            self._views = {
+            self._relist_at = now + _RELIST_EVERY
+            return {
                 vid: v for vid, v in every.items() if vid in self._targeted or vid in self.engines
             }
-            return dict(self._views)
-        vids = self._targeted | self.engines.keys()
-        stale = sorted(vid for vid in vids if vid in self._touched or vid not in self._views)
-        self._touched.difference_update(stale)  # before the reads, as above
+        vids = sorted(self._targeted | self.engines.keys())
         found = await asyncio.gather(
-            *(self.service.volume_by_id(vid) for vid in stale), return_exceptions=True
+            *(self.service.volume_by_id(vid) for vid in vids), return_exceptions=True
         )
-        views = {vid: self._views[vid] for vid in vids if vid in self._views}
-        for vid, view in zip(stale, found, strict=True):
+        views: dict[str, VolumeView] = {}
+        for vid, view in zip(vids, found, strict=True):
             if isinstance(view, UnknownVolume):
-                views.pop(vid, None)  # deleted since: a pass without it drops its engine
-                continue
+                continue  # deleted since: a pass without it drops its engine
             if isinstance(view, BaseException):
-                self._touched.update(stale)  # not read: read them next pass
                 raise view
             views[vid] = view
-        self._views = views
-        return dict(views)
-
-    async def _alive_nodes(self) -> set[str]:
-        """The live nodes, read once per watch and then kept from its events."""
-        if self._alive is not None:
-            return set(self._alive)
-        seen = self._alive_events
-        alive = await self.service.alive()
-        if self._alive_events == seen:  # no change during the read: events keep it from here
-            self._alive = set(alive)
-        return alive
+        return views
 
     async def attach(self, view: VolumeView) -> None:
         rec = view.record
@@ -765,18 +717,11 @@ class NodeAgent:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _empty_trash(self) -> None:
-        if not self._trash_pending:  # nothing put in this node's trash since the last look
-            return
-        self._trash_pending = False  # before the read: a put during it is looked at next pass
-        try:
-            for kv in await self.etcd.get_prefix(self.keys.trash_prefix(self.node_id)):
-                vid = self.keys.split(kv.key)[-1]
-                await self.peers.local.delete(vid)
-                await self.etcd.delete(kv.key)
-                log.info("volume %s (%s): chunks freed", kv.value.decode(), vid)
-        except BaseException:
-            self._trash_pending = True
-            raise
+        for kv in await self.etcd.get_prefix(self.keys.trash_prefix(self.node_id)):
+            vid = self.keys.split(kv.key)[-1]
+            await self.peers.local.delete(vid)
+            await self.etcd.delete(kv.key)
+            log.info("volume %s (%s): chunks freed", kv.value.decode(), vid)
 
 
 def _snapshot_work(view: VolumeView) -> bool:
