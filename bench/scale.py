@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import itertools
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from membership.election import current_leader
-from membership.etcd import KV, Etcd
+from membership.etcd import Etcd
 from membership.keys import Keys
 from membership.records import Attachment, NodeRecord
 from pxcluster.controllers.drain import DrainController
@@ -61,7 +60,7 @@ from pxcluster.controllers.runner import Controller, run_pass
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.node import ensure_cluster
 from pxcluster.service import Service
-from tests.harness.etcd import free_port, wait_port
+from tests.harness.etcd import CountingEtcd, free_port, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOLUME_SIZE = 10 << 30
@@ -431,23 +430,6 @@ async def setup_volumes(
     return {"create_s": round(created, 1), "targets_s": round(time.monotonic() - t1, 1)}
 
 
-class CountingEtcd(Etcd):
-    """`Etcd` that counts its range requests: `get_prefix` by prefix, `get` all together."""
-
-    def __init__(self, url: str, root: str) -> None:
-        super().__init__(url, timeout=10.0)
-        self.root = root
-        self.ranges: collections.Counter[str] = collections.Counter()
-
-    async def get(self, key: bytes) -> KV | None:
-        self.ranges["get"] += 1
-        return await super().get(key)
-
-    async def get_prefix(self, prefix: bytes) -> list[KV]:
-        self.ranges[prefix.decode().removeprefix(self.root)] += 1
-        return await super().get_prefix(prefix)
-
-
 def leader_controllers(svc: Service) -> list[Controller]:
     return [
         FailoverController(svc),
@@ -465,7 +447,7 @@ async def time_leader_pass(url: str, cluster: str, rounds: int = 5) -> dict[str,
     `rounds`, the per-controller times of that pass, and the range requests a pass sends. For
     comparison, alternating with it: the same controllers each reading for itself (how every
     pass ran before), and one bare read of `volumes/`."""
-    etcd = CountingEtcd(url, Keys(cluster).root)
+    etcd = CountingEtcd(url, Keys(cluster).root, timeout=10.0)
     await etcd.connect()
     try:
         svc = Service(etcd, cluster)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from membership.etcd import KV, Etcd
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -122,3 +125,21 @@ class EtcdServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+
+class CountingEtcd(Etcd):
+    """`Etcd` that counts its range requests: `get_prefix` by the prefix under `root`, `get`
+    all together (what a controller pass or an agent pass reads)."""
+
+    def __init__(self, url: str, root: str, *, timeout: float = 3.0) -> None:
+        super().__init__(url, timeout=timeout)
+        self.root = root
+        self.ranges: collections.Counter[str] = collections.Counter()
+
+    async def get(self, key: bytes) -> KV | None:
+        self.ranges["get"] += 1
+        return await super().get(key)
+
+    async def get_prefix(self, prefix: bytes) -> list[KV]:
+        self.ranges[prefix.decode().removeprefix(self.root)] += 1
+        return await super().get_prefix(prefix)

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from membership.etcd import KV, Etcd
 from membership.records import DrainOp, NodeRecord, ReplicaState
 from pxcluster.controllers.drain import DrainController
 from pxcluster.controllers.failover import FailoverController
@@ -21,26 +20,9 @@ from pxcluster.controllers.runner import Controller, run_pass
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.controllers.view import PassView
 from pxcluster.service import Service
-from tests.harness.etcd import EtcdServer
+from tests.harness.etcd import CountingEtcd, EtcdServer
 
 NODES = ("n1", "n2", "n3", "n4")
-
-
-class CountingEtcd(Etcd):
-    """Counts range requests: `get_prefix` by the prefix under the cluster root."""
-
-    def __init__(self, url: str, root: str) -> None:
-        super().__init__(url)
-        self.root = root
-        self.ranges: collections.Counter[str] = collections.Counter()
-
-    async def get(self, key: bytes) -> KV | None:
-        self.ranges["get"] += 1
-        return await super().get(key)
-
-    async def get_prefix(self, prefix: bytes) -> list[KV]:
-        self.ranges[prefix.decode().removeprefix(self.root)] += 1
-        return await super().get_prefix(prefix)
 
 
 @pytest.fixture
