@@ -71,16 +71,14 @@ class DrainController:
         moves = dict(op.moves)
         notes: list[str] = []
         moved = 0
-        busy = False
+        # Busy while anything is targeted or attached here (handed off, still detaching
+        # cleanly) or has a replica here.
+        busy = _holds(views, node.id)
         for v in views:
             t = v.target
             if t is not None and t.node == node.id:
-                busy = True
                 await self._hand_off(v, node, nodes, alive)
-            elif v.attachment is not None and v.attachment.node == node.id:
-                busy = True  # handed off; the node is still detaching cleanly
             if node.id in v.replicas:
-                busy = True
                 note = await self._move_replica(v, node, nodes, alive, moves, op.force)
                 if note:
                     notes.append(note)
