@@ -203,7 +203,7 @@ def test_randomized_schedule(ncluster: NetnsCluster, tmp_path: Path) -> None:
             whole.failed += [(b, s + rnd * SEQ_SHIFT, t) for b, s, t in history.failed]
             c.wait_for(lambda: all_in_sync(c, "rz"), 120, "every replica in sync")
             stuck = not _served_within(c, "rz", 30)
-            if stuck:  # the known etcd-outage bug (test_chaos.ETCD_STUCK): work around, count
+            if stuck:  # the etcd-outage bug fixed in 7bd3eaa, should it return: work around, count
                 c.cli("volume", "detach", "rz")
                 c.wait_for(lambda: c.inspect("rz")["state"] == "detached", 30, "detached")
                 c.attach("rz", rng.choice(sorted(c.nodes)))

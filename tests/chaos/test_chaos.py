@@ -123,16 +123,6 @@ def test_partition_replica(ncluster: NetnsCluster, tmp_path: Path) -> None:
     finish(c, w, tmp_path, "partition-replica")
 
 
-ETCD_STUCK = (
-    "bug (timing-dependent, so not strict): after etcd is stopped 1.5 s and restarted (lease "
-    "TTL 2 s), the attach node's engine self-fences ('volume V epoch 1: fenced: node lease "
-    "not safely renewed', then 'stopped serving: fenced') and in some runs the agent never "
-    "serves the volume again: the attachment still names that node at epoch 1, no failover "
-    "happens, NBD answers 'no export named V' for 60+ s, until an operator detaches it. In "
-    "other runs it re-attaches at epoch 2 within ~2 s. Seen stuck in 4 of 9 runs."
-)
-
-
 def etcd_outage(
     c: NetnsCluster, tmp: Path, volume: str, seed: int, outages: int = 1
 ) -> tuple[Workload, bool]:
@@ -158,7 +148,7 @@ def etcd_outage(
 
 @pytest.mark.timeout(240)
 def test_etcd_restart_during_writes(ncluster: NetnsCluster, tmp_path: Path) -> None:
-    """Data safety through an etcd outage; availability is the next test's (xfail) business."""
+    """Data safety through an etcd outage; availability is the next test's business."""
     c = ncluster
     w, by_itself = etcd_outage(c, tmp_path, "er", 106)
     print(f"etcd outage: served again by itself: {by_itself}")
@@ -166,7 +156,6 @@ def test_etcd_restart_during_writes(ncluster: NetnsCluster, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=ETCD_STUCK)
 @pytest.mark.timeout(240)
 def test_etcd_restarts_attach_node_serves_again(ncluster: NetnsCluster, tmp_path: Path) -> None:
     c = ncluster
