@@ -73,6 +73,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU so far per thread name (threads of one name summed): the event loop is the
+    process's first thread, named after the program."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            head, rest = (task / "stat").read_text().rsplit(")", 1)
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        name = "loop" if task.name == str(pid) else head.split("(", 1)[1]
+        fields = rest.split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
 def rebuild_op(c: Cluster, node_id: str) -> dict[str, Any]:
     ops = [o for o in c.etcd_get_prefix(f"/pxc/{c.name}/ops/") if o["node"] == node_id]
     return max(ops, key=lambda o: o["seconds"]) if ops else {}
@@ -133,8 +149,11 @@ def main() -> None:
             c.cli("volume", "create", "rb", "--size", args.size, "--repl", "2")
             uri = c.cli("volume", "attach", "rb", "--node", "n1", "--wait").stdout.strip()
             c.kill("n2")
+            size = parse_size(args.size)
+            piece = 1 << 30  # qemu-io takes at most 2 GiB per request
+            writes = [f"write -P 0x5a {o} {min(piece, size - o)}" for o in range(0, size, piece)]
             subprocess.run(
-                ["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {args.size}", uri],
+                ["qemu-io", "-f", "raw", *(a for w in writes for a in ("-c", w)), uri],
                 check=True,
                 capture_output=True,
                 timeout=600,
@@ -143,6 +162,7 @@ def main() -> None:
             c.start("n2")
             pids = {n: c.nodes[n].proc.pid for n in ("n1", "n2")}  # type: ignore[union-attr]
             cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+            threads0 = {n: thread_cpu_seconds(pid) for n, pid in pids.items()}
             spies = []
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
@@ -153,6 +173,14 @@ def main() -> None:
             full = wait_rebuilt(c, n2_id, {})
             wall = time.monotonic() - t
             cpu = {n: round(cpu_seconds(pid) - cpu0[n], 2) for n, pid in pids.items()}
+            threads = {
+                n: {
+                    name: round(s - threads0[n].get(name, 0.0), 2)
+                    for name, s in sorted(thread_cpu_seconds(pid).items())
+                    if s - threads0[n].get(name, 0.0) >= 0.01
+                }
+                for n, pid in pids.items()
+            }
             for spy in spies:
                 spy.wait(60)
             wait_in_sync(c, "rb")
@@ -207,6 +235,7 @@ def main() -> None:
                     "restart_to_in_sync_s": round(wall, 2),
                     # from the restart on: n1 attach node and source, n2 the rebuilt target
                     "cpu_s": cpu,
+                    "thread_cpu_s": threads,
                 },
                 "incremental_rebuild": {
                     "copied_chunks": inc["copied_chunks"],
