@@ -99,6 +99,7 @@ class VolumeEngine:
         self._state = state
         self._lease_ok = lease_ok
         self._on_fenced = on_fenced
+        self._fence_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self._seq = itertools.count(1)
         # Chunks this engine wrote and has not yet recorded clean, with the monotonic time their
         # last write completed. The dirty log on the replicas must cover every one of them.
@@ -533,7 +534,7 @@ class VolumeEngine:
         self.stop_cleaner()
         log.error("volume %s epoch %d: fenced: %s", self.name, self.epoch, why)
         if self._on_fenced is not None:
-            asyncio.get_running_loop().create_task(self._on_fenced())
+            self._fence_task = asyncio.get_running_loop().create_task(self._on_fenced())
 
     async def _mutate(
         self, pieces: list[Piece], call: Callable[[ReplicaAPI, list[Piece]], Awaitable[None]]
