@@ -53,11 +53,7 @@ from membership.election import current_leader
 from membership.etcd import Etcd
 from membership.keys import Keys
 from membership.records import Attachment, NodeRecord
-from pxcluster.controllers.drain import DrainController
-from pxcluster.controllers.failover import FailoverController
-from pxcluster.controllers.repair import RepairController
-from pxcluster.controllers.runner import Controller, run_pass
-from pxcluster.controllers.schedules import ScheduleController
+from pxcluster.controllers.runner import leader_controllers, run_pass
 from pxcluster.node import ensure_cluster
 from pxcluster.service import Service
 from tests.harness.etcd import CountingEtcd, free_port, wait_port
@@ -430,15 +426,6 @@ async def setup_volumes(
     return {"create_s": round(created, 1), "targets_s": round(time.monotonic() - t1, 1)}
 
 
-def leader_controllers(svc: Service) -> list[Controller]:
-    return [
-        FailoverController(svc),
-        RepairController(svc, replace_after=300.0),
-        DrainController(svc),
-        ScheduleController(svc),
-    ]
-
-
 async def time_leader_pass(url: str, cluster: str, rounds: int = 5) -> dict[str, Any]:
     """What one pass of the leader's controllers costs at this size (the runner runs one on
     every change under the cluster prefix, and at least once a second), timed in this process
@@ -466,13 +453,13 @@ async def time_leader_pass(url: str, cluster: str, rounds: int = 5) -> dict[str,
         for _ in range(rounds):
             etcd.ranges.clear()
             t = time.perf_counter()
-            took = await run_pass(leader_controllers(svc))
+            took = await run_pass(leader_controllers(svc, replace_after=300.0))
             shared.append((time.perf_counter() - t, took))
             out["pass_range_requests"] = sum(etcd.ranges.values())
             out["pass_range_requests_by_prefix"] = dict(etcd.ranges)
             etcd.ranges.clear()
             t = time.perf_counter()
-            for c in leader_controllers(svc):
+            for c in leader_controllers(svc, replace_after=300.0):
                 await c.run_pass()  # no view given: each reads for itself
             unshared.append(time.perf_counter() - t)
             out["unshared_range_requests"] = sum(etcd.ranges.values())

@@ -27,11 +27,7 @@ from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
 from pxcluster.agent import NodeAgent, Peers
 from pxcluster.api.app import ApiConfig, build_app
-from pxcluster.controllers.drain import DrainController
-from pxcluster.controllers.failover import FailoverController
-from pxcluster.controllers.repair import RepairController
-from pxcluster.controllers.runner import ControllerRunner
-from pxcluster.controllers.schedules import ScheduleController
+from pxcluster.controllers.runner import ControllerRunner, leader_controllers
 from pxcluster.errors import JoinRefused
 from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
@@ -298,12 +294,7 @@ class Node:
             self.etcd,
             self.keys.root.encode(),
             election,
-            [
-                FailoverController(service),
-                RepairController(service, replace_after=c.replace_after),
-                DrainController(service),
-                ScheduleController(service),
-            ],
+            leader_controllers(service, replace_after=c.replace_after),
         )
         self._tasks = [
             asyncio.create_task(self.agent.run(), name="agent"),

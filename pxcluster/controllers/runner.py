@@ -13,6 +13,10 @@ from typing import Protocol
 
 from membership.election import Election
 from membership.etcd import Etcd, EtcdUnavailable
+from pxcluster.controllers.drain import DrainController
+from pxcluster.controllers.failover import FailoverController
+from pxcluster.controllers.repair import RepairController
+from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.controllers.view import PassView
 from pxcluster.service import Service
 
@@ -23,6 +27,17 @@ class Controller(Protocol):
     service: Service
 
     async def run_pass(self, pass_view: PassView | None = None) -> None: ...
+
+
+def leader_controllers(service: Service, *, replace_after: float) -> list[Controller]:
+    """The leader's controllers, in the order a pass runs them (the node, bench/scale.py and
+    the pass tests all run this list)."""
+    return [
+        FailoverController(service),
+        RepairController(service, replace_after=replace_after),
+        DrainController(service),
+        ScheduleController(service),
+    ]
 
 
 async def run_pass(controllers: Sequence[Controller]) -> dict[str, float]:

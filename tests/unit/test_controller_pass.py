@@ -14,9 +14,8 @@ import pytest
 
 from membership.records import DrainOp, NodeRecord, ReplicaState
 from pxcluster.controllers.drain import DrainController
-from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
-from pxcluster.controllers.runner import Controller, run_pass
+from pxcluster.controllers.runner import Controller, leader_controllers, run_pass
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.controllers.view import PassView
 from pxcluster.service import Service
@@ -62,12 +61,7 @@ def ranges(svc: Service) -> collections.Counter[str]:
 
 
 def leader(svc: Service) -> list[Controller]:
-    return [
-        FailoverController(svc),
-        RepairController(svc, replace_after=0.0),
-        DrainController(svc),
-        ScheduleController(svc),
-    ]
+    return leader_controllers(svc, replace_after=0.0)
 
 
 async def test_a_pass_reads_each_prefix_once(svc: Service) -> None:
