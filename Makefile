@@ -28,7 +28,7 @@ integration: install
 	.venv/bin/pytest -q tests/integration
 
 bench: install
-	.venv/bin/python bench/run.py
+	bench/run
 
 # A randomized fault schedule in network namespaces (root): `make chaos SEED=N ROUNDS=N [MINUTES=M]`.
 # Without SEED a random one is drawn; it is printed first, and again with any failure.
