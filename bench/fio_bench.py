@@ -90,6 +90,9 @@ def measure_all(
         if args.workloads and w.key not in args.workloads:
             continue
         for name, (target, pids) in up.items():
+            # The page cache the cells before left dirty is written back now, not by the
+            # kernel's flusher (30 s on) in the middle of whichever cell runs then.
+            os.sync()
             cpu0, t0 = cpu_seconds(pids), time.monotonic()
             r = run_fio([target], w, size=args.size, runtime=args.runtime)
             cpu, wall = cpu_seconds(pids) - cpu0, time.monotonic() - t0
