@@ -157,9 +157,11 @@ def pyspy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
 
 
 def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
-    d = RESULTS / f"profile-{stamp}{'-sync' if args.profile_sync else ''}"
+    d = RESULTS / f"profile-{stamp}-repl{args.profile_repl}{'-sync' if args.profile_sync else ''}"
     d.mkdir(parents=True, exist_ok=True)
-    uri = create_attached(c, "prof", args.size, 3, node="n1", sync=args.profile_sync)
+    uri = create_attached(
+        c, "prof", args.size, args.profile_repl, node="n1", sync=args.profile_sync
+    )
     precondition(nbd_target(uri), args.size)
     info: dict[str, Any] = {}
     for key in ("rand_write_4k_qd16", "seq_write_1m_qd8"):
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--no-extras", action="store_true", help="skip failover and rebuild")
     ap.add_argument("--profile", action="store_true", help="only the py-spy profile")
     ap.add_argument("--profile-sync", action="store_true", help="profile a --sync-writes volume")
+    ap.add_argument("--profile-repl", type=int, default=3, help="replicas of the profiled volume")
     args = ap.parse_args()
     if args.quick:
         args.runtime, args.size, args.no_extras, args.scale = 2, "64m", True, "1,2"
