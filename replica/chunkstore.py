@@ -97,6 +97,7 @@ from replica.ondisk import (
 
 Generation = tuple[int, int]
 _ZERO_BATCH = 16  # slots zeroed at a time, ahead of need (see _take_slot)
+_PAGE_CACHE_PIECE = 64 << 10  # largest buffered data write (see _data_write)
 _OFFLOAD_MIN = 64 << 10  # write_chunk data from this size lands in a worker thread
 _LANDING = 1 << 62  # VolState.unsynced of a chunk whose bytes are still landing: no sync counts
 
@@ -760,7 +761,14 @@ class ChunkStore:
         """Write into a slot and refresh the checksums of the blocks it touches. Both land in
         the page cache; the next fdatasync makes both durable (a chunk written since its last
         clean mark has its checksums recomputed when the store opens after a crash)."""
-        self._f.pwrite(data, self._sb.slot_offset(slot) + offset)
+        # In pieces of at most 64 KiB: the kernel caches a buffered write in a folio as large
+        # as the write, and every later 4 KiB write into a large folio costs ext4 a walk of all
+        # its blocks (a 4 KiB pwrite into pages a 1 MiB write cached: 13-17 us, 64 KiB: 3.5-4
+        # us). repl-1 4 KiB random writes after 1 MiB ones: 17-23k -> 31k IOPS (BENCHMARKS).
+        at = self._sb.slot_offset(slot) + offset
+        view = memoryview(data)
+        for i in range(0, len(view), _PAGE_CACHE_PIECE):
+            self._f.pwrite(view[i : i + _PAGE_CACHE_PIECE], at + i)
         self._refresh_csums(slot, offset, len(data), data)
 
     def _save_present(self, c: ChunkState) -> None:
