@@ -73,12 +73,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name (threads of one name summed) of one process."""
+def thread_cpu(pid: int, *, main: str | None = None) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed) of one process; with `main`,
+    the process's first thread (the event loop) is counted under that name."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             comm = (task / "comm").read_text().strip()
+            if main is not None and task.name == str(pid):
+                comm = main
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue

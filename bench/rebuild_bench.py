@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.fiorun import cpu_seconds, thread_cpu
 from bench.rebuild_floor import copy_floor_mib_s
 from pxcluster.units import parse_size
 from tests.harness.cluster import Cluster
@@ -65,28 +66,6 @@ def pyspy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU so far per thread name (threads of one name summed): the event loop is the
-    process's first thread, named after the program."""
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            head, rest = (task / "stat").read_text().rsplit(")", 1)
-        except FileNotFoundError:
-            continue  # ended meanwhile
-        name = "loop" if task.name == str(pid) else head.split("(", 1)[1]
-        fields = rest.split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        out[name] = out.get(name, 0.0) + cpu
-    return out
 
 
 def rebuild_op(c: Cluster, node_id: str) -> dict[str, Any]:
@@ -161,8 +140,8 @@ def main() -> None:
             t = time.monotonic()
             c.start("n2")
             pids = {n: c.nodes[n].proc.pid for n in ("n1", "n2")}  # type: ignore[union-attr]
-            cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
-            threads0 = {n: thread_cpu_seconds(pid) for n, pid in pids.items()}
+            cpu0 = {n: cpu_seconds([pid]) for n, pid in pids.items()}
+            threads0 = {n: thread_cpu(pid, main="loop") for n, pid in pids.items()}
             spies = []
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
@@ -172,11 +151,11 @@ def main() -> None:
                     spies.append(pyspy(proc.pid, args.profile / f"rebuild-{n}.txt", 4))
             full = wait_rebuilt(c, n2_id, {})
             wall = time.monotonic() - t
-            cpu = {n: round(cpu_seconds(pid) - cpu0[n], 2) for n, pid in pids.items()}
+            cpu = {n: round(cpu_seconds([pid]) - cpu0[n], 2) for n, pid in pids.items()}
             threads = {
                 n: {
                     name: round(s - threads0[n].get(name, 0.0), 2)
-                    for name, s in sorted(thread_cpu_seconds(pid).items())
+                    for name, s in sorted(thread_cpu(pid, main="loop").items())
                     if s - threads0[n].get(name, 0.0) >= 0.01
                 }
                 for n, pid in pids.items()
