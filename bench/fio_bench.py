@@ -164,7 +164,7 @@ def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
     )
     precondition(nbd_target(uri), args.size)
     info: dict[str, Any] = {}
-    for key in ("rand_write_4k_qd16", "seq_write_1m_qd8"):
+    for key in args.profile_workloads.split(","):
         w = next(x for x in WORKLOADS if x.key == key)
         procs = [
             pyspy(p.proc.pid, d / f"{key}-{n}.txt", 5)
@@ -212,6 +212,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="only the py-spy profile")
     ap.add_argument("--profile-sync", action="store_true", help="profile a --sync-writes volume")
     ap.add_argument("--profile-repl", type=int, default=3, help="replicas of the profiled volume")
+    ap.add_argument(
+        "--profile-workloads",
+        default="rand_write_4k_qd16,seq_write_1m_qd8",
+        help="workload keys to profile (comma list)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.runtime, args.size, args.no_extras, args.scale = 2, "64m", True, "1,2"

@@ -16,9 +16,9 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
 from pxcluster.engine.crypt import BlockCipher
@@ -35,22 +35,28 @@ from replica.errors import StaleEpoch
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
+    # A tuple, not a frozen dataclass: one is built per request (a frozen dataclass's __init__
+    # costs a setattr call per field).
     chunk: int
     offset: int  # inside the chunk
     start: int  # inside the request
     length: int
 
 
-def split(offset: int, length: int, chunk_size: int) -> Iterator[Piece]:
+def split(offset: int, length: int, chunk_size: int) -> list[Piece]:
+    chunk, inner = divmod(offset, chunk_size)
+    if inner + length <= chunk_size:  # the common request: inside one chunk
+        return [Piece(chunk, inner, 0, length)] if length else []
+    pieces = []
     pos = offset
     end = offset + length
     while pos < end:
         chunk, inner = divmod(pos, chunk_size)
         n = min(chunk_size - inner, end - pos)
-        yield Piece(chunk, inner, pos - offset, n)
+        pieces.append(Piece(chunk, inner, pos - offset, n))
         pos += n
+    return pieces
 
 
 @dataclass
@@ -429,15 +435,16 @@ class VolumeEngine:
     async def _write_raw(self, offset: int, data: memoryview, fua: bool) -> None:
         seq = next(self._seq)
         durable = fua or self.spec.sync_writes
-        pieces = list(split(offset, len(data), self.spec.chunk_size))
+        pieces = split(offset, len(data), self.spec.chunk_size)
         vid, epoch = self.spec.id, self.epoch
 
-        async def one(r: ReplicaAPI, pieces: list[Piece]) -> None:
+        def one(r: ReplicaAPI, pieces: list[Piece]) -> Awaitable[None]:
+            # Not a coroutine itself: the common case hands back the replica's own call, one
+            # coroutine frame fewer to step through on every resume.
             if len(pieces) == 1 and pieces[0].length == len(data):
                 p = pieces[0]
-                await r.write(vid, epoch, p.chunk, p.offset, data, seq=seq, durable=durable)
-                return
-            await asyncio.gather(
+                return r.write(vid, epoch, p.chunk, p.offset, data, seq=seq, durable=durable)
+            return _gather(
                 *(
                     r.write(
                         vid,
@@ -456,7 +463,7 @@ class VolumeEngine:
 
     async def _trim_raw(self, offset: int, length: int, fua: bool) -> None:
         seq = next(self._seq)
-        pieces = list(split(offset, length, self.spec.chunk_size))
+        pieces = split(offset, length, self.spec.chunk_size)
         vid, epoch = self.spec.id, self.epoch
 
         async def one(r: ReplicaAPI, pieces: list[Piece]) -> None:
@@ -672,3 +679,7 @@ class VolumeEngine:
 
 async def _ignore(aw: Awaitable[object]) -> None:
     await aw
+
+
+async def _gather(*aws: Awaitable[None]) -> None:
+    await asyncio.gather(*aws)

@@ -98,3 +98,70 @@ async def test_cancelling_the_caller_cancels_every_waiting_call() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
     assert sorted(cancelled) == ["a", "b", "c"]
+
+
+async def test_calls_waiting_on_one_reply_each_cost_no_task() -> None:
+    replies = {n: asyncio.get_running_loop().create_future() for n in "abc"}
+
+    def call(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> str:
+            return await replies[name]
+
+        return run
+
+    job = asyncio.ensure_future(fan_out_calls({n: call(n) for n in "abc"}))
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() == {job, asyncio.current_task()}
+    for n, fut in replies.items():
+        fut.set_result(n.upper())
+    ok, failed = await asyncio.wait_for(job, 5)
+    assert ok == {"a": "A", "b": "B", "c": "C"} and not failed
+
+
+async def test_a_call_that_waits_again_after_its_reply_still_finishes() -> None:
+    loop = asyncio.get_running_loop()
+    first, reply, later = loop.create_future(), loop.create_future(), loop.create_future()
+
+    async def twice() -> str:
+        await first
+        return str(await later)
+
+    async def once() -> str:
+        return str(await reply)
+
+    job = asyncio.ensure_future(fan_out_calls({"a": twice, "b": once}))
+    await asyncio.sleep(0)
+    first.set_result("f")
+    reply.set_result("r")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not job.done()
+    later.set_result("l")
+    ok, failed = await asyncio.wait_for(job, 5)
+    assert ok == {"a": "l", "b": "r"} and not failed
+
+
+async def test_cancelling_parked_calls_cancels_what_they_wait_on_and_lets_them_clean_up() -> None:
+    loop = asyncio.get_running_loop()
+    replies = {n: loop.create_future() for n in "ab"}
+    cleaned: list[str] = []
+
+    def call(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            try:
+                await replies[name]
+            finally:
+                await asyncio.sleep(0)  # cleanup that itself waits
+                cleaned.append(name)
+
+        return run
+
+    job = asyncio.ensure_future(fan_out_calls({n: call(n) for n in "ab"}))
+    await asyncio.sleep(0)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert all(f.cancelled() for f in replies.values())
+    assert sorted(cleaned) == ["a", "b"]
