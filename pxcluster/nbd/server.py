@@ -4,11 +4,11 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
 - bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
-- a READ, FLUSH or TRIM with no earlier request pending runs its first step inline
+- a request with no earlier request pending runs its first step inline
   (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait (a read from the
-  local replica never does); WRITEs are tasks at once; each request is answered as soon
-  as it completes (replies go out of order); replies are gathered and written once per
-  loop iteration;
+  local replica never does, nor a write only the local replica holds); each request is
+  answered as soon as it completes (replies go out of order); replies are gathered and
+  written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
   payload) per connection; past that, or when the client stops reading replies
   (pause_writing), the transport stops reading, so memory stays bounded and a slow
@@ -369,10 +369,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reply_error(cookie, p.NBD_EINVAL, f"unsupported command {cmd}")
 
     def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
-        # A task at once: the engine's writes always wait for replicas, so stepping them inline
-        # would only add the inline wrapper to every later step.
+        # Inline like a read: a write that only the local replica holds completes in its first
+        # step (no task), and one that waits for remote replicas has sent their frames by then.
         t0 = perf_counter()
-        self._spawn(self._write(cookie, offset, data, fua, t0), len(data), inline_ok=False)
+        self._spawn(self._write(cookie, offset, data, fua, t0), len(data))
 
     async def _write(
         self, cookie: int, offset: int, data: memoryview, fua: bool, t0: float
@@ -395,15 +395,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._flush_scheduled = True
                     self._loop.call_soon(self._flush)
 
-    def _spawn(
-        self, coro: Coroutine[Any, Any, None], nbytes: int, *, inline_ok: bool = True
-    ) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
         self._inflight += 1
         self._inflight_bytes += nbytes
         run = self._run(coro, nbytes)
         # Inline only when no earlier request still waits as a task: a request never starts
         # ahead of one received before it.
-        if inline_ok and not self._tasks:
+        if not self._tasks:
             task = inline.start(self._loop, run)
         else:
             task = self._loop.create_task(run)
