@@ -17,7 +17,8 @@ scaling curve (repl-3 4 KiB random-write IOPS for 1, 2, 4, 8 volumes, one fio jo
 then `bench/failover_bench.py` and `bench/rebuild_bench.py` (own clusters). Prints the table and
 the issue's targets; writes JSON and a PNG under bench/results/.
 With --profile: py-spy on the attach node and on a replica node under the repl-3 4 KiB QD16 and
-1 MiB sequential write workloads (raw folded stacks under bench/results/profile-*/).
+1 MiB sequential write workloads (raw folded stacks under bench/results/profile-*/);
+--profile-repl and --profile-workloads choose another volume and other workloads.
 """
 
 from __future__ import annotations
