@@ -92,11 +92,7 @@ async def test_cancelling_the_caller_cancels_every_waiting_call() -> None:
     job = asyncio.ensure_future(fan_out_calls({n: call(n) for n in "abc"}))
     for _ in range(3):
         await asyncio.sleep(0)
-    job.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await job
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await _cancel_and_settle(job)
     assert sorted(cancelled) == ["a", "b", "c"]
 
 
@@ -158,10 +154,15 @@ async def test_cancelling_parked_calls_cancels_what_they_wait_on_and_lets_them_c
 
     job = asyncio.ensure_future(fan_out_calls({n: call(n) for n in "ab"}))
     await asyncio.sleep(0)
+    await _cancel_and_settle(job)
+    assert all(f.cancelled() for f in replies.values())
+    assert sorted(cleaned) == ["a", "b"]
+
+
+async def _cancel_and_settle(job: asyncio.Future[object]) -> None:
+    """Cancel the fan-out, see it raise CancelledError, and let its calls finish cleaning up."""
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
     for _ in range(3):
         await asyncio.sleep(0)
-    assert all(f.cancelled() for f in replies.values())
-    assert sorted(cleaned) == ["a", "b"]
