@@ -4,9 +4,9 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
 - bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
-- a request with no earlier request pending runs its first step inline
+- a request (but a WRITE over 64 KiB) with no earlier request pending runs its first step inline
   (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait (a read from the
-  local replica never does, nor a write only the local replica holds); each request is
+  local replica never does, nor a small write only the local replica holds); each request is
   answered as soon as it completes (replies go out of order); replies are gathered and
   written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _RECV_BUFFER = 256 * 1024
 # Compact the receive buffer when less than this is free at its tail.
 _COMPACT_BELOW = 32 * 1024
+# Largest WRITE whose first step runs inline (see _dispatch_write).
+_INLINE_WRITE_MAX = 64 * 1024
 
 _PHASE_CLIENT_FLAGS = 0
 _PHASE_OPTIONS = 1
@@ -369,10 +371,13 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reply_error(cookie, p.NBD_EINVAL, f"unsupported command {cmd}")
 
     def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
-        # Inline like a read: a write that only the local replica holds completes in its first
-        # step (no task), and one that waits for remote replicas has sent their frames by then.
+        # A small write runs inline like a read: one that only the local replica holds completes
+        # in its first step (no task), one that waits for remote replicas has sent their frames
+        # by then. A large one is a task at once: run inline, its page-cache copy would hold up
+        # receiving the requests behind it (1 MiB sequential writes ~10% slower, measured).
         t0 = perf_counter()
-        self._spawn(self._write(cookie, offset, data, fua, t0), len(data))
+        coro = self._write(cookie, offset, data, fua, t0)
+        self._spawn(coro, len(data), inline_ok=len(data) <= _INLINE_WRITE_MAX)
 
     async def _write(
         self, cookie: int, offset: int, data: memoryview, fua: bool, t0: float
@@ -395,13 +400,15 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._flush_scheduled = True
                     self._loop.call_soon(self._flush)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], nbytes: int, *, inline_ok: bool = True
+    ) -> None:
         self._inflight += 1
         self._inflight_bytes += nbytes
         run = self._run(coro, nbytes)
         # Inline only when no earlier request still waits as a task: a request never starts
         # ahead of one received before it.
-        if not self._tasks:
+        if inline_ok and not self._tasks:
             task = inline.start(self._loop, run)
         else:
             task = self._loop.create_task(run)
