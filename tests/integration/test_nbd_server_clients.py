@@ -6,6 +6,7 @@ subprocess, so the loop keeps serving while the test awaits it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -192,3 +193,42 @@ async def test_nbdsh_simple_replies(served: Served) -> None:
     )
     out = await run_tool(*nbdsh, "-c", script)
     assert "NBDSH_OK" in out
+
+
+class TaskRecordingExport(MemoryExport):
+    """Records, per write length, whether the write started inside a task."""
+
+    def __init__(self, name: str, size: int) -> None:
+        super().__init__(name, size)
+        self.in_task: dict[int, bool] = {}
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.in_task[data.nbytes] = asyncio.current_task() is not None
+        await super().write(offset, data, fua)
+
+
+async def test_small_writes_run_inline_and_large_ones_in_a_task(tmp_path: Path) -> None:
+    qemu_io = require_tool("qemu-io")
+    registry = ExportRegistry()
+    export = TaskRecordingExport("vol", SIZE)
+    registry.add(export)
+    server = NbdServer(registry)
+    port = await server.start_tcp("127.0.0.1", 0)
+    try:
+        await run_tool(
+            qemu_io,
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 4k",
+            "-c",
+            "write -P 0x5b 1M 1M",
+            f"nbd://127.0.0.1:{port}/vol",
+        )
+    finally:
+        await server.close()
+    # 4 KiB: completed inside the protocol callback, no task; 1 MiB: a task, so receiving the
+    # requests behind it does not wait for its copy.
+    assert export.in_task == {4096: False, 1 << 20: True}
+    assert export.contents(0, 4096) == b"\x5a" * 4096
+    assert export.contents(1 << 20, 1 << 20) == b"\x5b" * (1 << 20)
