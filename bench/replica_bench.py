@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -84,6 +85,14 @@ async def main() -> None:
     )
     args = ap.parse_args()
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="replica-bench-"))
+    try:
+        await bench(args, workdir)
+    finally:
+        if not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> None:
     if args.tls:
         print("| write | QD | mode | plain ops/s | plain MiB/s | TLS ops/s | TLS MiB/s | ratio |")
     elif args.floor:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,6 +9,13 @@ import pytest
 
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    # A run that ends in ENOSPC errors should say up front that the disk was short.
+    root = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(root).free
+    return f"free disk under {root}: {free / 2**30:.1f} GiB (a full run peaks near 1 GiB)"
 
 
 @pytest.fixture

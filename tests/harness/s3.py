@@ -85,6 +85,8 @@ class SeaweedS3:
         p = self.ports
         args = [
             weed_binary(),
+            # glog would otherwise leave its files in /tmp, one set per server, forever.
+            "-logtostderr",
             "server",
             f"-dir={self.data_dir}",
             f"-ip={self.host}",
