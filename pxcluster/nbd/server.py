@@ -10,9 +10,9 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
   answered as soon as it completes (replies go out of order); replies are gathered and
   written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
-  payload) per connection; past that, or when the client stops reading replies
-  (pause_writing), the transport stops reading, so memory stays bounded and a slow
-  export slows its clients.
+  payload) per connection, replies not yet handed to the transport included; past that,
+  or when the client stops reading replies (pause_writing), the transport stops reading,
+  so memory stays bounded and a slow export slows its clients.
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_structured",
         "_tasks",
         "_transport",
+        "_unsent",
+        "_unsent_bytes",
         "_view",
         "_write_paused",
     )
@@ -124,6 +126,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._inflight_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._replies: list[bytes | bytearray | memoryview] = []
+        # Replies (and read bytes) queued but not yet handed to the transport: they count as
+        # in flight, or a burst of requests answered inline would queue replies unbounded.
+        self._unsent = 0
+        self._unsent_bytes = 0
         self._spent: list[bytearray] = []  # payload buffers of finished writes, to recycle
         self._flush_scheduled = False
         self._parsing = False  # inside _process: a request finishing inline must not re-enter
@@ -204,8 +210,8 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _can_dispatch(self) -> bool:
         return (
             not self._write_paused
-            and self._inflight < self._server.max_inflight
-            and self._inflight_bytes < self._server.max_inflight_bytes
+            and self._inflight + self._unsent < self._server.max_inflight
+            and self._inflight_bytes + self._unsent_bytes < self._server.max_inflight_bytes
         )
 
     def _update_reading(self) -> None:
@@ -474,6 +480,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 )
         else:
             header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
+        self._unsent_bytes += length
         self._queue(header, data)
         if self._lat is not None:
             self._lat[_OP_READ].observe(perf_counter() - t0)
@@ -510,6 +517,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._closed:
             return
         self._replies.extend(chunks)
+        self._unsent += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -528,7 +536,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._replies and not self._closed and self._transport is not None:
             replies = self._replies
             self._replies = []
+            self._unsent = self._unsent_bytes = 0
+            # The transport may pause_writing here (the client is not reading): then nothing
+            # more is dispatched; otherwise what the queued replies held back goes on now.
             self._transport.writelines(replies)
+            if not self._closing:
+                self._resume()
 
     # --- closing ---------------------------------------------------------------------------
 

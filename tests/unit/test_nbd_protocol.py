@@ -494,6 +494,25 @@ async def test_client_not_reading_replies_stops_the_server_reading(served: Serve
     await c.close()
 
 
+async def test_a_burst_answered_inline_queues_no_more_than_max_inflight(served: Served) -> None:
+    # All requests in one segment: the server parses them in one pass, and each read completes
+    # inline (a memory export never waits). Replies not yet handed to the transport count as
+    # in flight, so the pass stops at max_inflight (8 here) however many requests are buffered.
+    export = CountingExport()
+    served.registry.add(export)
+    c = await served.transmit("counting")
+    n = 200
+    c.send(b"".join(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0, SIZE) for i in range(n)))
+    await c.writer.drain()
+    await asyncio.sleep(0.3)
+    assert export.reads < 40  # a few replies' worth fit the socket buffers; never all 200
+    for _ in range(n):
+        error, _, data = await c.simple_reply(SIZE)
+        assert error == 0 and len(data) == SIZE
+    assert export.reads == n
+    await c.close()
+
+
 # The node runs on uvloop; its transports differ from asyncio's (buffer handling, flow
 # control callbacks), so the scenarios most sensitive to that run on it as well.
 UVLOOP_SCENARIOS = [
