@@ -33,7 +33,9 @@ Durability order (DRBD's activity log): a chunk's dirty record is durable before
 first touched; later writes to a dirty chunk go straight to the page cache. Generations are
 buffered and journaled at the next sync: after a crash, dirty chunks are resynced anyway.
 A slot is zeroed durably before it is handed to a chunk, so no chunk ever shows another
-chunk's old data. All syncs go through one group-commit path (`flush`).
+chunk's old data. All syncs go through one group-commit path (`flush`). Each 4 KiB block
+has a crc32c, checked on every read; a written slot's entries stay in memory (csumpages) and
+reach the file when the next sync begins.
 
 Snapshots are layers (see chunkmeta): a snapshot freezes the head's chunks; a later write
 allocates a fresh head chunk that holds only the blocks written since (copy on write per
@@ -69,6 +71,7 @@ from replica.chunkmeta import (
     rec_snapshot,
     rec_volume,
 )
+from replica.csumpages import ChecksumPages
 from replica.errors import (
     ChecksumMismatch,
     DiskError,
@@ -137,6 +140,7 @@ class ChunkStore:
         self._punched: list[int] = []
         self._unzeroed: set[int] = set(range(sb.slots)) - used
         self._refill = asyncio.Lock()
+        self._csums = ChecksumPages(f, sb)
         # Serialises first writes to one chunk, so two writers cannot both allocate it.
         self._chunk_locks: dict[tuple[str, int], _SharedLock] = {}
         self._started = 0
@@ -276,7 +280,7 @@ class ChunkStore:
         slots = [c.slot for c in v.chunks.values()]
         slots += [c.slot for layer in v.snaps for c in layer.chunks.values()]
         # These slots belong to no one now, so zeroing them off the loop cannot race a writer.
-        await asyncio.to_thread(self._punch_slots, slots)
+        await self._punch_off_loop(slots)
         self._punched.extend(slots)
         await self.flush()
 
@@ -517,6 +521,7 @@ class ChunkStore:
         loop would wait for it."""
         v.unsynced[chunk] = _LANDING
         slot = c.slot
+        self._csums.drop(slot)  # the landing writes every entry of the slot
         n = self._sb.present_size
         mask = bytes(n) if c.present is None else c.present.to_bytes(n, "little")
 
@@ -614,6 +619,7 @@ class ChunkStore:
             for chunk, c in [(i, c) for i, c in v.chunks.items() if c.present == 0]:
                 del v.chunks[chunk]
                 self._records.append(rec_free(volume, chunk))
+                self._csums.drop(c.slot)
                 self._punched.append(c.slot)  # never written: still zero, reusable after sync
             layer = SnapLayer(snap_id, name, created, v.chunks)
             v.snaps.append(layer)
@@ -705,7 +711,7 @@ class ChunkStore:
         are durable (a replay must never bring back an entry whose slot was zeroed), zero the
         slots, and make them reusable once a sync made the zeros durable too."""
         await self.flush()
-        await asyncio.to_thread(self._punch_slots, slots)
+        await self._punch_off_loop(slots)
         self._punched.extend(slots)
         await self.flush()
 
@@ -810,7 +816,7 @@ class ChunkStore:
         if data is None or offset % BLOCK or (end % BLOCK and end != self._sb.chunk_size):
             stop = min(-(-end // BLOCK) * BLOCK, self._sb.chunk_size)
             data = self._f.pread(stop - first * BLOCK, self._sb.slot_offset(slot) + first * BLOCK)
-        self._f.pwrite(block_csums(data), self._sb.csum_at(slot, first))
+        self._csums.put(slot, first, block_csums(data))
 
     def _data_read(self, volume: str, chunk: int, c: ChunkState, offset: int, length: int) -> bytes:
         """Read from an entry's slot, checking every block's checksum. A mismatch is never
@@ -823,7 +829,7 @@ class ChunkStore:
         stop = min(-(-(offset + length) // BLOCK) * BLOCK, self._sb.chunk_size)
         raw = self._f.pread(stop - start, self._sb.slot_offset(c.slot) + start)
         blocks = -(-len(raw) // BLOCK)
-        stored = self._f.pread(blocks * CSUM_SIZE, self._sb.csum_at(c.slot, first))
+        stored = self._csums.get(c.slot, first, blocks)
         if block_csums(raw) != stored:
             bad = next(
                 i
@@ -856,6 +862,7 @@ class ChunkStore:
                 c = v.chunks.get(chunk)
                 if c is not None:
                     self._refresh_csums(c.slot, 0, self._sb.chunk_size, None)
+        self._csums.write_back()
 
     def _snap_lock(self, volume: str) -> asyncio.Lock:
         lock = self._snap_locks.get(volume)
@@ -900,6 +907,9 @@ class ChunkStore:
         punched, self._punched = self._punched, []
         callers, self._callers = self._callers, 0
         try:
+            # First, on the loop: every entry changed before this sync began is in the page
+            # cache before the fdatasync below (or the checkpoint's).
+            self._csums.write_back()
             batch = self._take_records()
             if self.on_sync is not None:
                 self.on_sync(callers, len(batch))
@@ -1009,7 +1019,7 @@ class ChunkStore:
                     raise NoSpace(f"no free chunk slot on disk {self._sb.disk_id}")
                 batch = [self._unzeroed.pop() for _ in range(min(_ZERO_BATCH, len(self._unzeroed)))]
                 try:
-                    await asyncio.to_thread(self._punch_slots, batch)
+                    await self._punch_off_loop(batch)
                 except BaseException:
                     self._unzeroed.update(batch)
                     raise
@@ -1026,13 +1036,20 @@ class ChunkStore:
     async def _zero_ahead(self) -> None:
         batch = [self._unzeroed.pop() for _ in range(min(_ZERO_BATCH, len(self._unzeroed)))]
         try:
-            await asyncio.to_thread(self._punch_slots, batch)
+            await self._punch_off_loop(batch)
             self._punched.extend(batch)
         except BaseException:
             self._unzeroed.update(batch)
             raise
         finally:
             self._prefill = None
+
+    async def _punch_off_loop(self, slots: list[int]) -> None:
+        """Zero free slots in a worker thread; their checksum pages are forgotten first, on
+        the loop, so no write-back puts old entries over the zeros."""
+        for slot in slots:
+            self._csums.drop(slot)
+        await asyncio.to_thread(self._punch_slots, slots)
 
     def _punch_slots(self, slots: list[int]) -> None:
         for slot in slots:
@@ -1041,6 +1058,7 @@ class ChunkStore:
     def _free_chunk(self, volume: str, v: VolState, chunk: int, c: ChunkState) -> None:
         del v.chunks[chunk]
         self._records.append(rec_free(volume, chunk))
+        self._csums.drop(c.slot)
         self._data_punch(c.slot, 0, self._sb.chunk_size)
         # Reusable only after a sync makes both the free record and the zeros durable.
         self._punched.append(c.slot)
