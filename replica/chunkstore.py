@@ -34,8 +34,9 @@ first touched; later writes to a dirty chunk go straight to the page cache. Gene
 buffered and journaled at the next sync: after a crash, dirty chunks are resynced anyway.
 A slot is zeroed durably before it is handed to a chunk, so no chunk ever shows another
 chunk's old data. All syncs go through one group-commit path (`flush`). Each 4 KiB block
-has a crc32c, checked on every read; a written slot's entries stay in memory (csumpages) and
-reach the file when the next sync begins.
+has a crc32c, checked on every read; a written slot's entries stay in memory (csumpages), a
+dirty head chunk's until the chunk is cleaned (a crash recomputes them), others until the next
+sync.
 
 Snapshots are layers (see chunkmeta): a snapshot freezes the head's chunks; a later write
 allocates a fresh head chunk that holds only the blocks written since (copy on write per
@@ -231,6 +232,11 @@ class ChunkStore:
         self._closed = True
         while self._sync_task is not None:
             await asyncio.shield(self._sync_task)
+        if self._csums.dirty:
+            # A store opened clean recomputes nothing: every entry is durable before the
+            # checkpoint that says clean (in one sync, a power cut could keep only the latter).
+            self._csums.write_back(everything=True)
+            await asyncio.to_thread(self._f.fdatasync)
         self._meta.clean = True
         await asyncio.to_thread(self._write_checkpoint, *self._snapshot())
 
@@ -373,8 +379,9 @@ class ChunkStore:
             assert c is not None
             # No await between the checks in _ready_chunk and here: the epoch, the slot and
             # the durable dirty mark all still hold when the data lands.
+            # The chunk is dirty (durably): its checksum entries may wait for its clean mark.
             if c.present is None:
-                self._data_write(c.slot, offset, data)
+                self._data_write(c.slot, offset, data, lazy=True)
             else:
                 self._write_partial(v, chunk, c, offset, data)
             self._written(volume, v, chunk, c, (epoch, seq))
@@ -399,7 +406,7 @@ class ChunkStore:
             self._free_chunk(volume, v, chunk, c)
         else:
             # On the loop, not a thread: the slot must still be this chunk's when it lands.
-            self._data_punch(c.slot, offset, length)
+            self._data_punch(c.slot, offset, length, lazy=True)
             self._written(volume, v, chunk, c, (epoch, seq))
         if v.sync_writes:
             await self.flush()
@@ -544,11 +551,21 @@ class ChunkStore:
         return fut
 
     async def mark_clean(self, volume: str, epoch: int, chunks: list[int]) -> None:
-        self._volume(volume, epoch)
+        v = self._volume(volume, epoch)
+        # Their checksums must be durable before the clean mark (nothing recomputes a clean
+        # chunk's), so in the sync before the one that carries it.
+        self._csums.write_back_slots([c.slot for i in chunks if (c := v.chunks.get(i))])
         await self.flush()
         v = self._volume(volume, epoch)
-        # A write that landed after the flush began is not durable yet: its chunk stays dirty.
-        done = [i for i in chunks if i in v.dirty and v.unsynced.get(i, 0) <= self._done]
+        # A write that landed after the flush began is not durable yet, and one since the
+        # write-back has entries still in memory: such a chunk stays dirty.
+        done = [
+            i
+            for i in chunks
+            if i in v.dirty
+            and v.unsynced.get(i, 0) <= self._done
+            and not ((c := v.chunks.get(i)) and self._csums.pending(c.slot))
+        ]
         if not done:
             return
         for i in done:
@@ -607,6 +624,15 @@ class ChunkStore:
             v = self._volume(volume, epoch)
             if v.snap_index(snap_id) >= 0:
                 return
+            # A frozen entry is no head chunk, whose checksums a crash recomputes: its entries
+            # are durable before the record that freezes it (in one sync, a power cut could
+            # keep only the record).
+            if self._csums.dirty:
+                self._csums.write_back(everything=True)
+                await self.flush()
+                v = self._volume(volume, epoch)
+                if v.snap_index(snap_id) >= 0:
+                    return
             # Buffered generations of head chunks must be journaled before the freeze moves
             # those chunks out of the head (replay applies them in this order).
             for key in [k for k in self._gen_dirty if k[0] == volume]:
@@ -621,6 +647,7 @@ class ChunkStore:
                 self._records.append(rec_free(volume, chunk))
                 self._csums.drop(c.slot)
                 self._punched.append(c.slot)  # never written: still zero, reusable after sync
+            self._csums.write_back_slots([c.slot for c in v.chunks.values()])  # raced writes
             layer = SnapLayer(snap_id, name, created, v.chunks)
             v.snaps.append(layer)
             v.chunks = {}
@@ -754,19 +781,21 @@ class ChunkStore:
                 tail = last * BLOCK
                 buf[tail - start :] = self._data_read("", chunk, c, tail, stop - tail)
             buf[offset - start : end - start] = data
-            self._data_write(c.slot, start, memoryview(buf))
+            self._data_write(c.slot, start, memoryview(buf), lazy=True)
         else:
-            self._data_write(c.slot, offset, data)
+            self._data_write(c.slot, offset, data, lazy=True)
         bits = ((1 << (last - first + 1)) - 1) << first
         c.present = _full_to_none(c.present | bits, v.chunk_len(chunk))
         self._save_present(c)
 
     # ----- slot data with per-block checksums
 
-    def _data_write(self, slot: int, offset: int, data: bytes | memoryview) -> None:
-        """Write into a slot and refresh the checksums of the blocks it touches. Both land in
-        the page cache; the next fdatasync makes both durable (a chunk written since its last
-        clean mark has its checksums recomputed when the store opens after a crash)."""
+    def _data_write(
+        self, slot: int, offset: int, data: bytes | memoryview, *, lazy: bool = False
+    ) -> None:
+        """Write into a slot and refresh the checksums of the blocks it touches. The data lands
+        in the page cache; so do the checksums, at the next sync, or with `lazy` (a dirty head
+        chunk's: recomputed when the store opens after a crash) once the chunk is cleaned."""
         # In pieces of at most 64 KiB: the kernel caches a buffered write in a folio as large
         # as the write, and every later 4 KiB write into a large folio costs ext4 a walk of all
         # its blocks (a 4 KiB pwrite into pages a 1 MiB write cached: 13-17 us, 64 KiB: 3.5-4
@@ -778,7 +807,7 @@ class ChunkStore:
             view = memoryview(data)
             for i in range(0, len(view), _PAGE_CACHE_PIECE):
                 self._f.pwrite(view[i : i + _PAGE_CACHE_PIECE], at + i)
-        self._refresh_csums(slot, offset, len(data), data)
+        self._refresh_csums(slot, offset, len(data), data, lazy=lazy)
 
     def _save_present(self, c: ChunkState) -> None:
         """The entry's block presence, next to its data in the page cache: a process crash
@@ -798,16 +827,22 @@ class ChunkStore:
                     mask = int.from_bytes(raw, "little")
                     c.present = _full_to_none(c.present | mask, v.chunk_len(chunk))
 
-    def _data_punch(self, slot: int, offset: int, length: int) -> None:
+    def _data_punch(self, slot: int, offset: int, length: int, *, lazy: bool = False) -> None:
         self._f.punch(self._sb.slot_offset(slot) + offset, length)
         if offset == 0 and length == self._sb.chunk_size:
             self._f.punch(self._sb.csum_at(slot, 0), (self._sb.chunk_size // BLOCK) * CSUM_SIZE)
             self._f.punch(self._sb.present_at(slot), self._sb.present_size)
         else:
-            self._refresh_csums(slot, offset, length, None)
+            self._refresh_csums(slot, offset, length, None, lazy=lazy)
 
     def _refresh_csums(
-        self, slot: int, offset: int, length: int, data: bytes | memoryview | None
+        self,
+        slot: int,
+        offset: int,
+        length: int,
+        data: bytes | memoryview | None,
+        *,
+        lazy: bool = False,
     ) -> None:
         if not length:
             return
@@ -816,7 +851,7 @@ class ChunkStore:
         if data is None or offset % BLOCK or (end % BLOCK and end != self._sb.chunk_size):
             stop = min(-(-end // BLOCK) * BLOCK, self._sb.chunk_size)
             data = self._f.pread(stop - first * BLOCK, self._sb.slot_offset(slot) + first * BLOCK)
-        self._csums.put(slot, first, block_csums(data))
+        self._csums.put(slot, first, block_csums(data), lazy=lazy)
 
     def _data_read(self, volume: str, chunk: int, c: ChunkState, offset: int, length: int) -> bytes:
         """Read from an entry's slot, checking every block's checksum. A mismatch is never
