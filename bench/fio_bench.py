@@ -1,6 +1,6 @@
 """Our volumes beside two references and native, in one run (a benchmark, not a test).
 
-  bench/run [--quick] [--runtime 6] [--size 256m] [--no-extras] [--profile]
+  bench/run [--quick] [--runtime 6] [--rounds 1] [--size 256m] [--no-extras] [--profile]
 
 Sets up etcd + 3 node processes on loopback (disks: sparse files under /var/tmp), then runs
 fio against (each workload against every target in turn, so a target and its reference
@@ -12,7 +12,9 @@ run under the same load):
   repl1/3_sync volumes created with --sync-writes
   repl1/3_enc volumes created with --encrypted --key-file (ratios against repl1/3: the cost
               of AES-XTS in the engine alone)
-Each target is preconditioned (its whole region written once) before the workloads. Then the
+Each target is preconditioned (its whole region written once) before the workloads; with
+--rounds N each workload's targets run N times over and each cell is its median-IOPS round
+(the JSON keeps every round's IOPS). Then the
 scaling curve (repl-3 4 KiB random-write IOPS for 1, 2, 4, 8 volumes, one fio job per volume),
 then `bench/failover_bench.py` and `bench/rebuild_bench.py` (own clusters). Prints the table and
 the issue's targets; writes JSON and a PNG under bench/results/.
@@ -38,7 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
-from bench.fiorun import WORKLOADS, cpu_seconds, load, precondition, run_fio, thread_cpu  # noqa: E402
+from bench.fiorun import (  # noqa: E402
+    WORKLOADS,
+    Workload,
+    cpu_seconds,
+    load,
+    precondition,
+    run_fio,
+    thread_cpu,
+)
 from tests.harness.cluster import Cluster  # noqa: E402
 from tests.harness.etcd import EtcdServer, free_port, wait_port  # noqa: E402
 
@@ -80,32 +90,49 @@ def nbd_target(uri: str) -> list[str]:
 
 def measure_all(
     up: dict[str, tuple[list[str], list[int]]], args: argparse.Namespace, cells: report.Cells
-) -> None:
+) -> dict[str, dict[str, list[float]]]:
     """Each workload against every target in turn (workload-major), so a target and its
-    reference run minutes apart at most, under the same load. With pids, also the CPU those
-    processes (our node processes, or nbdkit) spent per I/O."""
+    reference run minutes apart at most, under the same load; with `--rounds N` that sequence
+    N times over, each cell then the round with the median IOPS (this VM's cells swing by
+    tens of percent between minutes, the references too). With pids, also the CPU those
+    processes (our node processes, or nbdkit) spent per I/O. Returns every round's IOPS."""
+    every: dict[str, dict[str, list[float]]] = {name: {} for name in up}
     for name, (target, _) in up.items():
         precondition(target, args.size)
         cells[name] = {}
     for w in WORKLOADS:
         if args.workloads and w.key not in args.workloads:
             continue
-        for name, (target, pids) in up.items():
-            # The page cache the cells before left dirty is written back now, not by the
-            # kernel's flusher (30 s on) in the middle of whichever cell runs then.
-            os.sync()
-            cpu0, t0 = cpu_seconds(pids), time.monotonic()
-            r = run_fio([target], w, size=args.size, runtime=args.runtime)
-            cpu, wall = cpu_seconds(pids) - cpu0, time.monotonic() - t0
-            cell = cells[name][w.key] = {**r.to_dict()}
-            if pids:
-                # fio's ramp time and start-up are inside `wall`: scale the I/O count to it.
-                cell["cpu_us_per_io"] = round(1e6 * cpu / max(1.0, r.iops * wall), 1)
-            cell["load1"] = round(load()[0], 2)
-            log(
-                f"{name:11} {w.label:32} {r.mib_s:9.1f} MiB/s {r.iops:8.0f} IOPS p50 "
-                f"{r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us cpu/io {cell.get('cpu_us_per_io', '-')}"
-            )
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in up}
+        for _ in range(args.rounds):
+            for name, (target, pids) in up.items():
+                rounds[name].append(measure_one(target, pids, w, args, name))
+        for name, got in rounds.items():
+            got.sort(key=lambda cell: cell["iops"])
+            cells[name][w.key] = got[len(got) // 2]
+            every[name][w.key] = [cell["iops"] for cell in got]
+    return every
+
+
+def measure_one(
+    target: list[str], pids: list[int], w: Workload, args: argparse.Namespace, name: str
+) -> dict[str, float]:
+    # The page cache the cells before left dirty is written back now, not by the kernel's
+    # flusher (30 s on) in the middle of whichever cell runs then.
+    os.sync()
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    r = run_fio([target], w, size=args.size, runtime=args.runtime)
+    cpu, wall = cpu_seconds(pids) - cpu0, time.monotonic() - t0
+    cell = {**r.to_dict()}
+    if pids:
+        # fio's ramp time and start-up are inside `wall`: scale the I/O count to it.
+        cell["cpu_us_per_io"] = round(1e6 * cpu / max(1.0, r.iops * wall), 1)
+    cell["load1"] = round(load()[0], 2)
+    log(
+        f"{name:11} {w.label:32} {r.mib_s:9.1f} MiB/s {r.iops:8.0f} IOPS p50 "
+        f"{r.p50_us:7.0f} us p99 {r.p99_us:7.0f} us cpu/io {cell.get('cpu_us_per_io', '-')}"
+    )
+    return cell
 
 
 def create_attached(
@@ -205,6 +232,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 s, 64 MiB, no extras")
     ap.add_argument("--runtime", type=float, default=6)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run every workload's targets N times; medians"
+    )
     ap.add_argument("--size", default="256m")
     ap.add_argument("--targets", default=",".join(report.ORDER))
     ap.add_argument("--scale", default="1,2,4,8", help="volume counts; '' skips the curve")
@@ -283,7 +313,7 @@ def main() -> None:
                 )
                 up[name] = (nbd_target(uri), pids)
         try:
-            measure_all(up, args, cells)
+            result["rounds_iops"] = measure_all(up, args, cells)
         finally:
             for k in kits:
                 k.close()
