@@ -109,13 +109,11 @@ class ChecksumPages:
     def write_back_slots(self, slots: list[int]) -> None:
         """The slots' changed entries, lazy ones included (their chunks are being cleaned)."""
         for slot in slots:
-            page = self._dirty.pop(slot, None) or self._lazy.pop(slot, None)
+            page = self._dirty.get(slot) or self._lazy.get(slot)
             if page is not None:
-                try:
-                    self._write(slot, page)
-                except BaseException:
-                    self._dirty[slot] = page
-                    raise
+                self._write(slot, page)  # as in write_back: a failure leaves it dirty
+                self._dirty.pop(slot, None)
+                self._lazy.pop(slot, None)
 
     def _write(self, slot: int, page: _Page) -> None:
         self._f.pwrite(
