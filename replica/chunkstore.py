@@ -379,14 +379,47 @@ class ChunkStore:
             assert c is not None
             # No await between the checks in _ready_chunk and here: the epoch, the slot and
             # the durable dirty mark all still hold when the data lands.
-            # The chunk is dirty (durably): its checksum entries may wait for its clean mark.
-            if c.present is None:
-                self._data_write(c.slot, offset, data, lazy=True)
-            else:
-                self._write_partial(v, chunk, c, offset, data)
-            self._written(volume, v, chunk, c, (epoch, seq))
+            self._apply(volume, v, chunk, c, offset, data, (epoch, seq))
         if durable or v.sync_writes:
             await self.flush()
+
+    def write_now(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+    ) -> bool:
+        """`write` without waiting, for the common case: a non-durable write into a chunk whose
+        dirty record is durable already. False, with nothing changed, when the write has to
+        wait (the chunk's first write, or a volume with synchronous writes): call `write`."""
+        v = self._volume(volume, epoch)
+        _check_range(v, chunk, offset, len(data))
+        c = v.chunks.get(chunk)
+        if c is None or chunk not in v.ready or v.sync_writes or not len(data):
+            return False
+        self._apply(volume, v, chunk, c, offset, data, (epoch, seq))
+        return True
+
+    def _apply(
+        self,
+        volume: str,
+        v: VolState,
+        chunk: int,
+        c: ChunkState,
+        offset: int,
+        data: bytes | memoryview,
+        gen: Generation,
+    ) -> None:
+        # The chunk is dirty (durably): its checksum entries may wait for its clean mark.
+        if c.present is None:
+            self._data_write(c.slot, offset, data, lazy=True)
+        else:
+            self._write_partial(v, chunk, c, offset, data)
+        self._written(volume, v, chunk, c, gen)
 
     async def trim(
         self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int

@@ -80,6 +80,25 @@ class ReplicaService:
             volume, epoch, chunk, offset, data, seq=seq, durable=durable
         )
 
+    # The engine on this node asks these first (they exist only in process): the common read
+    # and write done without a coroutine. `write_now` returns False, with nothing changed,
+    # when the write has to wait; then it calls `write`.
+
+    def read_now(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
+        return self._store(volume).read(volume, epoch, chunk, offset, length)
+
+    def write_now(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+    ) -> bool:
+        return self._store(volume).write_now(volume, epoch, chunk, offset, data, seq=seq)
+
     def _holder(self, volume: str) -> ChunkStore:
         """The store of a volume, opened or not: for what never changes (snapshots)."""
         store = self._where.get(volume)
@@ -94,7 +113,7 @@ class ReplicaService:
             return self._holder(volume).read(
                 volume, epoch, chunk, offset, length, snapshot=snapshot
             )
-        return self._store(volume).read(volume, epoch, chunk, offset, length)
+        return self.read_now(volume, epoch, chunk, offset, length)
 
     async def trim(
         self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, seq: int

@@ -409,6 +409,84 @@ class VolumeEngine:
         else:
             await self._write_raw(offset, data, fua)
 
+    # The common request done at once, asked by the NBD server before the coroutine path:
+    # no coroutine, task or future per request. Each returns None (or False), with nothing
+    # changed, whenever anything beyond the plain case applies; and on any error, because the
+    # coroutine path then does the request again and owns what errors mean (fencing,
+    # degrading a replica, trying another). Reads and writes are idempotent, so doing one
+    # twice is safe.
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """A read inside one chunk, served by the local in-sync replica."""
+        if self.cipher is not None or not self.limits.unlimited or self.fenced:
+            return None
+        read_now = getattr(self.in_sync.get(self.local_node), "read_now", None)
+        chunk, inner = divmod(offset, self.spec.chunk_size)
+        if (
+            read_now is None
+            or not length
+            or inner + length > self.spec.chunk_size
+            or offset + length > self.size
+        ):
+            return None
+        h = self.hydration
+        if h is not None and chunk in h.pending:
+            return None
+        try:
+            data: bytes = read_now(self.spec.id, self.epoch, chunk, inner, length)
+        except Exception:
+            return None
+        if not self._lease_ok():  # as _read_raw's guard: the coroutine path fences
+            return None
+        c = self.counters
+        c["read_ops"] += 1
+        c["read_bytes"] += length
+        return data
+
+    def write_now(self, offset: int, data: memoryview, fua: bool) -> bool:
+        """A non-durable write inside one chunk of a volume whose only in-sync replica is the
+        local one, with no rebuild, snapshot, copy or clone copy in the way."""
+        if (
+            fua
+            or self.spec.sync_writes
+            or self.cipher is not None
+            or not self.limits.unlimited
+            or self.fenced
+            or self._barrier is not None
+            or self.rebuilding
+            or len(self.in_sync) != 1
+        ):
+            return False
+        write_now = getattr(self.in_sync.get(self.local_node), "write_now", None)
+        length = len(data)
+        chunk, inner = divmod(offset, self.spec.chunk_size)
+        if (
+            write_now is None
+            or not length
+            or inner + length > self.spec.chunk_size
+            or offset + length > self.size
+            or chunk in self.copying
+        ):
+            return False
+        h = self.hydration
+        if h is not None and chunk in h.pending:
+            return False
+        if not self._lease_ok():  # as _fan_write's guard, before the write
+            return False
+        seq = next(self._seq)
+        try:
+            done: bool = write_now(self.spec.id, self.epoch, chunk, inner, data, seq=seq)
+        except Exception:
+            return False
+        if not done:
+            return False
+        # What _mutate does after a write; it waited for nothing, so nobody saw it in flight.
+        self._dirty_at[chunk] = time.monotonic()
+        c = self.counters
+        c["write_ops"] += 1
+        c["write_bytes"] += length
+        return True
+
     async def flush(self) -> None:
         await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
 

@@ -48,6 +48,18 @@ class Export(Protocol):
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None: ...
 
 
+# An export may also define, and the server then calls them first for a READ or a WRITE of
+# up to 64 KiB (the volume engine does, for the requests its local replica completes at once):
+#
+#     def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None
+#     def write_now(self, offset: int, data: memoryview, fua: bool) -> bool
+#
+# Synchronous: the request done at once, answered with no coroutine or task. None (or False)
+# means "not done, nothing changed": the server calls the async method instead. Neither may
+# raise, since a fast path cannot own an error; returning None (False) hands it to the async
+# method, which meets it again and reports it.
+
+
 class ServedConnection(Protocol):
     """A client connection bound to one export (implemented by the server)."""
 

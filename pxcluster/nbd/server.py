@@ -4,11 +4,13 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
 - bytes are received with recv_into straight into a preallocated buffer, and a WRITE's
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
-- a request (but a WRITE over 64 KiB) with no earlier request pending runs its first step inline
-  (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait (a read from the
-  local replica never does, nor a small write only the local replica holds); each request is
-  answered as soon as it completes (replies go out of order); replies are gathered and
-  written once per loop iteration;
+- a READ or a small WRITE with no earlier request pending is first offered to the export's
+  `read_now` / `write_now`, if it has them (the volume engine serves a read from the local
+  replica, and a write only the local replica holds, that way): done at once, no coroutine;
+- otherwise a request (but a WRITE over 64 KiB) with no earlier request pending runs its
+  first step inline (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait;
+  each request is answered as soon as it completes (replies go out of order); replies are
+  gathered and written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
   payload) per connection, replies not yet handed to the transport included; past that,
   or when the client stops reading replies (pause_writing), the transport stops reading,
@@ -60,6 +62,9 @@ class Observer(Protocol):
 
 # Export name -> its (read, write, flush) observers; called once per connection.
 LatencyFor = Callable[[str], tuple[Observer, Observer, Observer]]
+# An export's optional synchronous fast paths (pxcluster/nbd/export.py).
+ReadNow = Callable[[int, int], bytes | bytearray | memoryview | None]
+WriteNow = Callable[[int, memoryview, bool], bool]
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -85,6 +90,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_payload",
         "_payload_filled",
         "_phase",
+        "_read_now",
         "_reading_paused",
         "_replies",
         "_server",
@@ -97,6 +103,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_unsent",
         "_unsent_bytes",
         "_view",
+        "_write_now",
         "_write_paused",
     )
 
@@ -113,6 +120,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._export: Export | None = None
         self._export_name = ""
         self._lat: tuple[Observer, Observer, Observer] | None = None
+        # The export's optional synchronous fast paths (see pxcluster/nbd/export.py), or None.
+        self._read_now: ReadNow | None = None
+        self._write_now: WriteNow | None = None
         self._transport: asyncio.Transport | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         # A WRITE whose payload is still arriving: its buffer, bytes received, header.
@@ -310,6 +320,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             self._export = export
             self._export_name = outcome.export_name
+            self._read_now = getattr(export, "read_now", None)
+            self._write_now = getattr(export, "write_now", None)
             if self._server.latency is not None:
                 self._lat = self._server.latency(outcome.export_name)
             self._structured = self._negotiation.structured
@@ -353,7 +365,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif beyond_end:
                 self._reply_error(cookie, p.NBD_EINVAL, "read beyond end of export")
             else:
-                self._spawn(self._read(export, cookie, offset, length, perf_counter()), length)
+                t0 = perf_counter()
+                # Never ahead of an earlier request still waiting as a task.
+                if self._read_now is not None and not self._tasks:
+                    data = self._read_now(offset, length)
+                    if data is not None and len(data) == length:
+                        self._reply_read(cookie, offset, length, data)
+                        if self._lat is not None:
+                            self._lat[_OP_READ].observe(perf_counter() - t0)
+                        return
+                self._spawn(self._read(export, cookie, offset, length, t0), length)
         elif cmd == p.CMD_FLUSH:
             self._spawn(self._call(cookie, export.flush(), _OP_FLUSH, perf_counter()), 0)
         elif cmd == p.CMD_TRIM:
@@ -382,8 +403,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         # by then. A large one is a task at once: run inline, its page-cache copy would hold up
         # receiving the requests behind it (1 MiB sequential writes ~10% slower, measured).
         t0 = perf_counter()
-        coro = self._write(cookie, offset, data, fua, t0)
-        self._spawn(coro, len(data), inline_ok=len(data) <= _INLINE_WRITE_MAX)
+        inline_ok = len(data) <= _INLINE_WRITE_MAX
+        if inline_ok and self._write_now is not None and not self._tasks:
+            if self._write_now(offset, data, fua):
+                self._reply_ok(cookie)
+                self._recycle(data)
+                if self._lat is not None:
+                    self._lat[_OP_WRITE].observe(perf_counter() - t0)
+                return
+        self._spawn(self._write(cookie, offset, data, fua, t0), len(data), inline_ok=inline_ok)
 
     async def _write(
         self, cookie: int, offset: int, data: memoryview, fua: bool, t0: float
@@ -393,18 +421,22 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             await self._call(cookie, export.write(offset, data, fua), _OP_WRITE, t0)
         finally:
-            buf: object = data.obj
-            try:
-                data.release()
-            except BufferError:  # the export built on `data` and still holds it
-                buf = None
-            if isinstance(buf, bytearray):
-                # Checked at the next flush, not here: a write that completed inline, inside
-                # buffer_updated, still has its buffer pinned by the transport's receive view.
-                self._spent.append(buf)
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    self._loop.call_soon(self._flush)
+            self._recycle(data)
+
+    def _recycle(self, data: memoryview) -> None:
+        """Hand a finished WRITE's payload buffer back to the pool (at the next flush)."""
+        buf: object = data.obj
+        try:
+            data.release()
+        except BufferError:  # the export built on `data` and still holds it
+            buf = None
+        if isinstance(buf, bytearray):
+            # Checked at the next flush, not here: a write that completed inline, inside
+            # buffer_updated, still has its buffer pinned by the transport's receive view.
+            self._spent.append(buf)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
 
     def _spawn(
         self, coro: Coroutine[Any, Any, None], nbytes: int, *, inline_ok: bool = True
@@ -442,14 +474,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._reply_failure(cookie, exc)
         else:
-            if self._structured:
-                self._queue(
-                    p.STRUCTURED_REPLY.pack(
-                        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0
-                    )
-                )
-            else:
-                self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._reply_ok(cookie)
         if op >= 0 and self._lat is not None:
             self._lat[op].observe(perf_counter() - t0)
 
@@ -464,6 +489,15 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._lat is not None:
                 self._lat[_OP_READ].observe(perf_counter() - t0)
             return
+        self._reply_read(cookie, offset, length, data)
+        if self._lat is not None:
+            self._lat[_OP_READ].observe(perf_counter() - t0)
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _reply_read(
+        self, cookie: int, offset: int, length: int, data: bytes | bytearray | memoryview
+    ) -> None:
         if self._structured:
             if length == 0:  # an OFFSET_DATA chunk must carry data
                 header = p.STRUCTURED_REPLY.pack(
@@ -482,10 +516,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             header = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
         self._unsent_bytes += length
         self._queue(header, data)
-        if self._lat is not None:
-            self._lat[_OP_READ].observe(perf_counter() - t0)
 
-    # --- output ----------------------------------------------------------------------------
+    def _reply_ok(self, cookie: int) -> None:
+        if self._structured:
+            self._queue(
+                p.STRUCTURED_REPLY.pack(
+                    p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, 0
+                )
+            )
+        else:
+            self._queue(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def _reply_failure(self, cookie: int, exc: Exception) -> None:
         error = nbd_error(exc)

@@ -513,6 +513,116 @@ async def test_a_burst_answered_inline_queues_no_more_than_max_inflight(served: 
     await c.close()
 
 
+class FastExport(MemoryExport):
+    """Offers the synchronous fast paths (as the volume engine does); declines requests that
+    reach into its upper half, and FUA writes, which then take the coroutine path, held by
+    `gate` in the upper half."""
+
+    def __init__(self) -> None:
+        super().__init__("fast", SIZE)
+        self.slow_from = SIZE // 2
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.now_reads = 0
+        self.now_writes = 0
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        if offset + length > self.slow_from:
+            return None
+        self.now_reads += 1
+        return self.contents(offset, length)
+
+    def write_now(self, offset: int, data: memoryview, fua: bool) -> bool:
+        if offset + data.nbytes > self.slow_from or fua:
+            return False
+        self._view[offset : offset + data.nbytes] = data
+        self.now_writes += 1
+        return True
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        if offset + data.nbytes > self.slow_from:
+            await self.gate.wait()
+        await super().write(offset, data, fua)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_fast_paths_answer_at_once_and_what_they_decline_goes_async(
+    served: Served, structured: bool
+) -> None:
+    export = FastExport()
+    served.registry.add(export)
+    c = await served.transmit("fast", structured=structured)
+    fast, slow = b"\x11" * 4096, b"\x22" * 4096
+    for cookie, offset, data, flags in [
+        (1, 0, fast, 0),
+        (2, SIZE - 4096, slow, 0),
+        (3, 8192, fast, p.CMD_FLAG_FUA),
+    ]:
+        c.request(p.CMD_WRITE, cookie, offset, len(data), flags)
+        c.send(data)
+        if structured:
+            done = (p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, cookie, b"")
+            assert await c.structured_chunk() == done
+        else:
+            assert await c.simple_reply() == (0, cookie, b"")
+    for cookie, offset, data in [(4, 0, fast), (5, SIZE - 4096, slow), (6, 8192, fast)]:
+        c.request(p.CMD_READ, cookie, offset, 4096)
+        if structured:
+            read = (p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, cookie)
+            flags, rtype, got, payload = await c.structured_chunk()
+            assert (flags, rtype, got) == read
+            assert payload == offset.to_bytes(8, "big") + data
+        else:
+            assert await c.simple_reply(4096) == (0, cookie, data)
+    assert (export.now_writes, export.now_reads) == (1, 2)
+    assert export.contents(SIZE - 4096, 4096) == slow and export.fua_writes == 1
+    await c.close()
+
+
+async def test_no_fast_path_ahead_of_a_request_still_waiting(served: Served) -> None:
+    export = FastExport()
+    served.registry.add(export)
+    c = await served.transmit("fast")
+    export.gate.clear()
+    c.request(p.CMD_WRITE, 1, SIZE - 4096, 4096)  # declined: a task, waiting on the gate
+    c.send(b"w" * 4096)
+    c.request(p.CMD_READ, 2, 0, 4096)
+    c.request(p.CMD_WRITE, 3, 0, 4096)
+    c.send(b"x" * 4096)
+    # Both later requests are answered (out of order is allowed), but not by a fast path,
+    # which would start them ahead of the waiting write.
+    error, cookie, data = await c.simple_reply(4096)
+    assert (error, cookie, data) == (0, 2, bytes(4096))
+    assert (await c.simple_reply())[:2] == (0, 3)
+    assert (export.now_reads, export.now_writes) == (0, 0)
+    export.gate.set()
+    assert (await c.simple_reply())[:2] == (0, 1)
+    # A write over 64 KiB is never offered to write_now: it is a task at once.
+    big = b"b" * (128 << 10)
+    c.request(p.CMD_WRITE, 4, 0, len(big))
+    c.send(big)
+    assert (await c.simple_reply())[:2] == (0, 4)
+    assert export.now_writes == 0 and export.contents(0, len(big)) == big
+    await c.close()
+
+
+async def test_a_burst_of_fast_reads_queues_no_more_than_max_inflight(served: Served) -> None:
+    export = FastExport()
+    export.slow_from = SIZE
+    served.registry.add(export)
+    c = await served.transmit("fast")
+    n = 200
+    c.send(b"".join(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0, SIZE) for i in range(n)))
+    await c.writer.drain()
+    await asyncio.sleep(0.3)
+    assert export.now_reads < 40
+    for _ in range(n):
+        error, _, data = await c.simple_reply(SIZE)
+        assert error == 0 and len(data) == SIZE
+    assert export.now_reads == n
+    await c.close()
+
+
 # The node runs on uvloop; its transports differ from asyncio's (buffer handling, flow
 # control callbacks), so the scenarios most sensitive to that run on it as well.
 UVLOOP_SCENARIOS = [
