@@ -391,7 +391,17 @@ class Etcd:
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
-        await self._call(lambda: self._client.revoke_lease(lease_id))
+        """Revoke a lease. One etcd no longer has (it expired, or was revoked already) is
+        revoked: a node restarting just as its previous run's lease expires must not stop."""
+
+        async def revoke() -> None:
+            try:
+                await self._client.revoke_lease(lease_id)
+            except aetcd.exceptions.ClientError as e:
+                if "lease not found" not in str(e):
+                    raise
+
+        await self._call(revoke)
 
     async def wake_on_changes(
         self,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from membership.etcd import Etcd, EtcdUnavailable
 from tests.harness.cluster import Cluster, pxcluster
 from tests.harness.etcd import EtcdServer
 
@@ -209,3 +210,20 @@ def test_a_node_that_regranted_its_lease_can_still_become_leader(cluster3: Clust
             c.kill(n)  # only the node with the re-granted lease is left to lead
     c.kill(old)
     c.wait_for(lambda: leader(c) == paused, c.lease_ttl + 5, f"{paused} elected")
+
+
+async def test_revoking_a_lease_etcd_no_longer_has_is_done(etcd: EtcdServer) -> None:
+    # A node restarting just as its previous run's lease expired saw "lease not found" from the
+    # revoke and stopped with "etcd is unreachable" (a failover test caught it once).
+    client = Etcd(etcd.url)
+    await client.connect()
+    try:
+        lease = await client.grant_lease(5)
+        await client.revoke_lease(lease)
+        await client.revoke_lease(lease)  # gone: done, no error
+        await client.revoke_lease(0x7A7A7A7A)  # never existed: the same
+    finally:
+        await client.close()
+    with pytest.raises(EtcdUnavailable):  # what is not "lease not found" still fails
+        down = Etcd("http://127.0.0.1:1", timeout=1.0)
+        await down.revoke_lease(1)
