@@ -3,6 +3,9 @@
 `replica.service.ReplicaService` (in-process, the replica on the engine's own node) and
 `replica.client.ReplicaClient` (a remote node, over replica/protocol.py) implement it with the
 same methods and the same typed errors, so the engine's write path has no `if local:` branch.
+The in-process service also has `read_now` / `write_now` (the same calls, done at once, no
+coroutine): the engine asks them first for the plain request its own node's replica can
+complete alone (`VolumeEngine.read_now` / `write_now`), and falls back to this interface.
 
 Addressing is per chunk: the engine splits volume I/O at chunk boundaries. `chunk` is the chunk
 index inside the volume, `offset` a byte offset inside that chunk. Every call that touches a
