@@ -421,17 +421,10 @@ class VolumeEngine:
         if self.cipher is not None or not self.limits.unlimited or self.fenced:
             return None
         read_now = getattr(self.in_sync.get(self.local_node), "read_now", None)
-        chunk, inner = divmod(offset, self.spec.chunk_size)
-        if (
-            read_now is None
-            or not length
-            or inner + length > self.spec.chunk_size
-            or offset + length > self.size
-        ):
+        where = self._plain_chunk(offset, length)
+        if read_now is None or where is None:
             return None
-        h = self.hydration
-        if h is not None and chunk in h.pending:
-            return None
+        chunk, inner = where
         try:
             data: bytes = read_now(self.spec.id, self.epoch, chunk, inner, length)
         except Exception:
@@ -459,18 +452,10 @@ class VolumeEngine:
             return False
         write_now = getattr(self.in_sync.get(self.local_node), "write_now", None)
         length = len(data)
-        chunk, inner = divmod(offset, self.spec.chunk_size)
-        if (
-            write_now is None
-            or not length
-            or inner + length > self.spec.chunk_size
-            or offset + length > self.size
-            or chunk in self.copying
-        ):
+        where = self._plain_chunk(offset, length)
+        if write_now is None or where is None or where[0] in self.copying:
             return False
-        h = self.hydration
-        if h is not None and chunk in h.pending:
-            return False
+        chunk, inner = where
         if not self._lease_ok():  # as _fan_write's guard, before the write
             return False
         seq = next(self._seq)
@@ -486,6 +471,17 @@ class VolumeEngine:
         c["write_ops"] += 1
         c["write_bytes"] += length
         return True
+
+    def _plain_chunk(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(chunk, offset inside it) of a request the fast paths may take: not empty, inside
+        one chunk and the volume, and not in a chunk a clone has still to copy."""
+        chunk, inner = divmod(offset, self.spec.chunk_size)
+        if not length or inner + length > self.spec.chunk_size or offset + length > self.size:
+            return None
+        h = self.hydration
+        if h is not None and chunk in h.pending:
+            return None
+        return chunk, inner
 
     async def flush(self) -> None:
         await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))

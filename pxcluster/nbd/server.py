@@ -398,10 +398,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reply_error(cookie, p.NBD_EINVAL, f"unsupported command {cmd}")
 
     def _dispatch_write(self, cookie: int, offset: int, data: memoryview, fua: bool) -> None:
-        # A small write runs inline like a read: one that only the local replica holds completes
-        # in its first step (no task), one that waits for remote replicas has sent their frames
-        # by then. A large one is a task at once: run inline, its page-cache copy would hold up
-        # receiving the requests behind it (1 MiB sequential writes ~10% slower, measured).
+        # A small write is offered to write_now (one only the local replica holds is done
+        # there), else runs inline like a read: one that waits for remote replicas has sent
+        # their frames by then. A large one is a task at once: run inline, its page-cache copy
+        # would hold up receiving the requests behind it (1 MiB sequential writes ~10% slower,
+        # measured).
         t0 = perf_counter()
         inline_ok = len(data) <= _INLINE_WRITE_MAX
         if inline_ok and self._write_now is not None and not self._tasks:
