@@ -146,7 +146,6 @@ class ReplicaClient:
         c = self._conn
         if c is None or c.closed:
             c = await self._connect()
-        loop = c.loop
         if c.write_paused:
             try:
                 # wait_for, not asyncio.timeout: callers may step this call outside any task
@@ -157,6 +156,15 @@ class ReplicaClient:
                 raise ReplicaUnavailable(f"{self._where}: send blocked") from None
             if c.closed:
                 raise ReplicaUnavailable(f"{self._where}: connection lost")
+        reply, data = await self._send(c, header, payload)
+        _raise_for(reply)
+        return reply, data
+
+    def _send(
+        self, c: _ClientConnection, header: Header, payload: bytes | memoryview | None
+    ) -> asyncio.Future[Reply]:
+        """Send one call's frame now; the future of its reply, bounded by the timeout."""
+        loop = c.loop
         rid = self._next_id
         self._next_id = rid + 1
         header["id"] = rid
@@ -166,10 +174,37 @@ class ReplicaClient:
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(self._tick, self._sweep)
         c.send_frame(header, payload)
-        reply, data = await fut
-        if not reply.get("ok"):
-            raise error_from_code(str(reply.get("code")), str(reply.get("msg")))
-        return reply, data
+        return fut
+
+    # -- a write without a coroutine (the engine's fast path, VolumeEngine.write_begin) ---------
+    def ready_to_send(self) -> bool:
+        """A frame can leave now: connected, and the transport takes more."""
+        c = self._conn
+        return c is not None and not c.closed and not c.write_paused
+
+    def write_nowait(
+        self, volume: str, epoch: int, chunk: int, offset: int, data: memoryview, *, seq: int
+    ) -> asyncio.Future[Reply]:
+        """`write` (not durable) on a client `ready_to_send`: the frame leaves now. Once the
+        future is done, `write_outcome` says how the write went."""
+        c = self._conn
+        assert c is not None
+        header = {
+            "op": "write",
+            "volume": volume,
+            "epoch": epoch,
+            "chunk": chunk,
+            "offset": offset,
+            "seq": seq,
+            "durable": False,
+        }
+        return self._send(c, header, data)
+
+    @staticmethod
+    def write_outcome(fut: asyncio.Future[Reply]) -> None:
+        """Raise what `write` would have raised for this reply (the same typed errors)."""
+        reply, _ = fut.result()
+        _raise_for(reply)
 
     # -- ReplicaAPI ------------------------------------------------------------------------
     async def open(
@@ -374,3 +409,8 @@ if TYPE_CHECKING:
 def _gens(reply: Header) -> dict[int, Generation]:
     flat: list[int] = reply.get("gens", [])
     return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat) - 2, 3)}
+
+
+def _raise_for(reply: Header) -> None:
+    if not reply.get("ok"):
+        raise error_from_code(str(reply.get("code")), str(reply.get("msg")))

@@ -16,7 +16,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -122,6 +122,7 @@ class VolumeEngine:
         self._serial = itertools.count(1)
         self.inflight: set[int] = set()
         self._write_done = asyncio.Event()
+        self._settling: set[asyncio.Task[None]] = set()  # write_begin's failures being handled
         self.limits = IoLimiter()
         self.cipher: BlockCipher | None = None  # set for encrypted volumes before serving
         self._block_locks = RangeLocks()
@@ -472,6 +473,123 @@ class VolumeEngine:
         c["write_bytes"] += length
         return True
 
+    def write_begin(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[None] | None:
+        """A write `write_now` declines only because other replicas are in sync, started with
+        no coroutine: the local replica (if in sync) applies it at once and every remote one
+        gets its frame now. Returns the future of its acknowledgement: done when every in-sync
+        replica holds it, or failed as the coroutine path fails it (a failed replica recorded
+        stale in etcd first: invariant 2). None, with nothing changed, when it needs the
+        coroutine path (the same reasons as `write_now`, or a remote connection not ready)."""
+        if (
+            fua
+            or self.spec.sync_writes
+            or self.cipher is not None
+            or not self.limits.unlimited
+            or self.fenced
+            or self._barrier is not None
+            or self.rebuilding
+            or len(self.in_sync) < 2
+        ):
+            return None
+        length = len(data)
+        where = self._plain_chunk(offset, length)
+        if where is None or where[0] in self.copying:
+            return None
+        chunk, inner = where
+        local_write: Callable[..., bool] | None = None
+        remotes: list[tuple[str, Any]] = []
+        for node, r in self.in_sync.items():
+            if node == self.local_node:
+                local_write = getattr(r, "write_now", None)
+                if local_write is None:
+                    return None
+            else:
+                ready = getattr(r, "ready_to_send", None)
+                if ready is None or not ready():
+                    return None
+                remotes.append((node, r))
+        if not self._lease_ok():  # as _fan_write's guard, before the write
+            return None
+        vid, epoch, seq = self.spec.id, self.epoch, next(self._seq)
+        if local_write is not None:
+            try:
+                if not local_write(vid, epoch, chunk, inner, data, seq=seq):
+                    return None
+            except Exception:
+                return None
+        # Under way from here: it ends through the future, as _mutate ends a write, and counts
+        # as in flight until then (the rebuild's and the copy gates' waits see it).
+        serial = next(self._serial)
+        self.inflight.add(serial)
+        counts = self.chunk_writes
+        counts[chunk] = counts.get(chunk, 0) + 1
+        c = self.counters
+        c["write_ops"] += 1
+        c["write_bytes"] += length
+        failed: dict[str, BaseException] = {}
+        sent: list[tuple[str, Any, asyncio.Future[Any]]] = []
+        for node, r in remotes:
+            try:
+                sent.append((node, r, r.write_nowait(vid, epoch, chunk, inner, data, seq=seq)))
+            except Exception as e:
+                failed[node] = e
+        loop = sent[0][2].get_loop() if sent else asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        left = len(sent)
+
+        def one_done(_: asyncio.Future[Any]) -> None:
+            nonlocal left
+            left -= 1
+            if left:
+                return
+            for node, r, fut in sent:
+                try:
+                    r.write_outcome(fut)
+                except (Exception, asyncio.CancelledError) as e:
+                    failed[node] = e
+            self._write_settle(serial, chunk, failed, done)
+
+        if sent:
+            for _, _, fut in sent:
+                fut.add_done_callback(one_done)
+        else:
+            self._write_settle(serial, chunk, failed, done)
+        return done
+
+    def _write_settle(
+        self, serial: int, chunk: int, failed: dict[str, BaseException], done: asyncio.Future[None]
+    ) -> None:
+        """Every replica of a `write_begin` answered: acknowledge, or degrade first."""
+        if failed:
+            task = done.get_loop().create_task(self._write_failed(serial, chunk, failed, done))
+            self._settling.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._settling.discard)
+            return
+        try:
+            self._guard()  # as at the end of _fan_write: no acknowledgement on a lease at risk
+        except Fenced as e:
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+        finally:
+            self._end_write(serial, (chunk,))
+
+    async def _write_failed(
+        self, serial: int, chunk: int, failed: dict[str, BaseException], done: asyncio.Future[None]
+    ) -> None:
+        try:
+            await self._degrade(failed)
+            self._guard()
+        except Exception as e:
+            done.set_exception(e)
+        except BaseException:
+            done.cancel()
+            raise
+        else:
+            done.set_result(None)
+        finally:
+            self._end_write(serial, (chunk,))
+
     def _plain_chunk(self, offset: int, length: int) -> tuple[int, int] | None:
         """(chunk, offset inside it) of a request the fast paths may take: not empty, inside
         one chunk and the volume, and not in a chunk a clone has still to copy."""
@@ -642,17 +760,22 @@ class VolumeEngine:
         try:
             await self._fan_write(lambda r: call(r, pieces), pieces, call)
         finally:
-            done = time.monotonic()
-            dirty_at = self._dirty_at
-            self.inflight.discard(serial)
-            for c in chunks:
-                dirty_at[c] = done
-                left = counts[c] - 1
-                if left:
-                    counts[c] = left
-                else:
-                    del counts[c]
-            self._write_done.set()
+            self._end_write(serial, chunks)
+
+    def _end_write(self, serial: int, chunks: Sequence[int]) -> None:
+        """A write is over (acknowledged or failed): its chunks are dirty as of now."""
+        done = time.monotonic()
+        dirty_at = self._dirty_at
+        counts = self.chunk_writes
+        self.inflight.discard(serial)
+        for c in chunks:
+            dirty_at[c] = done
+            left = counts[c] - 1
+            if left:
+                counts[c] = left
+            else:
+                del counts[c]
+        self._write_done.set()
 
     async def wait_writes(self, done: Callable[[], bool]) -> None:
         """Wait until `done()` holds; re-checked each time a write completes."""

@@ -53,11 +53,14 @@ class Export(Protocol):
 #
 #     def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None
 #     def write_now(self, offset: int, data: memoryview, fua: bool) -> bool
+#     def write_begin(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[None] | None
 #
-# Synchronous: the request done at once, answered with no coroutine or task. None (or False)
-# means "not done, nothing changed": the server calls the async method instead. Neither may
-# raise, since a fast path cannot own an error; returning None (False) hands it to the async
-# method, which meets it again and reports it.
+# Synchronous: the request done at once (or, for write_begin, started, and answered when the
+# future is done: its exception is the request's error), with no coroutine or task. None (or
+# False) means "not done, nothing changed": the server calls the async method instead. None
+# may raise, since a fast path cannot own an error; returning None (False) hands it to the
+# async method, which meets it again and reports it. `data` stays valid until the write is
+# answered.
 
 
 class ServedConnection(Protocol):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -65,6 +66,7 @@ LatencyFor = Callable[[str], tuple[Observer, Observer, Observer]]
 # An export's optional synchronous fast paths (pxcluster/nbd/export.py).
 ReadNow = Callable[[int, int], bytes | bytearray | memoryview | None]
 WriteNow = Callable[[int, memoryview, bool], bool]
+WriteBegin = Callable[[int, memoryview, bool], "asyncio.Future[None] | None"]
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -103,6 +105,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_unsent",
         "_unsent_bytes",
         "_view",
+        "_write_begin",
         "_write_now",
         "_write_paused",
     )
@@ -123,6 +126,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         # The export's optional synchronous fast paths (see pxcluster/nbd/export.py), or None.
         self._read_now: ReadNow | None = None
         self._write_now: WriteNow | None = None
+        self._write_begin: WriteBegin | None = None
         self._transport: asyncio.Transport | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         # A WRITE whose payload is still arriving: its buffer, bytes received, header.
@@ -322,6 +326,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._export_name = outcome.export_name
             self._read_now = getattr(export, "read_now", None)
             self._write_now = getattr(export, "write_now", None)
+            self._write_begin = getattr(export, "write_begin", None)
             if self._server.latency is not None:
                 self._lat = self._server.latency(outcome.export_name)
             self._structured = self._negotiation.structured
@@ -405,14 +410,45 @@ class NbdConnection(asyncio.BufferedProtocol):
         # measured).
         t0 = perf_counter()
         inline_ok = len(data) <= _INLINE_WRITE_MAX
-        if inline_ok and self._write_now is not None and not self._tasks:
-            if self._write_now(offset, data, fua):
+        if inline_ok and not self._tasks:
+            if self._write_now is not None and self._write_now(offset, data, fua):
                 self._reply_ok(cookie)
                 self._recycle(data)
                 if self._lat is not None:
                     self._lat[_OP_WRITE].observe(perf_counter() - t0)
                 return
+            if self._write_begin is not None:
+                ack = self._write_begin(offset, data, fua)
+                if ack is not None:
+                    self._inflight += 1
+                    self._inflight_bytes += len(data)
+                    ack.add_done_callback(functools.partial(self._write_acked, cookie, data, t0))
+                    return
         self._spawn(self._write(cookie, offset, data, fua, t0), len(data), inline_ok=inline_ok)
+
+    def _write_acked(
+        self, cookie: int, data: memoryview, t0: float, ack: asyncio.Future[None]
+    ) -> None:
+        """A write started by the export's write_begin is over: answer it, as _run and _call
+        end a request."""
+        nbytes = len(data)
+        exc = BaseException() if ack.cancelled() else ack.exception()
+        if exc is None:
+            self._reply_ok(cookie)
+        elif isinstance(exc, Exception):
+            self._reply_failure(cookie, exc)
+        else:
+            self._reply_error(cookie, p.NBD_EIO, "write cancelled")
+        if self._lat is not None:
+            self._lat[_OP_WRITE].observe(perf_counter() - t0)
+        self._recycle(data)
+        self._inflight -= 1
+        self._inflight_bytes -= nbytes
+        if self._closing:
+            if self._inflight == 0:
+                self._finish_close()
+        elif not self._closed:
+            self._resume()
 
     async def _write(
         self, cookie: int, offset: int, data: memoryview, fua: bool, t0: float

@@ -10,9 +10,11 @@ from collections.abc import Callable
 import pytest
 
 from pxcluster.engine.crypt import KEY_BYTES, BlockCipher
+from pxcluster.engine.errors import Fenced, VolumeIOError
 from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.volume import CatchUp, VolumeEngine, VolumeSpec
 from replica.api import Generation
+from replica.errors import ReplicaUnavailable, StaleEpoch
 from tests.unit.test_engine import CHUNK, FakeReplica, Recorder
 
 
@@ -51,18 +53,50 @@ class FakeLocalReplica(FakeReplica):
         return True
 
 
+class FakeRemote(FakeReplica):
+    """A remote replica as replica.client.ReplicaClient offers it to write_begin: the frame
+    "arrives" at once (the bytes land here), the reply when the test answers `sent[i]`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.ready = True
+        self.sent: list[asyncio.Future[None]] = []
+
+    def ready_to_send(self) -> bool:
+        return self.ready
+
+    def write_nowait(
+        self, volume: str, epoch: int, chunk: int, offset: int, data: memoryview, *, seq: int
+    ) -> asyncio.Future[None]:
+        buf = self.chunks.setdefault(chunk, bytearray(CHUNK))
+        buf[offset : offset + len(data)] = data
+        self.gens[chunk] = (epoch, seq)
+        fut = asyncio.get_running_loop().create_future()
+        self.sent.append(fut)
+        return fut
+
+    @staticmethod
+    def write_outcome(fut: asyncio.Future[None]) -> None:
+        fut.result()
+
+
 def make(
-    n: int = 1, *, sync: bool = False, lease: list[bool] | None = None
+    n: int = 1,
+    *,
+    sync: bool = False,
+    lease: list[bool] | None = None,
+    remote: type[FakeReplica] = FakeReplica,
+    state: Recorder | None = None,
 ) -> tuple[VolumeEngine, dict[str, FakeReplica]]:
     reps: dict[str, FakeReplica] = {"r0": FakeLocalReplica("r0")}
-    reps.update({f"r{i}": FakeReplica(f"r{i}") for i in range(1, n)})
+    reps.update({f"r{i}": remote(f"r{i}") for i in range(1, n)})
     ok = lease if lease is not None else [True]
     eng = VolumeEngine(
         VolumeSpec("vid", "vol", 8 * CHUNK, CHUNK, sync),
         5,
         dict(reps),  # type: ignore[arg-type]
         local_node="r0",
-        state=Recorder(),
+        state=state or Recorder(),
         lease_ok=lambda: ok[0],
     )
     return eng, reps
@@ -223,3 +257,95 @@ async def test_write_now_gives_each_write_a_newer_generation() -> None:
     second = _gens(local)[0]
     assert eng.write_now(0, memoryview(b"c"), False)
     assert before < first < second < _gens(local)[0]
+
+
+# --- write_begin: a replicated write started without a coroutine ------------------------------
+
+
+async def repl3(**kw: object) -> tuple[VolumeEngine, FakeLocalReplica, FakeRemote, FakeRemote]:
+    eng, reps = make(3, remote=FakeRemote, **kw)  # type: ignore[arg-type]
+    await eng.open()
+    await eng.write(0, memoryview(b"\0"), False)  # coroutine path (no frames yet): chunk 0 ready
+    local, r1, r2 = reps["r0"], reps["r1"], reps["r2"]
+    assert isinstance(local, FakeLocalReplica)
+    assert isinstance(r1, FakeRemote) and isinstance(r2, FakeRemote)
+    return eng, local, r1, r2
+
+
+async def settled(fut: asyncio.Future[None]) -> None:
+    await asyncio.wait_for(asyncio.shield(fut), 1)
+
+
+async def test_write_begin_acknowledges_only_when_every_replica_holds_it() -> None:
+    eng, local, r1, r2 = await repl3()
+    ack = eng.write_begin(64, memoryview(b"abc"), False)
+    assert ack is not None
+    assert local.chunks[0][64:67] == r1.chunks[0][64:67] == r2.chunks[0][64:67] == b"abc"
+    assert local.gens[0] == r1.gens[0] == r2.gens[0]  # one write, one generation everywhere
+    # In flight until the replies: a rebuild or a copy gate waits for it.
+    assert eng.inflight and eng.chunk_writes == {0: 1}
+    r1.sent[0].set_result(None)
+    await asyncio.sleep(0)
+    assert not ack.done()  # invariant 1: r2 has not answered
+    r2.sent[0].set_result(None)
+    await settled(ack)
+    assert ack.result() is None
+    assert not eng.inflight and eng.chunk_writes == {} and 0 in eng.dirty_chunks()
+
+
+async def test_write_begin_records_a_failed_replica_stale_before_the_ack() -> None:
+    rec = Recorder()
+    eng, _local, r1, r2 = await repl3(state=rec)
+    ack = eng.write_begin(0, memoryview(b"x"), False)
+    assert ack is not None
+    r1.sent[0].set_result(None)
+    r2.sent[0].set_exception(ReplicaUnavailable("r2 down"))
+    await settled(ack)
+    assert ack.result() is None and rec.calls == [["r2"]]  # invariant 2
+    assert sorted(eng.in_sync) == ["r0", "r1"] and not eng.inflight
+
+
+async def test_write_begin_fails_when_the_stale_mark_cannot_be_recorded() -> None:
+    eng, _local, r1, r2 = await repl3(state=Recorder(succeed=False))
+    ack = eng.write_begin(0, memoryview(b"x"), False)
+    assert ack is not None
+    r1.sent[0].set_exception(ReplicaUnavailable("r1 down"))
+    r2.sent[0].set_result(None)
+    with pytest.raises(VolumeIOError):
+        await settled(ack)
+    assert "r1" in eng.in_sync and not eng.inflight and eng.chunk_writes == {}
+
+
+async def test_write_begin_fences_on_a_newer_epoch_or_a_lease_at_risk() -> None:
+    eng, _local, r1, r2 = await repl3()
+    ack = eng.write_begin(0, memoryview(b"x"), False)
+    assert ack is not None
+    r1.sent[0].set_exception(StaleEpoch("6 > 5"))
+    r2.sent[0].set_result(None)
+    with pytest.raises(Fenced):
+        await settled(ack)
+    assert eng.fenced
+    lease = [True]
+    eng, _local, r1, r2 = await repl3(lease=lease)
+    ack = eng.write_begin(0, memoryview(b"x"), False)
+    assert ack is not None
+    lease[0] = False  # lost while the replies were on their way: no acknowledgement
+    for f in r1.sent + r2.sent:
+        f.set_result(None)
+    with pytest.raises(Fenced):
+        await settled(ack)
+
+
+@pytest.mark.parametrize("why", [*WRITE_DECLINED, "a remote not ready", "fua", "sync volume"])
+async def test_write_begin_declines_and_changes_nothing(why: str) -> None:
+    eng, local, r1, r2 = await repl3(sync=why == "sync volume")
+    before = [bytes(r.chunks[0]) for r in (local, r1, r2)]
+    gens = [dict(r.gens) for r in (local, r1, r2)]
+    if why == "a remote not ready":
+        r2.ready = False
+    elif why in WRITE_DECLINED:
+        WRITE_DECLINED[why](eng)
+    assert eng.write_begin(8, memoryview(b"abc"), why == "fua") is None
+    assert [bytes(r.chunks[0]) for r in (local, r1, r2)] == before
+    assert [dict(r.gens) for r in (local, r1, r2)] == gens
+    assert r1.sent == r2.sent == [] and not eng.inflight

@@ -623,6 +623,57 @@ async def test_a_burst_of_fast_reads_queues_no_more_than_max_inflight(served: Se
     await c.close()
 
 
+class BeginExport(MemoryExport):
+    """Starts every non-FUA write with write_begin (as the volume engine starts a replicated
+    one) and leaves its acknowledgement to the test."""
+
+    def __init__(self) -> None:
+        super().__init__("begin", SIZE)
+        self.acks: list[asyncio.Future[None]] = []
+        self.begun = asyncio.Event()
+
+    def write_begin(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[None] | None:
+        if fua:
+            return None
+        self._view[offset : offset + data.nbytes] = data
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        self.begun.set()
+        return ack
+
+
+async def _begun(export: BeginExport, n: int) -> None:
+    async with asyncio.timeout(5):
+        while len(export.acks) < n:
+            export.begun.clear()
+            await export.begun.wait()
+
+
+async def test_a_begun_write_is_answered_when_its_acknowledgement_is_done(served: Served) -> None:
+    export = BeginExport()
+    served.registry.add(export)
+    c = await served.transmit("begin")
+    for cookie in (1, 2):
+        c.request(p.CMD_WRITE, cookie, cookie * 4096, 4096)
+        c.send(bytes([cookie]) * 4096)
+    await _begun(export, 2)
+    export.acks[1].set_result(None)
+    assert await c.simple_reply() == (0, 2, b"")  # out of order: as each is acknowledged
+    export.acks[0].set_exception(OSError(errno.ENOSPC, "full"))
+    assert await c.simple_reply() == (p.NBD_ENOSPC, 1, b"")
+    assert export.contents(8192, 4096) == b"\x02" * 4096
+    # A begun write is in flight: DISC waits for its answer before closing (closed at DISC,
+    # the reply below would never come).
+    c.request(p.CMD_WRITE, 3, 0, 4096)
+    c.send(b"\x03" * 4096)
+    c.request(p.CMD_DISC, 4)
+    await _begun(export, 3)
+    await asyncio.sleep(0.05)
+    export.acks[2].set_result(None)
+    assert await c.simple_reply() == (0, 3, b"")
+    assert await c.closed()
+
+
 # The node runs on uvloop; its transports differ from asyncio's (buffer handling, flow
 # control callbacks), so the scenarios most sensitive to that run on it as well.
 UVLOOP_SCENARIOS = [

@@ -314,6 +314,30 @@ async def test_client_server_every_call() -> None:
         await server.close()
 
 
+async def test_write_nowait_sends_at_once_and_reports_as_write_does() -> None:
+    svc = MemoryReplica()
+    server, c = await _pair(svc)
+    try:
+        assert not c.ready_to_send()  # not connected yet: the engine takes the coroutine path
+        await c.open("v", 3, 10 << 20, 1 << 20)
+        assert c.ready_to_send()
+        ok = c.write_nowait("v", 3, 2, 0, memoryview(b"w" * 4096), seq=5)
+        stale = c.write_nowait("v", 2, 2, 0, memoryview(b"s"), seq=6)
+        out_of_range = c.write_nowait("v", 3, 0, (1 << 20) - 1, memoryview(b"ab"), seq=7)
+        await asyncio.wait_for(asyncio.gather(ok, stale, out_of_range), 5)
+        assert ReplicaClient.write_outcome(ok) is None
+        with pytest.raises(StaleEpoch):
+            ReplicaClient.write_outcome(stale)
+        with pytest.raises(OutOfRange):
+            ReplicaClient.write_outcome(out_of_range)
+        assert await c.read("v", 3, 2, 0, 4096) == b"w" * 4096
+        assert (await c.generations("v", 3))[2] == (3, 5)
+    finally:
+        await c.close()
+        await server.close()
+    assert not c.ready_to_send()
+
+
 async def test_pipelined_out_of_order_and_inflight_bound() -> None:
     svc = MemoryReplica()
     server, c = await _pair(svc)
