@@ -5,8 +5,9 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
   payload straight into its own bytearray once its header is parsed; the export gets a
   memoryview of it, never a copy of a copy;
 - a READ or a small WRITE with no earlier request pending is first offered to the export's
-  `read_now` / `write_now`, if it has them (the volume engine serves a read from the local
-  replica, and a write only the local replica holds, that way): done at once, no coroutine;
+  `read_now` / `write_now` / `write_begin`, if it has them (the volume engine serves a read
+  from the local replica, and a write only the local replica holds, that way, and starts a
+  replicated write, answered from its future's callback): no coroutine;
 - otherwise a request (but a WRITE over 64 KiB) with no earlier request pending runs its
   first step inline (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait;
   each request is answered as soon as it completes (replies go out of order); replies are
