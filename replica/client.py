@@ -189,16 +189,7 @@ class ReplicaClient:
         future is done, `write_outcome` says how the write went."""
         c = self._conn
         assert c is not None
-        header = {
-            "op": "write",
-            "volume": volume,
-            "epoch": epoch,
-            "chunk": chunk,
-            "offset": offset,
-            "seq": seq,
-            "durable": False,
-        }
-        return self._send(c, header, data)
+        return self._send(c, _write_header(volume, epoch, chunk, offset, seq, False), data)
 
     @staticmethod
     def write_outcome(fut: asyncio.Future[Reply]) -> None:
@@ -243,18 +234,7 @@ class ReplicaClient:
         seq: int,
         durable: bool = False,
     ) -> None:
-        await self._call(
-            {
-                "op": "write",
-                "volume": volume,
-                "epoch": epoch,
-                "chunk": chunk,
-                "offset": offset,
-                "seq": seq,
-                "durable": durable,
-            },
-            data,
-        )
+        await self._call(_write_header(volume, epoch, chunk, offset, seq, durable), data)
 
     async def read(
         self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
@@ -409,6 +389,20 @@ if TYPE_CHECKING:
 def _gens(reply: Header) -> dict[int, Generation]:
     flat: list[int] = reply.get("gens", [])
     return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat) - 2, 3)}
+
+
+def _write_header(
+    volume: str, epoch: int, chunk: int, offset: int, seq: int, durable: bool
+) -> Header:
+    return {
+        "op": "write",
+        "volume": volume,
+        "epoch": epoch,
+        "chunk": chunk,
+        "offset": offset,
+        "seq": seq,
+        "durable": durable,
+    }
 
 
 def _raise_for(reply: Header) -> None:

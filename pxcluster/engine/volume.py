@@ -440,16 +440,7 @@ class VolumeEngine:
     def write_now(self, offset: int, data: memoryview, fua: bool) -> bool:
         """A non-durable write inside one chunk of a volume whose only in-sync replica is the
         local one, with no rebuild, snapshot, copy or clone copy in the way."""
-        if (
-            fua
-            or self.spec.sync_writes
-            or self.cipher is not None
-            or not self.limits.unlimited
-            or self.fenced
-            or self._barrier is not None
-            or self.rebuilding
-            or len(self.in_sync) != 1
-        ):
+        if not self._plain_write(fua) or len(self.in_sync) != 1:
             return False
         write_now = getattr(self.in_sync.get(self.local_node), "write_now", None)
         length = len(data)
@@ -480,16 +471,7 @@ class VolumeEngine:
         replica holds it, or failed as the coroutine path fails it (a failed replica recorded
         stale in etcd first: invariant 2). None, with nothing changed, when it needs the
         coroutine path (the same reasons as `write_now`, or a remote connection not ready)."""
-        if (
-            fua
-            or self.spec.sync_writes
-            or self.cipher is not None
-            or not self.limits.unlimited
-            or self.fenced
-            or self._barrier is not None
-            or self.rebuilding
-            or len(self.in_sync) < 2
-        ):
+        if not self._plain_write(fua) or len(self.in_sync) < 2:
             return None
         length = len(data)
         where = self._plain_chunk(offset, length)
@@ -589,6 +571,19 @@ class VolumeEngine:
             done.set_result(None)
         finally:
             self._end_write(serial, (chunk,))
+
+    def _plain_write(self, fua: bool) -> bool:
+        """Nothing about the volume keeps a write from the fast paths: not durable, not
+        encrypted or limited, not fenced, no snapshot barrier, no replica catching up."""
+        return not (
+            fua
+            or self.spec.sync_writes
+            or self.cipher is not None
+            or not self.limits.unlimited
+            or self.fenced
+            or self._barrier is not None
+            or self.rebuilding
+        )
 
     def _plain_chunk(self, offset: int, length: int) -> tuple[int, int] | None:
         """(chunk, offset inside it) of a request the fast paths may take: not empty, inside

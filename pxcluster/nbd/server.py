@@ -443,13 +443,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._lat is not None:
             self._lat[_OP_WRITE].observe(perf_counter() - t0)
         self._recycle(data)
-        self._inflight -= 1
-        self._inflight_bytes -= nbytes
-        if self._closing:
-            if self._inflight == 0:
-                self._finish_close()
-        elif not self._closed:
-            self._resume()
+        self._request_done(nbytes)
 
     async def _write(
         self, cookie: int, offset: int, data: memoryview, fua: bool, t0: float
@@ -496,13 +490,17 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             await coro
         finally:
-            self._inflight -= 1
-            self._inflight_bytes -= nbytes
-            if self._closing:
-                if self._inflight == 0:
-                    self._finish_close()
-            elif not self._closed:
-                self._resume()
+            self._request_done(nbytes)
+
+    def _request_done(self, nbytes: int) -> None:
+        """A request counted in flight is answered: close if closing, else take more."""
+        self._inflight -= 1
+        self._inflight_bytes -= nbytes
+        if self._closing:
+            if self._inflight == 0:
+                self._finish_close()
+        elif not self._closed:
+            self._resume()
 
     async def _call(
         self, cookie: int, coro: Coroutine[Any, Any, None], op: int = -1, t0: float = 0.0
