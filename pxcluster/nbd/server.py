@@ -89,6 +89,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_lost",
         "_negotiation",
         "_offset",
+        "_ordered",
         "_parsing",
         "_payload",
         "_payload_filled",
@@ -139,7 +140,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._skip = 0  # payload bytes of a refused WRITE still to discard
         self._inflight = 0
         self._inflight_bytes = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # every request waiting as a task
+        # Those a later read or write must not overtake: all but flushes. A flush promises
+        # only the writes answered before it arrived, so a write after it may finish first.
+        self._ordered: set[asyncio.Task[None]] = set()
         self._replies: list[bytes | bytearray | memoryview] = []
         # Replies (and read bytes) queued but not yet handed to the transport: they count as
         # in flight, or a burst of requests answered inline would queue replies unbounded.
@@ -373,7 +377,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             else:
                 t0 = perf_counter()
                 # Never ahead of an earlier request still waiting as a task.
-                if self._read_now is not None and not self._tasks:
+                if self._read_now is not None and not self._ordered:
                     data = self._read_now(offset, length)
                     if data is not None and len(data) == length:
                         self._reply_read(cookie, offset, length, data)
@@ -382,7 +386,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                         return
                 self._spawn(self._read(export, cookie, offset, length, t0), length)
         elif cmd == p.CMD_FLUSH:
-            self._spawn(self._call(cookie, export.flush(), _OP_FLUSH, perf_counter()), 0)
+            flush = self._call(cookie, export.flush(), _OP_FLUSH, perf_counter())
+            self._spawn(flush, 0, ordered=False)
         elif cmd == p.CMD_TRIM:
             if beyond_end:
                 self._reply_error(cookie, p.NBD_EINVAL, "trim beyond end of export")
@@ -411,7 +416,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         # measured).
         t0 = perf_counter()
         inline_ok = len(data) <= _INLINE_WRITE_MAX
-        if inline_ok and not self._tasks:
+        if inline_ok and not self._ordered:
             if self._write_now is not None and self._write_now(offset, data, fua):
                 self._reply_ok(cookie)
                 self._recycle(data)
@@ -471,20 +476,28 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._loop.call_soon(self._flush)
 
     def _spawn(
-        self, coro: Coroutine[Any, Any, None], nbytes: int, *, inline_ok: bool = True
+        self,
+        coro: Coroutine[Any, Any, None],
+        nbytes: int,
+        *,
+        inline_ok: bool = True,
+        ordered: bool = True,
     ) -> None:
         self._inflight += 1
         self._inflight_bytes += nbytes
         run = self._run(coro, nbytes)
-        # Inline only when no earlier request still waits as a task: a request never starts
-        # ahead of one received before it.
-        if inline_ok and not self._tasks:
+        # Inline only when no earlier read or write still waits as a task: a request never
+        # starts ahead of one received before it (a flush may be overtaken, see _ordered).
+        if inline_ok and not self._ordered:
             task = inline.start(self._loop, run)
         else:
             task = self._loop.create_task(run)
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            if ordered:
+                self._ordered.add(task)
+                task.add_done_callback(self._ordered.discard)
 
     async def _run(self, coro: Coroutine[Any, Any, None], nbytes: int) -> None:
         try:

@@ -606,6 +606,30 @@ async def test_no_fast_path_ahead_of_a_request_still_waiting(served: Served) -> 
     await c.close()
 
 
+async def test_a_waiting_flush_does_not_hold_back_the_fast_paths(served: Served) -> None:
+    # A flush promises only the writes answered before it arrived: what comes after it may be
+    # served first (as nbdkit's threads do), at fast-path cost.
+    export = FastExport()
+    flushed = asyncio.Event()
+
+    async def flush() -> None:
+        await flushed.wait()
+
+    export.flush = flush  # type: ignore[method-assign]
+    served.registry.add(export)
+    c = await served.transmit("fast")
+    c.request(p.CMD_FLUSH, 1, 0, 0)
+    c.request(p.CMD_WRITE, 2, 0, 4096)
+    c.send(b"x" * 4096)
+    c.request(p.CMD_READ, 3, 0, 4096)
+    assert (await c.simple_reply())[:2] == (0, 2)
+    assert await c.simple_reply(4096) == (0, 3, b"x" * 4096)
+    assert (export.now_writes, export.now_reads) == (1, 1)
+    flushed.set()
+    assert (await c.simple_reply())[:2] == (0, 1)
+    await c.close()
+
+
 async def test_a_burst_of_fast_reads_queues_no_more_than_max_inflight(served: Served) -> None:
     export = FastExport()
     export.slow_from = SIZE
