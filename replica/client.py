@@ -17,9 +17,55 @@ from typing import TYPE_CHECKING
 
 from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
 from replica.errors import ProtocolError, ReplicaUnavailable, error_from_code
-from replica.protocol import FramedProtocol, Header, RxBuffer
+from replica.protocol import (
+    WRITES_MAX_BYTES,
+    WRITES_MAX_ITEMS,
+    FramedProtocol,
+    Header,
+    RxBuffer,
+    encode_frame_parts,
+)
 
 Reply = tuple[Header, bytes]
+
+
+class _WriteBatch:
+    """`write_nowait` calls of one volume and epoch made in one loop iteration: they leave as
+    one frame (one header to encode and decode, one reply) and share its reply."""
+
+    __slots__ = ("epoch", "fut", "items", "nbytes", "parts", "rid", "volume")
+
+    def __init__(self, volume: str, epoch: int, rid: int, fut: asyncio.Future[Reply]) -> None:
+        self.volume = volume
+        self.epoch = epoch
+        self.rid = rid
+        self.fut = fut
+        self.items: list[list[int]] = []
+        self.parts: list[memoryview] = []
+        self.nbytes = 0
+
+    def takes(self, volume: str, epoch: int, length: int) -> bool:
+        return (
+            volume == self.volume
+            and epoch == self.epoch
+            and len(self.items) < WRITES_MAX_ITEMS
+            and self.nbytes + length <= WRITES_MAX_BYTES
+        )
+
+    def frame(self) -> list[bytes | memoryview]:
+        if len(self.items) == 1:  # a lone write goes as the plain "write" it is
+            chunk, offset, _, seq = self.items[0]
+            header = _write_header(self.volume, self.epoch, chunk, offset, seq, False)
+            header["id"] = self.rid
+        else:
+            header = {
+                "op": "writes",
+                "id": self.rid,
+                "volume": self.volume,
+                "epoch": self.epoch,
+                "items": self.items,
+            }
+        return encode_frame_parts(header, self.parts)
 
 
 class _ClientConnection(FramedProtocol):
@@ -27,6 +73,27 @@ class _ClientConnection(FramedProtocol):
         super().__init__()
         self.where = where
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.batch: _WriteBatch | None = None  # still open: leaves at the next send or flush
+
+    def send_frame(self, header: Header, payload: bytes | memoryview | None = None) -> None:
+        self.close_batch()  # frames leave in call order
+        super().send_frame(header, payload)
+
+    def _flush_out(self) -> None:
+        self.close_batch()
+        super()._flush_out()
+
+    def open_batch(self, batch: _WriteBatch) -> None:
+        self.close_batch()
+        self.batch = batch
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            self.loop.call_soon(self._flush_out)
+
+    def close_batch(self) -> None:
+        batch, self.batch = self.batch, None
+        if batch is not None and not self.closed:
+            self._out.extend(batch.frame())
 
     def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
         rid = header.get("id")
@@ -164,17 +231,22 @@ class ReplicaClient:
         self, c: _ClientConnection, header: Header, payload: bytes | memoryview | None
     ) -> asyncio.Future[Reply]:
         """Send one call's frame now; the future of its reply, bounded by the timeout."""
+        rid, fut = self._register(c)
+        header["id"] = rid
+        c.send_frame(header, payload)
+        return fut
+
+    def _register(self, c: _ClientConnection) -> tuple[int, asyncio.Future[Reply]]:
+        """A new call's id and the future of its reply, failed if none comes in time."""
         loop = c.loop
         rid = self._next_id
         self._next_id = rid + 1
-        header["id"] = rid
         fut: asyncio.Future[Reply] = loop.create_future()
         c.pending[rid] = fut
         self._deadlines.append((loop.time() + self.timeout, rid, fut, c))
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(self._tick, self._sweep)
-        c.send_frame(header, payload)
-        return fut
+        return rid, fut
 
     # -- a write without a coroutine (the engine's fast path, VolumeEngine.write_begin) ---------
     def ready_to_send(self) -> bool:
@@ -185,11 +257,21 @@ class ReplicaClient:
     def write_nowait(
         self, volume: str, epoch: int, chunk: int, offset: int, data: memoryview, *, seq: int
     ) -> asyncio.Future[Reply]:
-        """`write` (not durable) on a client `ready_to_send`: the frame leaves now. Once the
-        future is done, `write_outcome` says how the write went."""
+        """`write` (not durable) on a client `ready_to_send`: the frame leaves at the end of
+        this loop iteration, with the other writes of the volume made in it (one "writes"
+        frame, one reply: they share the future, and so its outcome). Once the future is
+        done, `write_outcome` says how the write went."""
         c = self._conn
         assert c is not None
-        return self._send(c, _write_header(volume, epoch, chunk, offset, seq, False), data)
+        batch = c.batch
+        if batch is None or not batch.takes(volume, epoch, len(data)):
+            rid, fut = self._register(c)
+            batch = _WriteBatch(volume, epoch, rid, fut)
+            c.open_batch(batch)
+        batch.items.append([chunk, offset, len(data), seq])
+        batch.parts.append(data)
+        batch.nbytes += len(data)
+        return batch.fut
 
     @staticmethod
     def write_outcome(fut: asyncio.Future[Reply]) -> None:

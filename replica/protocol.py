@@ -41,6 +41,8 @@ _RX_MIN_FREE = 16 << 10  # roll to a fresh buffer below this much room, so recv 
 _POOL_BYTES = 32 << 20  # idle receive buffers kept per connection (saves page faults)
 PAYLOAD_ALIGN = 4096  # where a large frame's payload starts in its receive buffer
 _JOIN_MAX = 16 << 10  # payloads up to this are joined to their header; larger go by reference
+WRITES_MAX_ITEMS = 64  # a "writes" frame's bounds (the client closes a batch at either)
+WRITES_MAX_BYTES = 1 << 20
 
 Header = dict[str, Any]
 
@@ -61,6 +63,9 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
         ("seq", int),
         ("durable", bool),
     ),
+    # Small non-durable writes of one volume made in one loop iteration, in one frame: items are
+    # [chunk, offset, length, seq], their data the payload, back to back, applied in order.
+    "writes": (("volume", str), ("epoch", int), ("items", list)),
     "read": (("volume", str), ("epoch", int), ("chunk", int), ("offset", int), ("length", int)),
     "trim": (
         ("volume", str),
@@ -148,6 +153,14 @@ def check_request(header: object) -> tuple[int, str]:
             raise ProtocolError(f"{op}: field {name!r} is not {_TYPE_NAMES[typ]}: {v!r}")
     if op == "mark_clean" and not all(_is_uint(c) for c in header["chunks"]):
         raise ProtocolError("mark_clean: chunks must be non-negative ints")
+    if op == "writes":
+        items = header["items"]
+        if not 0 < len(items) <= WRITES_MAX_ITEMS or not all(
+            type(it) is list and len(it) == 4 and all(_is_uint(x) for x in it) for it in items
+        ):
+            raise ProtocolError(
+                f"writes: items must be 1 to {WRITES_MAX_ITEMS} [chunk, offset, length, seq]"
+            )
     if op == "write_chunk":
         gen = header["gen"]
         if len(gen) != 2 or not all(_is_uint(g) for g in gen):
@@ -170,6 +183,18 @@ def encode_frame(
     if plen <= _JOIN_MAX:
         return [b"".join((prefix, h, payload))]
     return [prefix + h, payload]
+
+
+def encode_frame_parts(header: Header, parts: list[memoryview]) -> list[bytes | memoryview]:
+    """Pieces of one frame whose payload is `parts` back to back (a "writes" frame)."""
+    h = _packb(header)
+    plen = sum(len(x) for x in parts)
+    if plen > MAX_PAYLOAD or len(h) > MAX_HEADER:
+        raise ProtocolError(f"frame too large (header {len(h)}, payload {plen})")
+    prefix = PREFIX.pack(4 + len(h) + plen, len(h))
+    if plen <= _JOIN_MAX:
+        return [b"".join((prefix, h, *parts))]
+    return [prefix + h, *parts]
 
 
 def decode_header(view: memoryview) -> Header:

@@ -64,6 +64,20 @@ async def _write(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     return None, None
 
 
+async def _writes(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    volume, epoch, items = h["volume"], h["epoch"], h["items"]
+    if sum(it[2] for it in items) != len(p):
+        raise ProtocolError("writes: item lengths do not add up to the payload")
+    write_now = getattr(s, "write_now", None)  # ReplicaService's: no coroutine when none waits
+    pos = 0
+    for chunk, offset, length, seq in items:
+        with p[pos : pos + length] as data:
+            if write_now is None or not write_now(volume, epoch, chunk, offset, data, seq=seq):
+                await s.write(volume, epoch, chunk, offset, data, seq=seq, durable=False)
+        pos += length
+    return None, None
+
+
 async def _read(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     snapshot = h.get("snapshot") or ""
     return None, await s.read(
@@ -166,6 +180,7 @@ async def _ping(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
 HANDLERS: dict[str, Handler] = {
     "open": _open,
     "write": _write,
+    "writes": _writes,
     "read": _read,
     "trim": _trim,
     "flush": _flush,
@@ -237,7 +252,7 @@ class _Connection(FramedProtocol):
                 {"id": hid if type(hid) is int else 0, "ok": False, "code": e.code, "msg": str(e)}
             )
             return
-        if op != "write" and op != "write_chunk" and len(payload):
+        if op != "write" and op != "writes" and op != "write_chunk" and len(payload):
             self.send_frame(
                 {
                     "id": rid,

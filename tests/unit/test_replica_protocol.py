@@ -10,6 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from replica import server as server_module
 from replica.api import ChunkCopy, Generation, ReplicaStats, VolumeInfo
 from replica.client import ReplicaClient
 from replica.errors import OutOfRange, ProtocolError, StaleEpoch, UnknownVolume
@@ -161,6 +162,10 @@ def test_check_request() -> None:
             "gen": [1],
         },
         {"id": 1, "op": "mark_clean", "volume": "v", "epoch": 1, "chunks": ["a"]},
+        {"id": 1, "op": "writes", "volume": "v", "epoch": 1, "items": []},
+        {"id": 1, "op": "writes", "volume": "v", "epoch": 1, "items": [[0, 0, 4]]},
+        {"id": 1, "op": "writes", "volume": "v", "epoch": 1, "items": [[0, 0, 4, -1]]},
+        {"id": 1, "op": "writes", "volume": "v", "epoch": 1, "items": [[0, 0, 4, 1]] * 65},
     ):
         with pytest.raises(ProtocolError):
             check_request(bad)
@@ -336,6 +341,117 @@ async def test_write_nowait_sends_at_once_and_reports_as_write_does() -> None:
         await c.close()
         await server.close()
     assert not c.ready_to_send()
+
+
+class OpLog(MemoryReplica):
+    """Records the calls the server makes, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[Any, ...]] = []
+
+    async def write(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
+    ) -> None:
+        self.log.append(("write", chunk, offset, seq))
+        await super().write(volume, epoch, chunk, offset, data, seq=seq, durable=durable)
+
+    async def flush(self, volume: str, epoch: int) -> None:
+        self.log.append(("flush",))
+        await super().flush(volume, epoch)
+
+
+async def test_writes_of_one_iteration_leave_as_one_frame_applied_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frames: list[str] = []
+    for op in ("write", "writes"):
+        handler = server_module.HANDLERS[op]
+
+        async def counted(s: Any, h: Header, p: memoryview, handler: Any = handler) -> Any:
+            frames.append(h["op"])
+            return await handler(s, h, p)
+
+        monkeypatch.setitem(server_module.HANDLERS, op, counted)
+    svc = OpLog()
+    server, c = await _pair(svc)
+    try:
+        await c.open("v", 3, 10 << 20, 1 << 20)
+        futs = [
+            c.write_nowait("v", 3, i % 3, 4096 * i, memoryview(bytes([i]) * 4096), seq=10 + i)
+            for i in range(70)
+        ]
+        other_epoch = c.write_nowait("v", 4, 5, 0, memoryview(b"e"), seq=99)
+        # The first 64 share a frame (and so a future); the bound starts a second; a write of
+        # another epoch, a third. Each reply settles every write of its frame.
+        assert len({id(f) for f in futs[:64]}) == 1 and futs[64] is futs[69]
+        assert futs[0] is not futs[64] and other_epoch is not futs[64]
+        flushed = asyncio.ensure_future(c.flush("v", 3))  # sent after them, so applied after
+        await asyncio.wait_for(asyncio.gather(*futs, other_epoch, flushed), 5)
+        assert frames == ["writes", "writes", "write"]
+        for f in (futs[0], futs[64], other_epoch):
+            assert ReplicaClient.write_outcome(f) is None
+        writes = [e for e in svc.log if e[0] == "write"]
+        assert [e[3] for e in writes[:70]] == [10 + i for i in range(70)]
+        assert svc.log[-1] == ("flush",)
+        for i in (0, 33, 63, 64, 69):
+            assert await c.read("v", 3, i % 3, 4096 * i, 4096) == bytes([i]) * 4096
+        assert await c.read("v", 4, 5, 0, 1) == b"e"
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_a_failed_write_fails_every_write_of_its_frame() -> None:
+    svc = MemoryReplica()
+    server, c = await _pair(svc)
+    try:
+        await c.open("v", 3, 10 << 20, 1 << 20)
+        first = c.write_nowait("v", 3, 0, 0, memoryview(b"a" * 4096), seq=1)
+        bad = c.write_nowait("v", 3, 0, (1 << 20) - 1, memoryview(b"ab"), seq=2)
+        after = c.write_nowait("v", 3, 1, 0, memoryview(b"c" * 4096), seq=3)
+        assert first is bad is after
+        await asyncio.wait_for(first, 5)
+        # The replica may hold some of them: the caller treats it as failed for all (the
+        # engine degrades it), which is what one error for the frame says.
+        with pytest.raises(OutOfRange):
+            ReplicaClient.write_outcome(after)
+        assert await c.read("v", 3, 0, 0, 4096) == b"a" * 4096  # applied in order, up to it
+        assert await c.read("v", 3, 1, 0, 4096) == bytes(4096)
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_a_writes_frame_whose_lengths_do_not_match_its_payload_is_refused() -> None:
+    svc = MemoryReplica()
+    await svc.open("v", 1, 10 << 20, 1 << 20)
+    server = ReplicaServer(svc)
+    await server.start("127.0.0.1", 0)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        header = {"op": "writes", "volume": "v", "epoch": 1, "items": [[0, 0, 8, 1], [1, 0, 8, 2]]}
+        w.write(wire({"id": 5, **header}, b"x" * 12))
+        w.write(wire({"id": 6, **header}, b"y" * 16))
+        replies = []
+        for _ in range(2):
+            total, hlen = struct.unpack("!II", await r.readexactly(8))
+            replies.append(msgpack.unpackb((await r.readexactly(total - 4))[:hlen]))
+        by_id = {h["id"]: h for h in replies}
+        assert by_id[5]["code"] == "PROTOCOL" and by_id[6]["ok"] is True
+        assert svc.vols["v"]["chunks"][0][:8] == b"y" * 8  # nothing of frame 5 was applied
+        assert svc.vols["v"]["chunks"][1][:8] == b"y" * 8
+        w.close()
+    finally:
+        await server.close()
 
 
 async def test_pipelined_out_of_order_and_inflight_bound() -> None:
