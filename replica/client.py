@@ -2,7 +2,8 @@
 
 One connection per peer, opened lazily and re-opened on the next call after it is lost. Many
 calls are in flight at once (matched by id); requests made in the same loop iteration leave in
-one transport write. Every call is bounded by ``timeout``: a call without a reply in time fails
+one transport write, and the engine's fast-path writes of one volume among them in one frame
+(``write_nowait``: one header to encode and decode and one reply for up to 64 writes). Every call is bounded by ``timeout``: a call without a reply in time fails
 with ReplicaUnavailable and the connection is dropped (a peer that stopped answering may be a
 black hole; a fresh connection is the only way to tell), which fails every other call on it too.
 Remote typed errors are raised here as the same types.
