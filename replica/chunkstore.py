@@ -392,14 +392,19 @@ class ChunkStore:
         data: bytes | memoryview,
         *,
         seq: int,
+        flushed_after: bool = False,
     ) -> bool:
         """`write` without waiting, for the common case: a non-durable write into a chunk whose
         dirty record is durable already. False, with nothing changed, when the write has to
-        wait (the chunk's first write, or a volume with synchronous writes): call `write`."""
+        wait (the chunk's first write, or a volume with synchronous writes): call `write`.
+        `flushed_after`: the caller calls `flush` before anyone learns the write is done, so
+        a volume with synchronous writes may take it too (a batch of them, one sync)."""
         v = self._volume(volume, epoch)
         _check_range(v, chunk, offset, len(data))
         c = v.chunks.get(chunk)
-        if c is None or chunk not in v.ready or v.sync_writes or not len(data):
+        if c is None or chunk not in v.ready or (v.sync_writes and not flushed_after):
+            return False
+        if not len(data):
             return False
         self._apply(volume, v, chunk, c, offset, data, (epoch, seq))
         return True

@@ -2,8 +2,9 @@
 
 One connection per peer, opened lazily and re-opened on the next call after it is lost. Many
 calls are in flight at once (matched by id); requests made in the same loop iteration leave in
-one transport write, and the engine's fast-path writes of one volume among them in one frame
-(``write_nowait``: one header to encode and decode and one reply for up to 64 writes). Every call is bounded by ``timeout``: a call without a reply in time fails
+one transport write, and the small writes of one volume among them in one frame ("writes": one
+header to encode and decode and one reply for up to 64 writes; durable ones share one sync on
+the replica). Every call is bounded by ``timeout``: a call without a reply in time fails
 with ReplicaUnavailable and the connection is dropped (a peer that stopped answering may be a
 black hole; a fresh connection is the only way to tell), which fails every other call on it too.
 Remote typed errors are raised here as the same types.
@@ -29,26 +30,32 @@ from replica.protocol import (
 
 Reply = tuple[Header, bytes]
 
+_BATCH_ITEM_MAX = 64 << 10  # larger writes go in frames of their own: a batch would gain nothing
+
 
 class _WriteBatch:
-    """`write_nowait` calls of one volume and epoch made in one loop iteration: they leave as
-    one frame (one header to encode and decode, one reply) and share its reply."""
+    """Small writes of one volume, epoch and durability made in one loop iteration: they leave
+    as one frame (one header to encode and decode, one reply) and share its reply."""
 
-    __slots__ = ("epoch", "fut", "items", "nbytes", "parts", "rid", "volume")
+    __slots__ = ("durable", "epoch", "fut", "items", "nbytes", "parts", "rid", "volume")
 
-    def __init__(self, volume: str, epoch: int, rid: int, fut: asyncio.Future[Reply]) -> None:
+    def __init__(
+        self, volume: str, epoch: int, durable: bool, rid: int, fut: asyncio.Future[Reply]
+    ) -> None:
         self.volume = volume
         self.epoch = epoch
+        self.durable = durable
         self.rid = rid
         self.fut = fut
         self.items: list[list[int]] = []
         self.parts: list[memoryview] = []
         self.nbytes = 0
 
-    def takes(self, volume: str, epoch: int, length: int) -> bool:
+    def takes(self, volume: str, epoch: int, durable: bool, length: int) -> bool:
         return (
             volume == self.volume
             and epoch == self.epoch
+            and durable == self.durable
             and len(self.items) < WRITES_MAX_ITEMS
             and self.nbytes + length <= WRITES_MAX_BYTES
         )
@@ -56,7 +63,7 @@ class _WriteBatch:
     def frame(self) -> list[bytes | memoryview]:
         if len(self.items) == 1:  # a lone write goes as the plain "write" it is
             chunk, offset, _, seq = self.items[0]
-            header = _write_header(self.volume, self.epoch, chunk, offset, seq, False)
+            header = _write_header(self.volume, self.epoch, chunk, offset, seq, self.durable)
             header["id"] = self.rid
         else:
             header = {
@@ -65,6 +72,7 @@ class _WriteBatch:
                 "volume": self.volume,
                 "epoch": self.epoch,
                 "items": self.items,
+                "durable": self.durable,
             }
         return encode_frame_parts(header, self.parts)
 
@@ -264,10 +272,24 @@ class ReplicaClient:
         done, `write_outcome` says how the write went."""
         c = self._conn
         assert c is not None
+        return self._batched(c, volume, epoch, chunk, offset, memoryview(data), seq, False)
+
+    def _batched(
+        self,
+        c: _ClientConnection,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: memoryview,
+        seq: int,
+        durable: bool,
+    ) -> asyncio.Future[Reply]:
+        """Add a write to the connection's open batch (or open one): the future of its reply."""
         batch = c.batch
-        if batch is None or not batch.takes(volume, epoch, len(data)):
+        if batch is None or not batch.takes(volume, epoch, durable, len(data)):
             rid, fut = self._register(c)
-            batch = _WriteBatch(volume, epoch, rid, fut)
+            batch = _WriteBatch(volume, epoch, durable, rid, fut)
             c.open_batch(batch)
         batch.items.append([chunk, offset, len(data), seq])
         batch.parts.append(data)
@@ -317,6 +339,14 @@ class ReplicaClient:
         seq: int,
         durable: bool = False,
     ) -> None:
+        c = self._conn
+        if c is not None and not c.closed and not c.write_paused and len(data) <= _BATCH_ITEM_MAX:
+            # With the other small writes of this loop iteration: durable ones then share one
+            # sync on the replica. Shielded: the future is theirs too.
+            fut = self._batched(c, volume, epoch, chunk, offset, memoryview(data), seq, durable)
+            reply, _ = await asyncio.shield(fut)
+            _raise_for(reply)
+            return
         await self._call(_write_header(volume, epoch, chunk, offset, seq, durable), data)
 
     async def read(

@@ -63,8 +63,9 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
         ("seq", int),
         ("durable", bool),
     ),
-    # Small non-durable writes of one volume made in one loop iteration, in one frame: items are
-    # [chunk, offset, length, seq], their data the payload, back to back, applied in order.
+    # Small writes of one volume made in one loop iteration, in one frame: items are [chunk,
+    # offset, length, seq], their data the payload, back to back, applied in order; with the
+    # optional "durable", all of them on stable storage (one sync) before the reply.
     "writes": (("volume", str), ("epoch", int), ("items", list)),
     "read": (("volume", str), ("epoch", int), ("chunk", int), ("offset", int), ("length", int)),
     "trim": (
@@ -105,6 +106,7 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
 
 # op -> optional request fields: absent means the default ("" / None).
 OPTIONAL: dict[str, tuple[tuple[str, type], ...]] = {
+    "writes": (("durable", bool),),
     "read": (("snapshot", str),),
     "generations": (("layer", str),),
     "read_chunk": (("layer", str),),

@@ -68,13 +68,18 @@ async def _writes(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     volume, epoch, items = h["volume"], h["epoch"], h["items"]
     if sum(it[2] for it in items) != len(p):
         raise ProtocolError("writes: item lengths do not add up to the payload")
+    durable = h.get("durable") is True
     write_now = getattr(s, "write_now", None)  # ReplicaService's: no coroutine when none waits
     pos = 0
     for chunk, offset, length, seq in items:
         with p[pos : pos + length] as data:
-            if write_now is None or not write_now(volume, epoch, chunk, offset, data, seq=seq):
+            if write_now is None or not write_now(
+                volume, epoch, chunk, offset, data, seq=seq, flushed_after=durable
+            ):
                 await s.write(volume, epoch, chunk, offset, data, seq=seq, durable=False)
         pos += length
+    if durable:  # one sync for the frame: each write durable before the one reply
+        await s.flush(volume, epoch)
     return None, None
 
 

@@ -96,8 +96,11 @@ class ReplicaService:
         data: bytes | memoryview,
         *,
         seq: int,
+        flushed_after: bool = False,
     ) -> bool:
-        return self._store(volume).write_now(volume, epoch, chunk, offset, data, seq=seq)
+        return self._store(volume).write_now(
+            volume, epoch, chunk, offset, data, seq=seq, flushed_after=flushed_after
+        )
 
     def _holder(self, volume: str) -> ChunkStore:
         """The store of a volume, opened or not: for what never changes (snapshots)."""

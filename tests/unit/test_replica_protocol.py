@@ -410,6 +410,51 @@ async def test_writes_of_one_iteration_leave_as_one_frame_applied_in_order(
         await server.close()
 
 
+async def test_durable_writes_of_one_iteration_are_answered_after_one_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frames: list[tuple[str, bool]] = []
+    for op in ("write", "writes"):
+        handler = server_module.HANDLERS[op]
+
+        async def counted(s: Any, h: Header, p: memoryview, handler: Any = handler) -> Any:
+            frames.append((h["op"], h["durable"]))
+            return await handler(s, h, p)
+
+        monkeypatch.setitem(server_module.HANDLERS, op, counted)
+    svc = OpLog()
+    server, c = await _pair(svc)
+    try:
+        await c.open("v", 3, 10 << 20, 1 << 20)
+        flushed = asyncio.Event()
+        flush = svc.flush
+
+        async def gated_flush(volume: str, epoch: int) -> None:
+            await flushed.wait()
+            await flush(volume, epoch)
+
+        svc.flush = gated_flush  # type: ignore[method-assign]
+        durable = [
+            asyncio.ensure_future(c.write("v", 3, 0, 512 * i, b"d" * 512, seq=i, durable=True))
+            for i in range(5)
+        ]
+        plain = [
+            asyncio.ensure_future(c.write("v", 3, 1, 512 * i, b"p" * 512, seq=10 + i))
+            for i in range(3)
+        ]
+        await asyncio.wait_for(asyncio.gather(*plain), 5)
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in durable)  # applied, but not answered before the sync
+        assert [e[3] for e in svc.log if e[0] == "write"][:5] == list(range(5))
+        flushed.set()
+        await asyncio.wait_for(asyncio.gather(*durable), 5)
+        assert frames == [("writes", True), ("writes", False)]
+        assert svc.log[-1] == ("flush",) and len([e for e in svc.log if e[0] == "flush"]) == 1
+    finally:
+        await c.close()
+        await server.close()
+
+
 async def test_a_failed_write_fails_every_write_of_its_frame() -> None:
     svc = MemoryReplica()
     server, c = await _pair(svc)

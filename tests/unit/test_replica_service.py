@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from replica.api import ReplicaStats
 from replica.chunkstore import ChunkStore
+from replica.client import ReplicaClient
 from replica.errors import NotOpen, OutOfRange, StaleEpoch, UnknownVolume
 from replica.fileio import VolatileFile
+from replica.server import ReplicaServer
 from replica.service import ReplicaService
 
 CHUNK = 1 << 20
@@ -119,3 +123,44 @@ async def test_a_restarted_replica_refuses_io_until_opened_again() -> None:
     info = await after.open("a", 3, 4 << 20, CHUNK)
     assert info.dirty == [0]
     assert await after.read("a", 3, 0, 0, 512) == b"x" * 512
+
+
+class _CountingFile(VolatileFile):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.syncs = 0
+
+    def fdatasync(self) -> None:
+        self.syncs += 1
+        super().fdatasync()
+
+
+@pytest.mark.parametrize("sync_volume", [True, False])
+async def test_durable_writes_batched_over_the_wire_are_durable_when_acknowledged(
+    sync_volume: bool,
+) -> None:
+    # The small writes of one loop iteration leave as one "writes" frame; durable ones (a
+    # --sync-writes volume's, or FUA) are applied then synced once, before the one reply.
+    f = _CountingFile(32 << 20)
+    ChunkStore.format(f, cluster_id="c", node_id="n", disk_id="d", chunk_size=CHUNK)
+    svc = ReplicaService([ChunkStore.open(f, cluster_id="c")])
+    server = ReplicaServer(svc)
+    await server.start("127.0.0.1", 0)
+    client = ReplicaClient("127.0.0.1", server.port)
+    try:
+        await client.open("v", 1, 8 << 20, CHUNK, sync_writes=sync_volume)
+        for chunk in range(4):  # each chunk's first write waits for its dirty record
+            await client.write("v", 1, chunk, 0, b"\x01", seq=1 + chunk, durable=True)
+        before = f.syncs
+        writes = [
+            client.write("v", 1, i % 4, 4096 * (1 + i), bytes([i]) * 4096, seq=10 + i, durable=True)
+            for i in range(32)
+        ]
+        await asyncio.wait_for(asyncio.gather(*writes), 10)
+        assert f.syncs - before <= 2  # one sync for the batch (not 32)
+        after = ChunkStore.open(VolatileFile.from_image(f.durable_image()), cluster_id="c")
+        for i in range(32):
+            assert after.read("v", 1, i % 4, 4096 * (1 + i), 4096) == bytes([i]) * 4096
+    finally:
+        await client.close()
+        await server.close()
