@@ -83,6 +83,9 @@ class _ClientConnection(FramedProtocol):
         self.where = where
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.batch: _WriteBatch | None = None  # still open: leaves at the next send or flush
+        # The server said (in an "open" reply on this connection) it takes "writes" frames; a
+        # server from before them would refuse one, and a refused write degrades the replica.
+        self.batches = False
 
     def send_frame(self, header: Header, payload: bytes | memoryview | None = None) -> None:
         self.close_batch()  # frames leave in call order
@@ -272,6 +275,8 @@ class ReplicaClient:
         done, `write_outcome` says how the write went."""
         c = self._conn
         assert c is not None
+        if not c.batches:
+            return self._send(c, _write_header(volume, epoch, chunk, offset, seq, False), data)
         return self._batched(c, volume, epoch, chunk, offset, memoryview(data), seq, False)
 
     def _batched(
@@ -316,6 +321,8 @@ class ReplicaClient:
                 "sync_writes": sync_writes,
             }
         )
+        if r.get("writes") is True and self._conn is not None:
+            self._conn.batches = True
         try:
             return VolumeInfo(
                 volume=volume,
@@ -340,7 +347,13 @@ class ReplicaClient:
         durable: bool = False,
     ) -> None:
         c = self._conn
-        if c is not None and not c.closed and not c.write_paused and len(data) <= _BATCH_ITEM_MAX:
+        if (
+            c is not None
+            and c.batches
+            and not c.closed
+            and not c.write_paused
+            and len(data) <= _BATCH_ITEM_MAX
+        ):
             # With the other small writes of this loop iteration: durable ones then share one
             # sync on the replica. Shielded: the future is theirs too.
             fut = self._batched(c, volume, epoch, chunk, offset, memoryview(data), seq, durable)

@@ -54,6 +54,7 @@ async def _open(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
         "epoch": info.epoch,
         "dirty": info.dirty,
         "unclean": info.unclean,
+        "writes": True,  # takes "writes" frames: a client of an older server sends none
     }, None
 
 

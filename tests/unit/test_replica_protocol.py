@@ -455,6 +455,39 @@ async def test_durable_writes_of_one_iteration_are_answered_after_one_flush(
         await server.close()
 
 
+async def test_a_server_that_does_not_say_it_takes_batches_gets_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server from before "writes" frames would refuse them, and the engine would degrade
+    # the replica for it: only an "open" reply saying "writes" turns them on.
+    frames: list[str] = []
+    handlers = dict(server_module.HANDLERS)
+
+    async def old_open(s: Any, h: Header, p: memoryview) -> Any:
+        result, out = await handlers["open"](s, h, p)
+        del result["writes"]
+        return result, out
+
+    async def counted(s: Any, h: Header, p: memoryview) -> Any:
+        frames.append(h["op"])
+        return await handlers[h["op"]](s, h, p)
+
+    monkeypatch.setitem(server_module.HANDLERS, "open", old_open)
+    monkeypatch.setitem(server_module.HANDLERS, "write", counted)
+    svc = MemoryReplica()
+    server, c = await _pair(svc)
+    try:
+        await c.open("v", 3, 10 << 20, 1 << 20)
+        futs = [c.write_nowait("v", 3, 0, 8 * i, memoryview(b"n" * 8), seq=i) for i in range(3)]
+        writes = [c.write("v", 3, 1, 8 * i, b"m" * 8, seq=10 + i, durable=True) for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(*futs, *writes), 5)
+        assert frames == ["write"] * 6
+        assert await c.read("v", 3, 0, 0, 24) == b"n" * 24
+    finally:
+        await c.close()
+        await server.close()
+
+
 async def test_a_failed_write_fails_every_write_of_its_frame() -> None:
     svc = MemoryReplica()
     server, c = await _pair(svc)
