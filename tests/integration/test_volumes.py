@@ -29,6 +29,28 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fio_write_verify(uri: str, size: str, *extra: str) -> None:
+    """4 KiB random writes at QD16 through fio's nbd engine, then every block read back and
+    checked (fio fails on the first bad one)."""
+    tool(
+        "fio",
+        "--name=v",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        f"--size={size}",
+        *extra,
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--output-format=json",
+        timeout=120,
+    )
+
+
 def test_create_attach_use_with_every_client_and_move(cluster3: Cluster, tmp_path: Path) -> None:
     c = cluster3
     info = c.cli_json("volume", "create", "vol1", "--size", "64M", "--repl", "3")
@@ -76,24 +98,7 @@ def test_create_attach_use_with_every_client_and_move(cluster3: Cluster, tmp_pat
         "read -P 0xcd 20M 3M",
         uri,
     )
-    # fio with verification
-    tool(
-        "fio",
-        "--name=v",
-        "--ioengine=nbd",
-        f"--uri={uri}",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--size=16m",
-        "--offset=32m",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--output-format=json",
-        timeout=120,
-    )
+    fio_write_verify(uri, "16m", "--offset=32m")
     # unix socket URI on the attach node
     sock = c.nodes["n1"].data_dir / "nbd.sock"
     assert (
@@ -120,22 +125,7 @@ def test_sync_writes_volume_under_fio_verify_then_moved(cluster3: Cluster) -> No
     c = cluster3
     c.cli("volume", "create", "sv", "--size", "32M", "--repl", "3", "--sync-writes")
     uri = c.attach("sv", "n1")
-    tool(
-        "fio",
-        "--name=s",
-        "--ioengine=nbd",
-        f"--uri={uri}",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--size=8m",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--output-format=json",
-        timeout=120,
-    )
+    fio_write_verify(uri, "8m")
     before = tool("nbdcopy", uri, "-")
     states = {r["node"]: r["state"] for r in c.inspect("sv")["replicas"]}
     assert set(states.values()) == {"in_sync"} and len(states) == 3
