@@ -178,6 +178,7 @@ class MemoryReplica:
         self.chunk_size = chunk_size
         self.vols: dict[str, dict[str, Any]] = {}
         self.gate: asyncio.Event | None = None
+        self.log: list[tuple[Any, ...]] = []  # writes and flushes, in the order applied
 
     def _vol(self, volume: str, epoch: int) -> dict[str, Any]:
         v = self.vols.get(volume)
@@ -218,6 +219,7 @@ class MemoryReplica:
             await self.gate.wait()
         self._buf(v, chunk)[offset : offset + len(data)] = data
         v["gens"][chunk] = (epoch, seq)
+        self.log.append(("write", chunk, offset, seq))
 
     async def read(
         self, volume: str, epoch: int, chunk: int, offset: int, length: int, *, snapshot: str = ""
@@ -233,6 +235,7 @@ class MemoryReplica:
 
     async def flush(self, volume: str, epoch: int) -> None:
         self._vol(volume, epoch)
+        self.log.append(("flush",))
 
     async def generations(
         self, volume: str, epoch: int, *, layer: str = ""
@@ -343,32 +346,6 @@ async def test_write_nowait_sends_at_once_and_reports_as_write_does() -> None:
     assert not c.ready_to_send()
 
 
-class OpLog(MemoryReplica):
-    """Records the calls the server makes, in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.log: list[tuple[Any, ...]] = []
-
-    async def write(
-        self,
-        volume: str,
-        epoch: int,
-        chunk: int,
-        offset: int,
-        data: bytes | memoryview,
-        *,
-        seq: int,
-        durable: bool = False,
-    ) -> None:
-        self.log.append(("write", chunk, offset, seq))
-        await super().write(volume, epoch, chunk, offset, data, seq=seq, durable=durable)
-
-    async def flush(self, volume: str, epoch: int) -> None:
-        self.log.append(("flush",))
-        await super().flush(volume, epoch)
-
-
 async def test_writes_of_one_iteration_leave_as_one_frame_applied_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -381,7 +358,7 @@ async def test_writes_of_one_iteration_leave_as_one_frame_applied_in_order(
             return await handler(s, h, p)
 
         monkeypatch.setitem(server_module.HANDLERS, op, counted)
-    svc = OpLog()
+    svc = MemoryReplica()
     server, c = await _pair(svc)
     try:
         await c.open("v", 3, 10 << 20, 1 << 20)
@@ -422,7 +399,7 @@ async def test_durable_writes_of_one_iteration_are_answered_after_one_flush(
             return await handler(s, h, p)
 
         monkeypatch.setitem(server_module.HANDLERS, op, counted)
-    svc = OpLog()
+    svc = MemoryReplica()
     server, c = await _pair(svc)
     try:
         await c.open("v", 3, 10 << 20, 1 << 20)
