@@ -156,6 +156,7 @@ class ChunkStore:
         # (callers, journal records) of each sync (the node feeds /metrics with it).
         self._callers = 0
         self.on_sync: Callable[[int, int], None] | None = None
+        self._flushes: dict[int, asyncio.Future[None]] = {}  # flush_soon's, by sync number
         self._prefill: asyncio.Task[None] | None = None
         self.unclean = unclean
 
@@ -960,13 +961,30 @@ class ChunkStore:
     async def flush(self) -> None:
         """Return once everything applied before the call is durable. A caller arriving while a
         sync runs waits for the next one, which then covers every such caller."""
+        await self._flush_to(self._sync_needed())
+
+    def flush_soon(self) -> asyncio.Future[None]:
+        """`flush` as a future, shared by every caller that needs the same sync: a durable
+        write started without a coroutine (the engine's `write_begin`) waits on it, and a
+        group commit costs one task however many writes it covers."""
+        need = self._sync_needed()
+        fut = self._flushes.get(need)
+        if fut is None:
+            fut = self._flushes[need] = asyncio.ensure_future(self._flush_to(need))
+            fut.add_done_callback(lambda _: self._flushes.pop(need, None))
+        return fut
+
+    def _sync_needed(self) -> int:
+        """The number of the first sync that covers everything applied so far."""
         self._check_open()
-        need = self._started + 1
+        self._callers += 1
         if self._sync_task is not None and not self._sync_begun:
             # That sync has not looked at anything yet: everything applied before this call
             # (data written, records appended) is in what it will take and fdatasync.
-            need = self._started
-        self._callers += 1
+            return self._started
+        return self._started + 1
+
+    async def _flush_to(self, need: int) -> None:
         while self._done < need:
             task = self._sync_task
             if task is None:

@@ -267,17 +267,25 @@ class ReplicaClient:
         return c is not None and not c.closed and not c.write_paused
 
     def write_nowait(
-        self, volume: str, epoch: int, chunk: int, offset: int, data: memoryview, *, seq: int
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
     ) -> asyncio.Future[Reply]:
-        """`write` (not durable) on a client `ready_to_send`: the frame leaves at the end of
-        this loop iteration, with the other writes of the volume made in it (one "writes"
-        frame, one reply: they share the future, and so its outcome). Once the future is
-        done, `write_outcome` says how the write went."""
+        """`write` on a client `ready_to_send`: the frame leaves at the end of this loop
+        iteration, with the other writes of the volume and durability made in it (one
+        "writes" frame, one reply: they share the future, and so its outcome). Once the
+        future is done, `write_outcome` says how the write went."""
         c = self._conn
         assert c is not None
         if not c.batches:
-            return self._send(c, _write_header(volume, epoch, chunk, offset, seq, False), data)
-        return self._batched(c, volume, epoch, chunk, offset, memoryview(data), seq, False)
+            return self._send(c, _write_header(volume, epoch, chunk, offset, seq, durable), data)
+        return self._batched(c, volume, epoch, chunk, offset, memoryview(data), seq, durable)
 
     def _batched(
         self,

@@ -7,6 +7,7 @@ store with the most free space.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
@@ -127,6 +128,12 @@ class ReplicaService:
         store = self._store(volume)
         store.check_epoch(volume, epoch)
         await store.flush()
+
+    def flush_soon(self, volume: str, epoch: int) -> asyncio.Future[None]:
+        """`flush` without a coroutine per caller (see ChunkStore.flush_soon)."""
+        store = self._store(volume)
+        store.check_epoch(volume, epoch)
+        return store.flush_soon()
 
     async def generations(
         self, volume: str, epoch: int, *, layer: str = ""

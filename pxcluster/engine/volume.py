@@ -83,6 +83,11 @@ class OpenReport:
     reconciled_chunks: int
 
 
+def _flush_outcome(fut: asyncio.Future[Any]) -> None:
+    """Raise what the local replica's flush raised (write_begin's durable writes)."""
+    fut.result()
+
+
 class VolumeEngine:
     def __init__(
         self,
@@ -465,26 +470,32 @@ class VolumeEngine:
         return True
 
     def write_begin(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[None] | None:
-        """A write `write_now` declines only because other replicas are in sync, started with
-        no coroutine: the local replica (if in sync) applies it at once and every remote one
-        gets its frame now. Returns the future of its acknowledgement: done when every in-sync
-        replica holds it, or failed as the coroutine path fails it (a failed replica recorded
-        stale in etcd first: invariant 2). None, with nothing changed, when it needs the
-        coroutine path (the same reasons as `write_now`, or a remote connection not ready)."""
-        if not self._plain_write(fua) or len(self.in_sync) < 2:
+        """A write `write_now` declines only because other replicas are in sync or because it
+        is durable (FUA, or a `--sync-writes` volume), started with no coroutine: the local
+        replica (if in sync) applies it at once and every remote one gets its frame now; a
+        durable one joins the local replica's next group commit (`flush_soon`) and goes to
+        the remote ones in a durable frame (synced there before the reply). Returns the future
+        of its acknowledgement: done when every in-sync replica holds it (durably if durable),
+        or failed as the coroutine path fails it (a failed replica recorded stale in etcd
+        first: invariant 2). None, with nothing changed, when it needs the coroutine path (the
+        same reasons as `write_now`, or a remote connection not ready)."""
+        durable = fua or self.spec.sync_writes
+        if not self._unhindered() or (len(self.in_sync) < 2 and not durable):
             return None
         length = len(data)
         where = self._plain_chunk(offset, length)
         if where is None or where[0] in self.copying:
             return None
         chunk, inner = where
-        local_write: Callable[..., bool] | None = None
+        local: Any = None
         remotes: list[tuple[str, Any]] = []
         for node, r in self.in_sync.items():
             if node == self.local_node:
-                local_write = getattr(r, "write_now", None)
-                if local_write is None:
+                if getattr(r, "write_now", None) is None or (
+                    durable and getattr(r, "flush_soon", None) is None
+                ):
                     return None
+                local = r
             else:
                 ready = getattr(r, "ready_to_send", None)
                 if ready is None or not ready():
@@ -493,9 +504,11 @@ class VolumeEngine:
         if not self._lease_ok():  # as _fan_write's guard, before the write
             return None
         vid, epoch, seq = self.spec.id, self.epoch, next(self._seq)
-        if local_write is not None:
+        if local is not None:
             try:
-                if not local_write(vid, epoch, chunk, inner, data, seq=seq):
+                if not local.write_now(
+                    vid, epoch, chunk, inner, data, seq=seq, flushed_after=durable
+                ):
                     return None
             except Exception:
                 return None
@@ -509,10 +522,16 @@ class VolumeEngine:
         c["write_ops"] += 1
         c["write_bytes"] += length
         failed: dict[str, BaseException] = {}
-        sent: list[tuple[str, Any, asyncio.Future[Any]]] = []
+        sent: list[tuple[str, Callable[[asyncio.Future[Any]], None], asyncio.Future[Any]]] = []
+        if local is not None and durable:
+            try:
+                sent.append((self.local_node, _flush_outcome, local.flush_soon(vid, epoch)))
+            except Exception as e:
+                failed[self.local_node] = e
         for node, r in remotes:
             try:
-                sent.append((node, r, r.write_nowait(vid, epoch, chunk, inner, data, seq=seq)))
+                fut = r.write_nowait(vid, epoch, chunk, inner, data, seq=seq, durable=durable)
+                sent.append((node, r.write_outcome, fut))
             except Exception as e:
                 failed[node] = e
         loop = sent[0][2].get_loop() if sent else asyncio.get_running_loop()
@@ -524,9 +543,9 @@ class VolumeEngine:
             left -= 1
             if left:
                 return
-            for node, r, fut in sent:
+            for node, outcome, fut in sent:
                 try:
-                    r.write_outcome(fut)
+                    outcome(fut)
                 except (Exception, asyncio.CancelledError) as e:
                     failed[node] = e
             self._write_settle(serial, chunk, failed, done)
@@ -573,12 +592,14 @@ class VolumeEngine:
             self._end_write(serial, (chunk,))
 
     def _plain_write(self, fua: bool) -> bool:
-        """Nothing about the volume keeps a write from the fast paths: not durable, not
-        encrypted or limited, not fenced, no snapshot barrier, no replica catching up."""
+        """Nothing about the volume keeps a write from the fast paths: not durable, and
+        `_unhindered`."""
+        return not (fua or self.spec.sync_writes) and self._unhindered()
+
+    def _unhindered(self) -> bool:
+        """Not encrypted or limited, not fenced, no snapshot barrier, no replica catching up."""
         return not (
-            fua
-            or self.spec.sync_writes
-            or self.cipher is not None
+            self.cipher is not None
             or not self.limits.unlimited
             or self.fenced
             or self._barrier is not None

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from pxcluster.engine.crypt import KEY_BYTES, BlockCipher
-from pxcluster.engine.errors import Fenced, VolumeIOError
+from pxcluster.engine.errors import Fenced, NoInSyncReplica, VolumeIOError
 from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.volume import CatchUp, VolumeEngine, VolumeSpec
 from replica.api import Generation
@@ -27,6 +27,8 @@ class FakeLocalReplica(FakeReplica):
         super().__init__(name)
         self.now_reads = 0
         self.now_writes = 0
+        self.flushed_after: list[bool] = []
+        self.syncs: list[asyncio.Future[None]] = []
 
     def read_now(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes:
         self._check(epoch)
@@ -42,6 +44,7 @@ class FakeLocalReplica(FakeReplica):
         data: bytes | memoryview,
         *,
         seq: int,
+        flushed_after: bool = False,
     ) -> bool:
         self._check(epoch)
         buf = self.chunks.get(chunk)
@@ -50,7 +53,15 @@ class FakeLocalReplica(FakeReplica):
         buf[offset : offset + len(data)] = data
         self.gens[chunk] = (epoch, seq)
         self.now_writes += 1
+        self.flushed_after.append(flushed_after)
         return True
+
+    def flush_soon(self, volume: str, epoch: int) -> asyncio.Future[None]:
+        """The next group commit, done when the test says (`syncs[i]`)."""
+        self._check(epoch)
+        fut = asyncio.get_running_loop().create_future()
+        self.syncs.append(fut)
+        return fut
 
 
 class FakeRemote(FakeReplica):
@@ -61,13 +72,23 @@ class FakeRemote(FakeReplica):
         super().__init__(name)
         self.ready = True
         self.sent: list[asyncio.Future[None]] = []
+        self.durable_frames: list[bool] = []  # each frame's durability, in order
 
     def ready_to_send(self) -> bool:
         return self.ready
 
     def write_nowait(
-        self, volume: str, epoch: int, chunk: int, offset: int, data: memoryview, *, seq: int
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
     ) -> asyncio.Future[None]:
+        self.durable_frames.append(durable)
         buf = self.chunks.setdefault(chunk, bytearray(CHUNK))
         buf[offset : offset + len(data)] = data
         self.gens[chunk] = (epoch, seq)
@@ -336,16 +357,75 @@ async def test_write_begin_fences_on_a_newer_epoch_or_a_lease_at_risk() -> None:
         await settled(ack)
 
 
-@pytest.mark.parametrize("why", [*WRITE_DECLINED, "a remote not ready", "fua", "sync volume"])
-async def test_write_begin_declines_and_changes_nothing(why: str) -> None:
-    eng, local, r1, r2 = await repl3(sync=why == "sync volume")
+@pytest.mark.parametrize("why", [*WRITE_DECLINED, "a remote not ready"])
+@pytest.mark.parametrize("durable", ["no", "fua", "sync volume"])
+async def test_write_begin_declines_and_changes_nothing(why: str, durable: str) -> None:
+    eng, local, r1, r2 = await repl3(sync=durable == "sync volume")
     before = [bytes(r.chunks[0]) for r in (local, r1, r2)]
     gens = [dict(r.gens) for r in (local, r1, r2)]
     if why == "a remote not ready":
         r2.ready = False
     elif why in WRITE_DECLINED:
         WRITE_DECLINED[why](eng)
-    assert eng.write_begin(8, memoryview(b"abc"), why == "fua") is None
+    assert eng.write_begin(8, memoryview(b"abc"), durable == "fua") is None
     assert [bytes(r.chunks[0]) for r in (local, r1, r2)] == before
     assert [dict(r.gens) for r in (local, r1, r2)] == gens
-    assert r1.sent == r2.sent == [] and not eng.inflight
+    assert r1.sent == r2.sent == [] and local.syncs == [] and not eng.inflight
+
+
+@pytest.mark.parametrize("durable", ["fua", "sync volume"])
+async def test_a_durable_write_begun_is_acknowledged_only_once_durable_everywhere(
+    durable: str,
+) -> None:
+    eng, local, r1, r2 = await repl3(sync=durable == "sync volume")
+    ack = eng.write_begin(64, memoryview(b"abc"), durable == "fua")
+    assert ack is not None
+    assert local.chunks[0][64:67] == r1.chunks[0][64:67] == r2.chunks[0][64:67] == b"abc"
+    # The local replica applied it for a sync that follows; the remote ones got durable frames.
+    assert local.flushed_after == [True] and len(local.syncs) == 1
+    assert r1.durable_frames == r2.durable_frames == [True]
+    for f in r1.sent + r2.sent:
+        f.set_result(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not ack.done()  # the local group commit has not covered it yet
+    local.syncs[0].set_result(None)
+    await settled(ack)
+    assert ack.result() is None and not eng.inflight and 0 in eng.dirty_chunks()
+
+
+async def test_a_durable_write_on_one_replica_waits_for_its_group_commit() -> None:
+    eng, local = await opened(sync=True)
+    assert not eng.write_now(8, memoryview(b"abc"), False)  # durable: not write_now's
+    ack = eng.write_begin(8, memoryview(b"abc"), False)
+    assert ack is not None and local.chunks[0][8:11] == b"abc"
+    await asyncio.sleep(0)
+    assert not ack.done() and eng.inflight
+    local.syncs[0].set_result(None)
+    await settled(ack)
+    assert ack.result() is None and not eng.inflight
+
+
+async def test_a_failed_group_commit_fails_the_write_on_one_replica() -> None:
+    rec = Recorder()
+    eng, local = await opened(sync=True, state=rec)
+    ack = eng.write_begin(8, memoryview(b"abc"), True)
+    assert ack is not None
+    local.syncs[0].set_exception(OSError(5, "fdatasync: EIO"))
+    # Its only replica failed: the write fails, never acknowledged (as the coroutine path).
+    with pytest.raises(NoInSyncReplica):
+        await settled(ack)
+    assert not eng.inflight
+
+
+async def test_a_failed_local_group_commit_marks_the_local_replica_stale_before_the_ack() -> None:
+    rec = Recorder()
+    eng, local, r1, r2 = await repl3(state=rec, sync=True)
+    ack = eng.write_begin(0, memoryview(b"x"), False)
+    assert ack is not None
+    for f in r1.sent + r2.sent:
+        f.set_result(None)
+    local.syncs[0].set_exception(OSError(5, "fdatasync: EIO"))
+    await settled(ack)
+    assert ack.result() is None and rec.calls == [["r0"]]  # invariant 2
+    assert sorted(eng.in_sync) == ["r1", "r2"]

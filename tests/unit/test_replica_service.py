@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -129,9 +130,11 @@ class _CountingFile(VolatileFile):
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.syncs = 0
+        self.began = threading.Event()  # an fdatasync was called
 
     def fdatasync(self) -> None:
         self.syncs += 1
+        self.began.set()
         super().fdatasync()
 
 
@@ -164,3 +167,34 @@ async def test_durable_writes_batched_over_the_wire_are_durable_when_acknowledge
     finally:
         await client.close()
         await server.close()
+
+
+async def test_writes_joining_a_group_commit_without_a_coroutine_are_durable_when_it_ends() -> None:
+    # The engine's write_begin for a durable write: write_now(flushed_after=True), then the
+    # shared future of the next sync. Writes made while a sync runs wait for the next one.
+    f = _CountingFile(32 << 20)
+    ChunkStore.format(f, cluster_id="c", node_id="n", disk_id="d", chunk_size=CHUNK)
+    svc = ReplicaService([ChunkStore.open(f, cluster_id="c")])
+    await svc.open("v", 1, 8 << 20, CHUNK, sync_writes=True)
+    await svc.write("v", 1, 0, 0, b"\x01", seq=1)  # the chunk's first write: dirty record
+    assert not svc.write_now("v", 1, 0, 0, b"x", seq=2)  # a sync volume's: not without a sync
+    f.began.clear()
+    futs = []
+    for i in range(8):
+        assert svc.write_now(
+            "v", 1, 0, 4096 * (1 + i), bytes([i]) * 4096, seq=10 + i, flushed_after=True
+        )
+        futs.append(svc.flush_soon("v", 1))
+    assert len({id(fut) for fut in futs}) == 1  # one group commit for all eight
+    # Once the sync has begun (its fdatasync called), a write needs the next one.
+    assert await asyncio.to_thread(f.began.wait, 5)
+    assert svc.write_now("v", 1, 0, 0, b"\x09" * 4096, seq=20, flushed_after=True)
+    late = svc.flush_soon("v", 1)
+    assert late is not futs[0]
+    await asyncio.wait_for(asyncio.gather(futs[0], late), 10)
+    after = ChunkStore.open(VolatileFile.from_image(f.durable_image()), cluster_id="c")
+    for i in range(8):
+        assert after.read("v", 1, 0, 4096 * (1 + i), 4096) == bytes([i]) * 4096
+    assert after.read("v", 1, 0, 0, 4096) == b"\x09" * 4096
+    with pytest.raises(StaleEpoch):
+        svc.flush_soon("v", 0)
