@@ -59,6 +59,21 @@ async def replica_views(c: Cluster, vol: str, snap_id: str, size: int) -> dict[s
 
 
 @pytest.mark.timeout(240)
+def settled_usage(c: Cluster) -> int:
+    """The nodes' published usage once it holds still over a refresh (each node rewrites its
+    record every 2 s): read too early, it misses chunks just written, and a later drop can
+    hide behind them."""
+    last = -1
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        used = sum(n["used"] for n in c.cli_json("node", "list"))
+        if used == last:
+            return used
+        last = used
+        time.sleep(2.5)
+    raise AssertionError("the nodes' usage did not settle in 30 s")
+
+
 def test_snapshot_clone_revert_delete(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "db", "--size", "16M", "--repl", "3")
@@ -112,7 +127,7 @@ def test_snapshot_clone_revert_delete(cluster3: Cluster) -> None:
     # Deleting the snapshot keeps the volume's data and frees the overwritten chunks' copies.
     qemu_io(uri, "write -P 0x44 0 8M")
     head_sha = nbd_sha(uri)
-    used_before = sum(n["used"] for n in c.cli_json("node", "list"))
+    used_before = settled_usage(c)  # counting the head entries that write just made
     c.cli("volume", "snapshot", "delete", "db", "before")
     assert c.cli_json("volume", "snapshot", "list", "db") == []
     assert nbd_sha(uri) == head_sha
