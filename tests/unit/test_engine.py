@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import pytest
 
+from pxcluster.engine import volume as volume_module
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.reconcile import choose_source
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec, split
@@ -27,6 +30,7 @@ class FakeReplica:
         self.epoch = 0
         self.fail = False
         self.gate: asyncio.Event | None = None
+        self.at_gate = asyncio.Event()  # set once a write waits on `gate`
         self.unclean = False
 
     def _check(self, epoch: int) -> None:
@@ -55,6 +59,7 @@ class FakeReplica:
     ) -> None:
         self._check(epoch)
         if self.gate is not None:
+            self.at_gate.set()
             await self.gate.wait()
         self._check(epoch)
         buf = self.chunks.setdefault(chunk, bytearray(CHUNK))
@@ -167,9 +172,13 @@ async def test_write_acknowledged_only_when_every_replica_holds_it() -> None:
     await eng.open()
     reps["r2"].gate = asyncio.Event()
     task = asyncio.create_task(eng.write(100, memoryview(b"abc"), False))
-    await asyncio.sleep(0.05)
+    # r2 waits at its gate; once the loop has nothing else ready to run, the engine has done
+    # all it would without r2: it must not have acknowledged.
+    await asyncio.wait_for(reps["r2"].at_gate.wait(), 5)
+    for _ in range(20):
+        await asyncio.sleep(0)
     assert not task.done()  # r2 has not applied it yet: no ack
-    assert reps["r0"].chunks[0][100:103] == b"abc"
+    assert reps["r0"].chunks[0][100:103] == b"abc" and reps["r1"].chunks[0][100:103] == b"abc"
     reps["r2"].gate.set()
     await asyncio.wait_for(task, 1)
     assert all(r.chunks[0][100:103] == b"abc" for r in reps.values())
@@ -301,12 +310,29 @@ async def test_detach_marks_written_chunks_clean_after_flush() -> None:
     assert all(r.durable[3][:1] == b"b" for r in reps.values())
 
 
-async def test_idle_chunks_are_marked_clean_after_a_flush_and_hot_ones_stay_dirty() -> None:
+class Clock:
+    """time.monotonic for the engine module, moved by the test: idleness without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_idle_chunks_are_marked_clean_after_a_flush_and_hot_ones_stay_dirty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(volume_module, "time", clock)
     eng, reps, _ = make()
     await eng.open()
     await eng.write(0, memoryview(b"a"), False)
     await eng.write(2 * CHUNK, memoryview(b"b"), False)
-    await asyncio.sleep(0.06)
+    clock.now += 0.06
     await eng.write(4 * CHUNK, memoryview(b"c"), False)  # hot: written just now
     cleaned = await eng.clean_idle(0.05)
     assert cleaned == [0, 2]

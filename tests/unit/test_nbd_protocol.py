@@ -46,6 +46,27 @@ async def _start(tmp_path: Path) -> Served:
     return Served(server, registry, port, sock)
 
 
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll `predicate` (the state the server must reach) until true; AssertionError after
+    `timeout` seconds. What a test asserts next is then about that state, not a guess at how
+    long the server takes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if predicate():
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"not after {timeout} s: {what}")
+        await asyncio.sleep(0.002)
+
+
+def stopped_reading(server: NbdServer) -> bool:
+    """The server's only connection has paused reading its socket because the client does
+    not read replies (the transport paused writing): nothing more can reach the export."""
+    conns = list(server._connections)
+    return len(conns) == 1 and conns[0]._write_paused and conns[0]._reading_paused
+
+
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     s = await _start(tmp_path)
@@ -403,8 +424,8 @@ async def test_inflight_bounded_then_all_answered(served: Served) -> None:
         c.request(p.CMD_WRITE, i, i * 512, 512)
         c.send(bytes([i]) * 512)
     await c.writer.drain()
-    await asyncio.sleep(0.2)
-    assert export.inflight == served.server.max_inflight  # 8: the rest wait unread
+    limit = served.server.max_inflight  # 8: the rest wait unread
+    await until(lambda: export.inflight == limit, f"{limit} writes in flight")
     export.gate.set()
     cookies = sorted([(await c.simple_reply())[1] for _ in range(n)])
     assert cookies == list(range(n))
@@ -483,7 +504,7 @@ async def test_client_not_reading_replies_stops_the_server_reading(served: Serve
     for i in range(n):
         c.request(p.CMD_READ, i, 0, SIZE)  # 200 MiB of replies if nothing held back
     await c.writer.drain()
-    await asyncio.sleep(0.3)
+    await until(lambda: stopped_reading(served.server), "the server stopped reading")
     # Socket buffers absorb a few replies; after that the server must stop serving.
     stalled_at = export.reads
     assert stalled_at < 40
@@ -504,7 +525,7 @@ async def test_a_burst_answered_inline_queues_no_more_than_max_inflight(served: 
     n = 200
     c.send(b"".join(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0, SIZE) for i in range(n)))
     await c.writer.drain()
-    await asyncio.sleep(0.3)
+    await until(lambda: stopped_reading(served.server), "the server stopped reading")
     assert export.reads < 40  # a few replies' worth fit the socket buffers; never all 200
     for _ in range(n):
         error, _, data = await c.simple_reply(SIZE)
@@ -638,7 +659,7 @@ async def test_a_burst_of_fast_reads_queues_no_more_than_max_inflight(served: Se
     n = 200
     c.send(b"".join(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, i, 0, SIZE) for i in range(n)))
     await c.writer.drain()
-    await asyncio.sleep(0.3)
+    await until(lambda: stopped_reading(served.server), "the server stopped reading")
     assert export.now_reads < 40
     for _ in range(n):
         error, _, data = await c.simple_reply(SIZE)
