@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.replica_floor import FloorClient, FloorServer
 from replica.client import ReplicaClient
-from tests.harness.replica_proc import ReplicaProc, free_port
+from tests.harness.replica_proc import TEST_KEY, ReplicaProc, free_port
 
 CHUNK = 4 << 20
 SIZE = 256 << 20
@@ -109,7 +109,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
 
     proc = ReplicaProc(workdir, disk_size=SIZE + (256 << 20))
     proc.start()
-    client = ReplicaClient(proc.host, proc.port, timeout=30)
+    client = ReplicaClient(proc.host, proc.port, timeout=30, key=TEST_KEY)
     await client.open("bench", 1, SIZE, CHUNK)
     seq = 0
 
@@ -144,7 +144,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
         )
         tls_proc.start()
         ctx = client_context(TlsFiles(str(cl.cert), str(cl.key), str(ca.path)))
-        tls_client = ReplicaClient(tls_proc.host, tls_proc.port, timeout=30, tls=ctx)
+        tls_client = ReplicaClient(tls_proc.host, tls_proc.port, timeout=30, tls=ctx, key=TEST_KEY)
         await tls_client.open("bench", 1, SIZE, CHUNK)
 
         async def t_write(off: int, data: memoryview, durable: bool) -> None:

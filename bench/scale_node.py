@@ -369,7 +369,7 @@ class SimNode:
             self.etcd,
             self.keys,
             self.lease,
-            SimPeers(self.node_id, None),  # type: ignore[arg-type]
+            SimPeers(self.node_id, None, key=b""),  # type: ignore[arg-type]
             self.registry,
         )
         self.election = Election(self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id)

@@ -87,6 +87,10 @@ class Keys:
     def replica(self, volume_id: str, node_id: str) -> bytes:
         return self._k("volumes", volume_id, "replicas", node_id)
 
+    def replica_key(self) -> bytes:
+        """The cluster key replica connections prove (replica/auth.py); made with the cluster."""
+        return self._k("replica_key")
+
     def secret(self, volume_id: str) -> bytes:
         """A volume's encryption key. etcd holds it: protect etcd (TLS, auth) accordingly."""
         return self._k("secrets", volume_id)

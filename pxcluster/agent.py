@@ -44,6 +44,7 @@ from pxcluster.nbd.export import ExportRegistry
 from pxcluster.service import Service, VolumeView
 from replica.api import ReplicaAPI
 from replica.client import ReplicaClient
+from replica.service import ReplicaService
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,16 @@ class Peers:
     """One replica client per peer node, reused by every engine on this node."""
 
     def __init__(
-        self, local_id: str, local: ReplicaAPI, *, tls: ssl.SSLContext | None = None
+        self,
+        local_id: str,
+        local: ReplicaService,
+        *,
+        key: bytes,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.local_id = local_id
         self.local = local
+        self.key = key  # the cluster key every peer's replica server asks us to prove
         self.tls = tls  # replica port TLS (replica.tls.client_context), None: plain TCP
         self._clients: dict[str, tuple[tuple[str, int], ReplicaClient]] = {}
 
@@ -65,7 +72,7 @@ class Peers:
         where = (node.address, node.data_port)
         known = self._clients.get(node.id)
         if known is None or known[0] != where:
-            client = ReplicaClient(node.address, node.data_port, tls=self.tls)
+            client = ReplicaClient(node.address, node.data_port, tls=self.tls, key=self.key)
             self._clients[node.id] = (where, client)
             return client
         return known[1]
@@ -719,7 +726,7 @@ class NodeAgent:
     async def _empty_trash(self) -> None:
         for kv in await self.etcd.get_prefix(self.keys.trash_prefix(self.node_id)):
             vid = self.keys.split(kv.key)[-1]
-            await self.peers.local.delete(vid)
+            await self.peers.local.discard(vid)
             await self.etcd.delete(kv.key)
             log.info("volume %s (%s): chunks freed", kv.value.decode(), vid)
 

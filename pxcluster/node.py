@@ -34,8 +34,9 @@ from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
 from pxcluster.paths import check_data_dir, inside
 from pxcluster.service import Service
+from replica import auth
 from replica.chunkstore import ChunkStore
-from replica.errors import ForeignDisk, NotFormatted
+from replica.errors import ForeignDisk, NotFormatted, UnjustifiedEpoch
 from replica.fileio import OSFile
 from replica.server import ReplicaServer
 from replica.service import ReplicaService
@@ -62,7 +63,12 @@ class NodeConfig:
     replace_after: float = 300.0  # s a replica's node may stay down before it is replaced
     rebuild_bandwidth: int = 0  # bytes/s per rebuild, 0 = unlimited
     clean_after: float = 2.0  # s a chunk stays idle before it leaves the dirty-chunk log
-    api_token_file: str = ""  # bearer token for mutating API calls (empty: no auth)
+    api_token_file: str = ""  # admin bearer token for the REST API
+    api_read_token_file: str = ""  # read-only bearer token for the REST API
+    api_address: str = ""  # REST listen address (empty: --address if loopback, else 127.0.0.1)
+    api_insecure: bool = False  # allow a non-loopback REST listener without a token
+    nbd_expose: bool = False  # also serve NBD over TCP on --address (needs nbd_tls_dir)
+    nbd_tls_dir: str = ""  # NBD TLS: ca-cert.pem, server-cert.pem, server-key.pem (libnbd layout)
     docker_plugin_socket: str = ""  # serve the Docker volume plugin here (empty: off)
     etcd_settings: EtcdSettings = field(default_factory=EtcdSettings)  # etcd TLS, user
     data_tls: TlsFiles | None = None  # replica port TLS with client certificates (None: off)
@@ -82,6 +88,15 @@ async def ensure_cluster(etcd: Etcd, keys: Keys) -> ClusterRecord:
     kv = await etcd.get(key)
     assert kv is not None
     return ClusterRecord.decode(kv.value)
+
+
+async def ensure_replica_key(etcd: Etcd, keys: Keys) -> bytes:
+    """The cluster key of the replica port: made by the first node to join, read by the rest."""
+    key = keys.replica_key()
+    await etcd.commit(etcd.txn().absent(key).put(key, auth.new_key()))
+    kv = await etcd.get(key)
+    assert kv is not None
+    return auth.check_key(bytes(kv.value))
 
 
 def dump_tasks() -> None:
@@ -248,13 +263,14 @@ class Node:
         c = self.config
         await self.etcd.connect()
         self.cluster_id = (await ensure_cluster(self.etcd, self.keys)).id
+        replica_key = await ensure_replica_key(self.etcd, self.keys)
         await self.open_disks()
         await self.check_identity()
         c.data_dir = check_data_dir(c.data_dir)
-        self.service = ReplicaService(self.stores)
+        self.service = ReplicaService(self.stores, epoch_guard=self._justify_epoch)
         for store in self.stores:
             store.on_sync = self._observe_sync
-        self.replica_server = ReplicaServer(self.service)
+        self.replica_server = ReplicaServer(self.service, replica_key)
         tls = c.data_tls
         await self.replica_server.start(
             c.address, c.data_port, tls=server_context(tls) if tls else None
@@ -276,7 +292,12 @@ class Node:
             )
         await self.register()
         self.lease.start()
-        peers = Peers(self.node_id, self.service, tls=client_context(tls) if tls else None)
+        peers = Peers(
+            self.node_id,
+            self.service,
+            key=replica_key,
+            tls=client_context(tls) if tls else None,
+        )
         self.agent = NodeAgent(
             self.node_id,
             self.etcd,
@@ -314,6 +335,17 @@ class Node:
             c.address,
             c.api_port,
         )
+
+    async def _justify_epoch(self, volume: str, epoch: int) -> None:
+        """A replica's epoch is raised only to one the cluster handed out (invariant 4): an
+        epoch above the volume's in etcd was never given to an engine, and would fence every
+        real engine for good."""
+        kv = await self.etcd.get(self.keys.epoch(volume))
+        current = int(kv.value) if kv is not None else -1
+        if epoch > current:
+            raise UnjustifiedEpoch(
+                f"volume {volume!r}: epoch {epoch} is above the cluster's ({current})"
+            )
 
     async def _start_api(self) -> None:
         app = build_app(self, ApiConfig(token=self.api_token))

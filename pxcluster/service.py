@@ -176,6 +176,13 @@ class Service:
 
         return volume_io.restore_sink(self, name, size, chunk_size, repl, encrypted)
 
+    async def replica_key(self) -> bytes:
+        """The cluster key that replica connections prove (made by the first node to join)."""
+        kv = await self.etcd.get(self.keys.replica_key())
+        if kv is None:
+            raise VolumeBusy(f"cluster {self.keys.cluster}: no node has joined it yet")
+        return bytes(kv.value)
+
     async def volume_key(self, volume_id: str) -> bytes:
         kv = await self.etcd.get(self.keys.secret(volume_id))
         if kv is None:

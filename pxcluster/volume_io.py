@@ -75,6 +75,7 @@ async def open_reader(svc: Service, volume: str, snapshot: str) -> AsyncIterator
     ]
     if not holders:
         raise SnapshotFailed(f"volume {volume!r}: no in-sync replica is up")
+    key = await svc.replica_key()
     r = view.record
     reader = SnapshotReader(
         volume,
@@ -84,7 +85,7 @@ async def open_reader(svc: Service, volume: str, snapshot: str) -> AsyncIterator
         r.size,
         r.chunk_size,
         r.encrypted,
-        [ReplicaClient(n.address, n.data_port) for n in holders],
+        [ReplicaClient(n.address, n.data_port, key=key) for n in holders],
     )
     try:
         yield reader

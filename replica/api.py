@@ -152,8 +152,9 @@ class ReplicaAPI(Protocol):
         replica's copy is corrupt. Scrub compares these across replicas."""
         ...
 
-    async def delete(self, volume: str) -> None:
-        """Free every chunk of the volume and forget it. Unknown volume: no error."""
+    async def delete(self, volume: str, epoch: int) -> None:
+        """Free every chunk of the volume and forget it. Unknown volume: no error. An epoch
+        below the volume's is refused (StaleEpoch): only the current engine may erase it."""
         ...
 
     async def stats(self) -> ReplicaStats: ...

@@ -88,6 +88,8 @@ from replica.ondisk import (
     BLOCK,
     CSUM_SIZE,
     DEFAULT_CHUNK,
+    META_BYTES_PER_NAME,
+    META_BYTES_PER_SLOT,
     Superblock,
     block_csums,
     decode_checkpoint,
@@ -260,6 +262,7 @@ class ChunkStore:
             raise OutOfRange(f"volume {volume!r}: bad size {size} or epoch {epoch}")
         v = self._meta.vols.get(volume)
         if v is None:
+            self._check_meta_room(volume)
             v = VolState(size, self._sb.chunk_size, epoch, sync_writes)
             self._meta.vols[volume] = v
             self._records.append(rec_volume(volume, v))
@@ -277,6 +280,26 @@ class ChunkStore:
 
     def check_epoch(self, volume: str, epoch: int) -> None:
         self._volume(volume, epoch)
+
+    def epoch_of(self, volume: str) -> int:
+        """The highest epoch the volume was opened with; -1 for a volume not held here."""
+        v = self._meta.vols.get(volume)
+        return -1 if v is None else v.epoch
+
+    def _check_meta_room(self, what: str) -> None:
+        """Refuse a new volume or snapshot the metadata checkpoint could not hold.
+
+        The metadata area has a fixed budget per chunk slot (every chunk entry has a slot)
+        plus a base; volumes and snapshots live in the base. Refused here, before anything
+        is recorded, because a checkpoint that no longer fits would leave the store unable to
+        write one, and so to open, ever again."""
+        names = len(self._meta.vols) + sum(len(v.snaps) for v in self._meta.vols.values())
+        room = self._sb.meta_size - self._sb.slots * META_BYTES_PER_SLOT
+        if (names + 1) * META_BYTES_PER_NAME > room:
+            raise NoSpace(
+                f"{what!r}: this disk's metadata holds at most {room // META_BYTES_PER_NAME} "
+                "volumes and snapshots"
+            )
 
     async def delete_volume(self, volume: str) -> None:
         self._check_open()
@@ -663,6 +686,7 @@ class ChunkStore:
             v = self._volume(volume, epoch)
             if v.snap_index(snap_id) >= 0:
                 return
+            self._check_meta_room(snap_id)
             # A frozen entry is no head chunk, whose checksums a crash recomputes: its entries
             # are durable before the record that freezes it (in one sync, a power cut could
             # keep only the record).

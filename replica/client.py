@@ -1,6 +1,8 @@
 """ReplicaClient: the ReplicaAPI of a remote replica, over replica/protocol.py.
 
-One connection per peer, opened lazily and re-opened on the next call after it is lost. Many
+One connection per peer, opened lazily and re-opened on the next call after it is lost; each
+new connection first proves the cluster key to the server and checks the server's proof
+(replica/auth.py), so no call ever reaches a stranger or comes from one. Many
 calls are in flight at once (matched by id); requests made in the same loop iteration leave in
 one transport write, and the small writes of one volume among them in one frame ("writes": one
 header to encode and decode and one reply for up to 64 writes; durable ones share one sync on
@@ -17,9 +19,11 @@ import ssl
 from collections import deque
 from typing import TYPE_CHECKING
 
+from replica import auth
 from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
-from replica.errors import ProtocolError, ReplicaUnavailable, error_from_code
+from replica.errors import AuthFailed, ProtocolError, ReplicaUnavailable, error_from_code
 from replica.protocol import (
+    MAX_FRAME,
     WRITES_MAX_BYTES,
     WRITES_MAX_ITEMS,
     FramedProtocol,
@@ -78,9 +82,16 @@ class _WriteBatch:
 
 
 class _ClientConnection(FramedProtocol):
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, key: bytes) -> None:
         super().__init__()
         self.where = where
+        # Done once the server has taken our proof of the cluster key and proved its own
+        # (replica/auth.py); no call is sent before.
+        self._key = key
+        self._nonce = auth.new_nonce()
+        self._server_nonce = b""
+        self.authenticated: asyncio.Future[None] = self.loop.create_future()
+        self.max_frame = auth.PREAUTH_MAX_FRAME
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.batch: _WriteBatch | None = None  # still open: leaves at the next send or flush
         # The server said (in an "open" reply on this connection) it takes "writes" frames; a
@@ -107,7 +118,29 @@ class _ClientConnection(FramedProtocol):
         if batch is not None and not self.closed:
             self._out.extend(batch.frame())
 
+    def _handshake(self, header: Header) -> None:
+        if not self._server_nonce:
+            nonce = header.get("nonce")
+            if header.get("op") != "challenge" or not auth.valid_nonce(nonce):
+                self.fail(f"{self.where} did not open with an authentication challenge")
+                return
+            assert isinstance(nonce, bytes)
+            self._server_nonce = nonce
+            mac = auth.client_mac(self._key, nonce, self._nonce)
+            super().send_frame({"id": 0, "op": "auth", "nonce": self._nonce, "mac": mac})
+            return
+        expected = auth.server_mac(self._key, self._server_nonce, self._nonce)
+        if header.get("ok") is not True or not auth.verify(expected, header.get("mac")):
+            self.fail(f"{self.where}: authentication failed (is it in this cluster?)", AuthFailed)
+            return
+        self.max_frame = MAX_FRAME
+        if not self.authenticated.done():
+            self.authenticated.set_result(None)
+
     def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+        if not self.authenticated.done():
+            self._handshake(header)
+            return
         rid = header.get("id")
         fut = self.pending.pop(rid, None) if type(rid) is int else None
         if fut is None:
@@ -130,18 +163,23 @@ class _ClientConnection(FramedProtocol):
         super().connection_lost(exc)
         self._fail_pending(f"connection to {self.where} lost" + (f": {exc}" if exc else ""))
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, error: type[ReplicaUnavailable] = ReplicaUnavailable) -> None:
         """Drop the connection and fail every call waiting on it."""
         self.closed = True
-        self._fail_pending(reason)
+        self._fail_pending(reason, error)
         if self.transport is not None:
             self.transport.abort()
 
-    def _fail_pending(self, reason: str) -> None:
+    def _fail_pending(
+        self, reason: str, error: type[ReplicaUnavailable] = ReplicaUnavailable
+    ) -> None:
+        if not self.authenticated.done():
+            self.authenticated.set_exception(error(reason))
+            self.authenticated.exception()  # retrieved: the connect may have given up already
         pending, self.pending = self.pending, {}
         for fut in pending.values():
             if not fut.done():
-                fut.set_exception(ReplicaUnavailable(reason))
+                fut.set_exception(error(reason))
 
 
 class ReplicaClient:
@@ -153,9 +191,11 @@ class ReplicaClient:
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
         tls: ssl.SSLContext | None = None,
+        key: bytes,
     ) -> None:
         self.host = host
         self.port = port
+        self.key = key  # the cluster key: proved to the server before any call
         self.tls = tls  # replica.tls.client_context: present our cert, verify the server's
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -191,12 +231,17 @@ class ReplicaClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, c = await loop.create_connection(
-                    lambda: _ClientConnection(self._where),
+                    lambda: _ClientConnection(self._where, self.key),
                     self.host,
                     self.port,
                     ssl=self.tls,
                     server_hostname=self.host if self.tls is not None else None,
                 )
+                try:
+                    await asyncio.shield(c.authenticated)
+                except BaseException:
+                    c.fail(f"{self._where}: authentication did not complete")
+                    raise
         except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             raise ReplicaUnavailable(f"{self._where}: cannot connect: {e!r}") from None
         self._conn = c
@@ -492,8 +537,8 @@ class ReplicaClient:
         r, _ = await self._call(header)
         return bytes(r["digest"])
 
-    async def delete(self, volume: str) -> None:
-        await self._call({"op": "delete", "volume": volume})
+    async def delete(self, volume: str, epoch: int) -> None:
+        await self._call({"op": "delete", "volume": volume, "epoch": epoch})
 
     async def stats(self) -> ReplicaStats:
         r, _ = await self._call({"op": "stats"})
@@ -517,7 +562,9 @@ class ReplicaClient:
 if TYPE_CHECKING:
     from replica.api import ReplicaAPI
 
-    _api: ReplicaAPI = ReplicaClient("", 0)  # mypy proves the client satisfies the interface
+    _api: ReplicaAPI = ReplicaClient(
+        "", 0, key=b""
+    )  # mypy proves the client satisfies the interface
 
 
 def _gens(reply: Header) -> dict[int, Generation]:

@@ -52,6 +52,20 @@ class ReplicaUnavailable(ReplicaError):
     code = "UNAVAILABLE"
 
 
+class AuthFailed(ReplicaUnavailable):
+    """The peer did not prove it holds the cluster's key (or we could not prove it to the
+    peer): no request goes over such a connection. To the engine it is an unreachable replica."""
+
+    code = "AUTH"
+
+
+class UnjustifiedEpoch(ReplicaError):
+    """An open or delete carried an epoch above the volume's epoch in etcd: no engine was
+    given that epoch, so honouring it would fence the real engine for good."""
+
+    code = "UNJUSTIFIED_EPOCH"
+
+
 class ProtocolError(ReplicaError):
     code = "PROTOCOL"
 
@@ -96,6 +110,8 @@ _BY_CODE: dict[str, type[ReplicaError]] = {
         ChecksumMismatch,
         NotOpen,
         ReplicaUnavailable,
+        AuthFailed,
+        UnjustifiedEpoch,
         ProtocolError,
         DiskError,
         NotFormatted,

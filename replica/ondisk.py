@@ -38,6 +38,10 @@ MAGIC = b"PXCDISK\0"
 FORMAT_VERSION = 2
 BLOCK = 4096
 MIN_CHUNK = 64 << 10
+# The metadata area's budget: per chunk slot (a chunk entry and its generation), and per volume
+# or snapshot in the base (its entry, with a name or id of at most 64 bytes, and its lists).
+META_BYTES_PER_SLOT = 64
+META_BYTES_PER_NAME = 256
 DEFAULT_CHUNK = 4 << 20
 
 CSUM_SIZE = 4
@@ -99,7 +103,7 @@ def layout(
     # A checkpoint holds every chunk's slot and generation plus the dirty sets (~40 bytes
     # per chunk in msgpack); the base leaves room for many small volumes.
     base = (64 << 10) if disk_size < (1 << 30) else (1 << 20)
-    meta_size = _align(base + (disk_size // chunk_size) * 64, BLOCK)
+    meta_size = _align(base + (disk_size // chunk_size) * META_BYTES_PER_SLOT, BLOCK)
     journal_offset = BLOCK
     meta_offset = journal_offset + journal_size
     csum_offset = meta_offset + 2 * meta_size

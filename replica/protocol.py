@@ -41,6 +41,9 @@ _RX_MIN_FREE = 16 << 10  # roll to a fresh buffer below this much room, so recv 
 _POOL_BYTES = 32 << 20  # idle receive buffers kept per connection (saves page faults)
 PAYLOAD_ALIGN = 4096  # where a large frame's payload starts in its receive buffer
 _JOIN_MAX = 16 << 10  # payloads up to this are joined to their header; larger go by reference
+NAME_MAX = 64  # bytes of any name or id on the wire (volume ids, snapshot ids and names)
+BYTES_MAX = 64 << 10  # a bytes argument (a chunk's block mask)
+LIST_MAX = 1 << 20  # entries of a list argument (chunk indices of mark_clean)
 WRITES_MAX_ITEMS = 64  # a "writes" frame's bounds (the client closes a batch at either)
 WRITES_MAX_BYTES = 1 << 20
 
@@ -87,7 +90,7 @@ OPS: dict[str, tuple[tuple[str, type], ...]] = {
         ("present", bool),
         ("gen", list),
     ),
-    "delete": (("volume", str),),
+    "delete": (("volume", str), ("epoch", int)),
     "stats": (),
     "ping": (),
     "snapshot_generations": (("volume", str), ("snap_id", str)),
@@ -129,6 +132,18 @@ def _is_uint(v: object) -> bool:
     return type(v) is int and v >= 0
 
 
+def _check_bounds(op: str, name: str, v: object) -> None:
+    """Names end up in the store's metadata and lists in memory: bound both before use."""
+    if type(v) is str:
+        n = len(v.encode())
+        if n > NAME_MAX or (n == 0 and name == "volume"):
+            raise ProtocolError(f"{op}: field {name!r} must be 1 to {NAME_MAX} bytes")
+    if type(v) is bytes and len(v) > BYTES_MAX:
+        raise ProtocolError(f"{op}: field {name!r} has more than {BYTES_MAX} bytes")
+    if type(v) is list and len(v) > LIST_MAX:
+        raise ProtocolError(f"{op}: field {name!r} has more than {LIST_MAX} entries")
+
+
 def check_request(header: object) -> tuple[int, str]:
     """Validate a decoded request header; returns (id, op). Raises ProtocolError."""
     if not isinstance(header, dict):
@@ -149,10 +164,13 @@ def check_request(header: object) -> tuple[int, str]:
             continue
         if type(v) is not typ or (typ is int and cast(int, v) < 0):
             raise ProtocolError(f"{op}: field {name!r} missing or not {_TYPE_NAMES[typ]}: {v!r}")
+        _check_bounds(op, name, v)
     for name, typ in OPTIONAL.get(op, ()):
         v = get(name)
-        if v is not None and type(v) is not typ:
-            raise ProtocolError(f"{op}: field {name!r} is not {_TYPE_NAMES[typ]}: {v!r}")
+        if v is not None:
+            if type(v) is not typ:
+                raise ProtocolError(f"{op}: field {name!r} is not {_TYPE_NAMES[typ]}: {v!r}")
+            _check_bounds(op, name, v)
     if op == "mark_clean" and not all(_is_uint(c) for c in header["chunks"]):
         raise ProtocolError("mark_clean: chunks must be non-negative ints")
     if op == "writes":
@@ -281,6 +299,8 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = False
         self.loop = asyncio.get_running_loop()
+        # The largest frame taken now: small until the peer has authenticated (replica/auth.py).
+        self.max_frame = MAX_FRAME
 
     # -- hooks -----------------------------------------------------------------------------
     def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
@@ -340,7 +360,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if self._end - self._pos < 4:
             return self._pos + 8
         total: int = _TOTAL.unpack_from(self._rx.data, self._pos)[0]
-        if not 4 <= total <= MAX_FRAME:
+        if not 4 <= total <= self.max_frame:
             return self._pos + 8  # a bad length: room for the prefix is all _parse needs
         return self._pos + 4 + total
 
@@ -396,7 +416,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         unpack = PREFIX.unpack_from
         while not self._parsing_paused and end - pos >= 8:
             total, hlen = unpack(data, pos)
-            if total < 4 or total > MAX_FRAME:
+            if total < 4 or total > self.max_frame:
                 self._pos = self._end = 0
                 self.framing_error(f"bad frame length {total}")
                 return

@@ -10,8 +10,12 @@ A request's first step runs inline, before any task exists (see ``_Connection._s
 served ReplicaAPI must not need ``asyncio.current_task()`` (e.g. ``asyncio.timeout``) before its
 first real suspension.
 
+Before any request, a client proves it holds the cluster key and the server proves it back
+(replica/auth.py); until then the connection takes one small frame, for a few seconds.
+
 Run standalone (tests, benchmarks): ``python -m replica.server --disk PATH ... --cluster-id X
---node-id N [--host H] [--port P] [--format]``; prints ``READY <port>`` once listening.
+--node-id N --key-file F [--host H] [--port P] [--format]``; prints ``READY <port>`` once
+listening.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
+from replica import auth
 from replica.api import ReplicaAPI
-from replica.errors import ProtocolError, ReplicaError
-from replica.protocol import FramedProtocol, Header, RxBuffer, check_request
+from replica.errors import AuthFailed, ProtocolError, ReplicaError
+from replica.protocol import MAX_FRAME, FramedProtocol, Header, RxBuffer, check_request
 from replica.tls import HANDSHAKE_TIMEOUT, TlsConfigError, TlsFiles, server_context
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,9 @@ Handler = Callable[[ReplicaAPI, Header, memoryview], Awaitable[Result]]
 
 
 async def _open(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
+    # The service may ask etcd first (its epoch guard, which needs a task): leave the inline
+    # first step at once. Opens are rare; the fast paths are writes and reads.
+    await asyncio.sleep(0)
     info = await s.open(
         h["volume"], h["epoch"], h["size"], h["chunk_size"], sync_writes=h["sync_writes"]
     )
@@ -170,7 +178,8 @@ async def _write_chunk(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
 
 
 async def _delete(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
-    await s.delete(h["volume"])
+    await asyncio.sleep(0)  # as _open: the epoch guard needs a task
+    await s.delete(h["volume"], h["epoch"])
     return None, None
 
 
@@ -237,19 +246,74 @@ class _Connection(FramedProtocol):
         self._service = server.service
         self._inflight = 0
         self._held = 0
+        # Until the client proves it holds the cluster key, only a small auth frame is read.
+        self._nonce = auth.new_nonce()
+        self._authenticated = False
+        self.max_frame = auth.PREAUTH_MAX_FRAME
+        self._auth_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._server._conns.add(self)
+        self.send_frame({"id": 0, "op": "challenge", "v": auth.VERSION, "nonce": self._nonce})
+        self._auth_timer = self.loop.call_later(auth.AUTH_TIMEOUT, self._refuse, "auth timeout")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._server._conns.discard(self)
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+
+    def _refuse(self, reason: str) -> None:
+        if not self.closed:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.warning("replica connection from %s refused: %s", peer, reason)
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()  # sends what is buffered (the refusal), then closes
+
+    def _authenticate(self, header: Header) -> None:
+        """The first frame must be the client's answer to our challenge; anything else ends
+        the connection before a single request is looked at."""
+        cnonce = header.get("nonce")
+        if (
+            header.get("op") != "auth"
+            or not isinstance(cnonce, bytes)
+            or not auth.valid_nonce(cnonce)
+            or not auth.verify(
+                auth.client_mac(self._server.key, self._nonce, cnonce), header.get("mac")
+            )
+        ):
+            self.send_frame(
+                {"id": 0, "ok": False, "code": AuthFailed.code, "msg": "authentication failed"}
+            )
+            self._flush_out()
+            self._refuse("authentication failed")
+            return
+        self._authenticated = True
+        self.max_frame = MAX_FRAME
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        mac = auth.server_mac(self._server.key, self._nonce, cnonce)
+        self.send_frame({"id": 0, "ok": True, "code": "", "msg": "", "mac": mac})
 
     def bad_frame(self, reason: str) -> None:
+        if not self._authenticated:
+            self._refuse(f"bad frame before authentication: {reason}")
+            return
         self.send_frame({"id": 0, "ok": False, "code": ProtocolError.code, "msg": reason})
 
+    def framing_error(self, reason: str) -> None:
+        if not self._authenticated:
+            self._refuse(f"bad frame before authentication: {reason}")
+            return
+        super().framing_error(reason)
+
     def frame_received(self, header: Header, payload: memoryview, rx: RxBuffer) -> None:
+        if not self._authenticated:
+            self._authenticate(header)
+            return
         try:
             rid, op = check_request(header)
         except ProtocolError as e:
@@ -356,8 +420,9 @@ class _Connection(FramedProtocol):
 
 
 class ReplicaServer:
-    def __init__(self, service: ReplicaAPI) -> None:
+    def __init__(self, service: ReplicaAPI, key: bytes) -> None:
         self.service = service
+        self.key = auth.check_key(key)  # the cluster key every client must prove it holds
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -429,7 +494,7 @@ async def _serve(args: argparse.Namespace) -> int:
                         disk_id=uuid.uuid4().hex,
                     )
             stores.append(ChunkStore.open(f, cluster_id=args.cluster_id, boot_id=_boot_id()))
-        server = ReplicaServer(ReplicaService(stores))
+        server = ReplicaServer(ReplicaService(stores), auth.read_key_file(args.key_file))
         tls = TlsFiles.from_options(args.tls_cert, args.tls_key, args.tls_ca)
         await server.start(args.host, args.port, tls=server_context(tls) if tls else None)
         print(f"READY {server.port}", flush=True)
@@ -459,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9002)
     p.add_argument("--format", action="store_true", help="format disks that are not formatted")
+    p.add_argument("--key-file", required=True, help="the cluster key (hex), as clients hold it")
     p.add_argument("--tls-cert", default="", help="TLS: this server's certificate")
     p.add_argument("--tls-key", default="", help="TLS: its key")
     p.add_argument("--tls-ca", default="", help="TLS: CA that signs client certificates")

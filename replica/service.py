@@ -8,19 +8,25 @@ store with the most free space.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, VolumeInfo
-from replica.errors import NotOpen, OutOfRange, UnknownVolume
+from replica.errors import NotOpen, OutOfRange, StaleEpoch, UnknownVolume
 
 if TYPE_CHECKING:
     from replica.api import ReplicaAPI
     from replica.chunkstore import ChunkStore
 
+# Asked before a volume's epoch is raised (or a volume created) by a peer: raises (e.g.
+# UnjustifiedEpoch) unless the cluster handed that epoch to an engine.
+EpochGuard = Callable[[str, int], Awaitable[None]]
+
 
 class ReplicaService:
-    def __init__(self, stores: list[ChunkStore]) -> None:
+    def __init__(self, stores: list[ChunkStore], epoch_guard: EpochGuard | None = None) -> None:
         self._stores = list(stores)
+        self._epoch_guard = epoch_guard
         self._where: dict[str, ChunkStore] = {}
         # Volumes opened since this process started. A replica that restarted (its host may
         # have lost unflushed writes) refuses I/O until an engine opens it again, so no engine
@@ -45,6 +51,9 @@ class ReplicaService:
         self, volume: str, epoch: int, size: int, chunk_size: int, *, sync_writes: bool = False
     ) -> VolumeInfo:
         store = self._where.get(volume)
+        if self._epoch_guard is not None and (store is None or epoch > store.epoch_of(volume)):
+            await self._epoch_guard(volume, epoch)
+            store = self._where.get(volume)  # the guard waited: look again
         if store is None:
             if not self._stores:
                 raise UnknownVolume("this replica has no disks")
@@ -185,7 +194,20 @@ class ReplicaService:
     async def chunk_digest(self, volume: str, epoch: int, chunk: int, *, layer: str = "") -> bytes:
         return self._store(volume).chunk_digest(volume, epoch, chunk, layer=layer)
 
-    async def delete(self, volume: str) -> None:
+    async def delete(self, volume: str, epoch: int) -> None:
+        store = self._where.get(volume)
+        if store is None:
+            return
+        held = store.epoch_of(volume)
+        if epoch < held:
+            raise StaleEpoch(f"volume {volume!r}: delete at epoch {epoch} < {held}")
+        if self._epoch_guard is not None and epoch > held:
+            await self._epoch_guard(volume, epoch)
+        await self.discard(volume)
+
+    async def discard(self, volume: str) -> None:
+        """Delete without an epoch: for this node's own clean-up of volumes the cluster has
+        deleted. Never reachable from the replica port."""
         store = self._where.get(volume)
         if store is None:
             return

@@ -167,7 +167,7 @@ async def _copy_snapshots(
     s = engine.spec
     epoch = engine.epoch
     target = cu.api
-    await target.delete(s.id)
+    await target.delete(s.id, epoch)
     info = await target.open(s.id, epoch, s.size, s.chunk_size, sync_writes=s.sync_writes)
     snaps = list(engine.snapshots)
     for snap in snaps:

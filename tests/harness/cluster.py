@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -250,6 +251,25 @@ class Cluster:
             check=True,
         )
         return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+    def replica_key(self) -> bytes:
+        """The cluster key a replica client must prove, read with etcdctl."""
+        res = subprocess.run(
+            [
+                "etcdctl",
+                "--endpoints",
+                self.etcd.url,
+                "get",
+                "-w",
+                "json",
+                f"/pxc/{self.name}/replica_key",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return base64.b64decode(json.loads(res.stdout)["kvs"][0]["value"])
 
     def node_state(self, name: str) -> dict[str, Any]:
         for x in self.cli_json("node", "list"):

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from replica import auth
+from replica.auth import write_key_file
 
 REPO = Path(__file__).resolve().parents[2]
+# The cluster key of test replica servers; clients in tests pass it as key=TEST_KEY.
+TEST_KEY = bytes(range(32))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -18,6 +28,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def raw_connect(
+    host: str, port: int, key: bytes = TEST_KEY
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A bare socket to a replica server, past the key exchange (replica/auth.py): for tests
+    that write frames by hand, as an attacker holding the key would."""
+    r, w = await asyncio.open_connection(host, port)
+
+    async def frame() -> dict[str, Any]:
+        total, hlen = struct.unpack("!II", await r.readexactly(8))
+        return dict(msgpack.unpackb((await r.readexactly(total - 4))[:hlen]))
+
+    challenge = await frame()
+    nonce = auth.new_nonce()
+    mac = auth.client_mac(key, challenge["nonce"], nonce)
+    h = msgpack.packb({"id": 0, "op": "auth", "nonce": nonce, "mac": mac})
+    w.write(struct.pack("!II", 4 + len(h), len(h)) + h)
+    reply = await frame()
+    assert reply.get("ok") is True, reply
+    return r, w
 
 
 class ReplicaProc:
@@ -40,6 +71,8 @@ class ReplicaProc:
             if not d.exists():
                 with open(d, "wb") as f:
                     f.truncate(disk_size)
+        self.key_file = workdir / "cluster.key"
+        write_key_file(str(self.key_file), TEST_KEY)
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
@@ -56,6 +89,8 @@ class ReplicaProc:
             "--port",
             str(self.port),
             "--format",
+            "--key-file",
+            str(self.key_file),
             *self.extra_args,
         ]
         for d in self.disks:

@@ -17,7 +17,7 @@ import pytest
 from replica.client import ReplicaClient
 from replica.errors import OutOfRange, ProtocolError, ReplicaUnavailable, StaleEpoch
 from replica.protocol import encode_frame
-from tests.harness.replica_proc import ReplicaProc
+from tests.harness.replica_proc import TEST_KEY, ReplicaProc, raw_connect
 
 CHUNK = 4 << 20  # the server formats with the store's default chunk size
 SIZE = 64 << 20
@@ -33,7 +33,7 @@ def server(tmp_path: Path) -> Iterator[ReplicaProc]:
 
 @pytest.fixture
 async def client(server: ReplicaProc) -> AsyncIterator[ReplicaClient]:
-    c = ReplicaClient(server.host, server.port, timeout=5.0)
+    c = ReplicaClient(server.host, server.port, timeout=5.0, key=TEST_KEY)
     yield c
     await c.close()
 
@@ -68,7 +68,7 @@ async def test_round_trip(client: ReplicaClient, server: ReplicaProc) -> None:
     info = await client.open("v", 2, SIZE, CHUNK)
     assert info.epoch == 2 and info.unclean is False
     assert await client.read("v", 2, 1, 0, 1 << 20) == big
-    await client.delete("v")
+    await client.delete("v", 2)
     assert (await client.stats()).volumes == 0
 
 
@@ -106,7 +106,7 @@ async def test_fencing(client: ReplicaClient) -> None:
 
 
 async def _raw(server: ReplicaProc) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection(server.host, server.port)
+    return await raw_connect(server.host, server.port)
 
 
 async def _reply(r: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
@@ -149,7 +149,7 @@ async def test_bad_input_on_the_wire(client: ReplicaClient, server: ReplicaProc)
     await w.drain()
     assert await asyncio.wait_for(r.read(), 5) == b""
     w.close()
-    other = ReplicaClient(server.host, server.port)
+    other = ReplicaClient(server.host, server.port, key=TEST_KEY)
     assert await other.read("v", 1, 0, 0, 4096) == b"keep" * 1024
     await other.close()
 
@@ -244,7 +244,7 @@ async def test_bad_input_on_the_wire(client: ReplicaClient, server: ReplicaProc)
 
 
 async def test_timeout_when_stopped_then_recovers(server: ReplicaProc) -> None:
-    c = ReplicaClient(server.host, server.port, timeout=0.5, connect_timeout=0.5)
+    c = ReplicaClient(server.host, server.port, timeout=0.5, connect_timeout=0.5, key=TEST_KEY)
     try:
         await c.open("v", 1, SIZE, CHUNK)
         server.signal(signal.SIGSTOP)
@@ -270,7 +270,7 @@ async def test_unreachable_server_is_unavailable() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connection refused
-        c = ReplicaClient("127.0.0.1", port, connect_timeout=0.5)
+        c = ReplicaClient("127.0.0.1", port, connect_timeout=0.5, key=TEST_KEY)
         with pytest.raises(ReplicaUnavailable):
             await c.stats()
         await c.close()
@@ -296,6 +296,8 @@ def test_disk_in_use_or_foreign_is_refused(server: ReplicaProc) -> None:
             "--port",
             "0",
             "--format",
+            "--key-file",
+            str(server.key_file),
         ]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
 

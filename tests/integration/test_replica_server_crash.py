@@ -13,7 +13,7 @@ from pathlib import Path
 
 from replica.client import ReplicaClient
 from replica.errors import ReplicaUnavailable
-from tests.harness.replica_proc import ReplicaProc
+from tests.harness.replica_proc import TEST_KEY, ReplicaProc
 
 CHUNK = 4 << 20
 CHUNKS = 4
@@ -81,7 +81,7 @@ async def test_sigkill_under_write_load_keeps_every_acked_write(tmp_path: Path) 
     rng = random.Random(1234)
     try:
         for epoch in range(1, ROUNDS + 1):
-            c = ReplicaClient(proc.host, proc.port, timeout=2.0)
+            c = ReplicaClient(proc.host, proc.port, timeout=2.0, key=TEST_KEY)
             info = await c.open("v", epoch, SIZE, CHUNK)
             assert info.epoch == epoch
             if epoch > 1:
@@ -103,7 +103,7 @@ async def test_sigkill_under_write_load_keeps_every_acked_write(tmp_path: Path) 
             assert model.acks - before > 100, "the load did not get going before the kill"
             await c.close()
             proc.start()
-        c = ReplicaClient(proc.host, proc.port)
+        c = ReplicaClient(proc.host, proc.port, key=TEST_KEY)
         await c.open("v", ROUNDS + 1, SIZE, CHUNK)
         reads = await asyncio.gather(
             *(c.read("v", ROUNDS + 1, *where(b), 4096) for b in range(BLOCKS))

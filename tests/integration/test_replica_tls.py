@@ -17,7 +17,7 @@ from replica.errors import ReplicaUnavailable
 from replica.tls import TlsFiles, client_context
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
-from tests.harness.replica_proc import ReplicaProc
+from tests.harness.replica_proc import TEST_KEY, ReplicaProc
 from tests.harness.tls import TestCA
 
 
@@ -80,6 +80,7 @@ async def test_tls_cluster_serves_a_volume_and_refuses_clients_without_a_cert(
         n2.address,
         port,
         timeout=5,
+        key=c.replica_key(),
         tls=client_context(TlsFiles(str(member.cert), str(member.key), str(ca.path))),
     )
     try:
@@ -96,7 +97,9 @@ async def test_tls_cluster_serves_a_volume_and_refuses_clients_without_a_cert(
     foreign.load_verify_locations(cafile=str(ca.path))
     foreign.load_cert_chain(str(stranger.cert), str(stranger.key))
     for ctx in (no_cert, foreign, None):  # None: plain TCP against the TLS port
-        client = ReplicaClient(n2.address, port, timeout=3, connect_timeout=3, tls=ctx)
+        client = ReplicaClient(
+            n2.address, port, timeout=3, connect_timeout=3, tls=ctx, key=c.replica_key()
+        )
         try:
             with pytest.raises(ReplicaUnavailable):
                 await client.stats()
@@ -125,7 +128,7 @@ async def test_replica_server_process_with_tls(tmp_path: Path) -> None:
     try:
         cl = ca.issue("client")
         tls = client_context(TlsFiles(str(cl.cert), str(cl.key), str(ca.path)))
-        client = ReplicaClient(proc.host, proc.port, timeout=5, tls=tls)
+        client = ReplicaClient(proc.host, proc.port, timeout=5, tls=tls, key=TEST_KEY)
         try:
             await client.open("v", 1, 8 << 20, 4 << 20)
             await client.write("v", 1, 0, 0, memoryview(b"x" * 4096), seq=1, durable=True)
@@ -148,7 +151,7 @@ async def test_replica_server_process_with_tls(tmp_path: Path) -> None:
         )
         proc2.start()
         try:
-            bad = ReplicaClient(proc2.host, proc2.port, timeout=3, tls=tls)
+            bad = ReplicaClient(proc2.host, proc2.port, timeout=3, tls=tls, key=TEST_KEY)
             try:
                 with pytest.raises(ReplicaUnavailable):
                     await bad.stats()

@@ -45,7 +45,7 @@ def etcd_key_present(c: Cluster, key: str) -> bool:
 async def replica_snapshot_ids(c: Cluster, node: str, vid: str) -> list[str] | None:
     """The snapshot layers the node's replica of `vid` holds; None when it holds no replica."""
     n = c.nodes[node]
-    client = ReplicaClient(n.address, n.ports["data"])
+    client = ReplicaClient(n.address, n.ports["data"], key=c.replica_key())
     try:
         return [s.id for s in await client.snapshots(vid)]
     except UnknownVolume:

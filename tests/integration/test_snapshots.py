@@ -41,7 +41,7 @@ async def replica_views(c: Cluster, vol: str, snap_id: str, size: int) -> dict[s
     vid = volume_id(c, vol)
     out: dict[str, str] = {}
     for name, n in c.nodes.items():
-        client = ReplicaClient(n.address, n.ports["data"])
+        client = ReplicaClient(n.address, n.ports["data"], key=c.replica_key())
         try:
             snaps = await client.snapshots(vid)
             if snap_id not in [s.id for s in snaps]:

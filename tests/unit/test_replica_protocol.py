@@ -10,6 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from replica import auth
 from replica import server as server_module
 from replica.api import ChunkCopy, Generation, ReplicaStats, VolumeInfo
 from replica.client import ReplicaClient
@@ -23,6 +24,7 @@ from replica.protocol import (
     encode_frame,
 )
 from replica.server import ReplicaServer
+from tests.harness.replica_proc import TEST_KEY, raw_connect
 
 
 class Collector(FramedProtocol):
@@ -270,7 +272,7 @@ class MemoryReplica:
             v["chunks"][chunk] = bytearray(data)
         v["gens"][chunk] = generation
 
-    async def delete(self, volume: str) -> None:
+    async def delete(self, volume: str, epoch: int) -> None:
         self.vols.pop(volume, None)
 
     async def stats(self) -> ReplicaStats:
@@ -281,9 +283,9 @@ class MemoryReplica:
 
 
 async def _pair(svc: MemoryReplica, **kw: Any) -> tuple[ReplicaServer, ReplicaClient]:
-    server = ReplicaServer(svc)
+    server = ReplicaServer(svc, TEST_KEY)
     await server.start("127.0.0.1", 0)
-    return server, ReplicaClient("127.0.0.1", server.port, **kw)
+    return server, ReplicaClient("127.0.0.1", server.port, key=TEST_KEY, **kw)
 
 
 async def test_client_server_every_call() -> None:
@@ -315,8 +317,8 @@ async def test_client_server_every_call() -> None:
             await c.write("v", 3, 0, (1 << 20) - 1, b"ab", seq=9)
         with pytest.raises(UnknownVolume):
             await c.read("nope", 1, 0, 0, 1)
-        await c.delete("v")
-        await c.delete("v")
+        await c.delete("v", 3)
+        await c.delete("v", 3)
     finally:
         await c.close()
         await server.close()
@@ -489,10 +491,10 @@ async def test_a_failed_write_fails_every_write_of_its_frame() -> None:
 async def test_a_writes_frame_whose_lengths_do_not_match_its_payload_is_refused() -> None:
     svc = MemoryReplica()
     await svc.open("v", 1, 10 << 20, 1 << 20)
-    server = ReplicaServer(svc)
+    server = ReplicaServer(svc, TEST_KEY)
     await server.start("127.0.0.1", 0)
     try:
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        r, w = await raw_connect("127.0.0.1", server.port)
         header = {"op": "writes", "volume": "v", "epoch": 1, "items": [[0, 0, 8, 1], [1, 0, 8, 2]]}
         w.write(wire({"id": 5, **header}, b"x" * 12))
         w.write(wire({"id": 6, **header}, b"y" * 16))
@@ -554,17 +556,17 @@ async def test_timeout_then_reconnect() -> None:
 async def test_connect_refused_is_unavailable() -> None:
     from replica.errors import ReplicaUnavailable
 
-    c = ReplicaClient("127.0.0.1", 1, connect_timeout=0.5)
+    c = ReplicaClient("127.0.0.1", 1, connect_timeout=0.5, key=TEST_KEY)
     with pytest.raises(ReplicaUnavailable):
         await c.stats()
 
 
 async def test_raw_bad_frames_get_protocol_errors() -> None:
     svc = MemoryReplica()
-    server = ReplicaServer(svc)
+    server = ReplicaServer(svc, TEST_KEY)
     await server.start("127.0.0.1", 0)
     try:
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        r, w = await raw_connect("127.0.0.1", server.port)
         w.write(wire({"id": 5, "op": "read", "volume": 1}))
         w.write(wire({"id": 6, "op": "bogus"}))
         w.write(wire({"id": 7, "op": "stats"}))
@@ -583,11 +585,11 @@ async def test_raw_bad_frames_get_protocol_errors() -> None:
 async def test_client_that_stops_reading_bounds_server_memory() -> None:
     """Replies nobody reads must stop the server reading requests, not pile up in memory."""
     svc = MemoryReplica()
-    server = ReplicaServer(svc)
+    server = ReplicaServer(svc, TEST_KEY)
     await server.start("127.0.0.1", 0)
     try:
         await svc.open("v", 1, 1 << 30, 1 << 20)
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        r, w = await raw_connect("127.0.0.1", server.port)
         req = wire(
             {
                 "id": 1,
@@ -625,12 +627,19 @@ async def test_client_waits_for_a_peer_that_stops_reading() -> None:
     stop = asyncio.Event()
 
     async def never_read(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Takes the client's proof of the key, proves its own, then reads nothing more.
+        nonce = auth.new_nonce()
+        w.write(wire({"id": 0, "op": "challenge", "v": 1, "nonce": nonce}))
+        total, hlen = struct.unpack("!II", await r.readexactly(8))
+        proof = msgpack.unpackb((await r.readexactly(total - 4))[:hlen])
+        mac = auth.server_mac(TEST_KEY, nonce, proof["nonce"])
+        w.write(wire({"id": 0, "ok": True, "code": "", "msg": "", "mac": mac}))
         await stop.wait()
         w.close()
 
     srv = await asyncio.start_server(never_read, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
-    c = ReplicaClient("127.0.0.1", port, timeout=1.0)
+    c = ReplicaClient("127.0.0.1", port, timeout=1.0, key=TEST_KEY)
     try:
         data = memoryview(bytes(1 << 20))
         calls = []

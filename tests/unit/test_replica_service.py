@@ -14,6 +14,7 @@ from replica.errors import NotOpen, OutOfRange, StaleEpoch, UnknownVolume
 from replica.fileio import VolatileFile
 from replica.server import ReplicaServer
 from replica.service import ReplicaService
+from tests.harness.replica_proc import TEST_KEY
 
 CHUNK = 1 << 20
 
@@ -83,9 +84,12 @@ async def test_placement_io_fencing_and_stats() -> None:
     )
     assert svc.volume_ids() == ["a", "b"]
 
-    await svc.delete("a")
-    await svc.delete("a")  # unknown: no-op
-    await svc.delete("never")
+    with pytest.raises(StaleEpoch):  # only an engine at the volume's epoch may erase it
+        await svc.delete("a", 5)
+    assert svc.volume_ids() == ["a", "b"]
+    await svc.delete("a", 6)
+    await svc.delete("a", 6)  # unknown: no-op
+    await svc.delete("never", 1)
     assert svc.volume_ids() == ["b"]
     await svc.close()
     await svc.close_stores()
@@ -147,9 +151,9 @@ async def test_durable_writes_batched_over_the_wire_are_durable_when_acknowledge
     f = _CountingFile(32 << 20)
     ChunkStore.format(f, cluster_id="c", node_id="n", disk_id="d", chunk_size=CHUNK)
     svc = ReplicaService([ChunkStore.open(f, cluster_id="c")])
-    server = ReplicaServer(svc)
+    server = ReplicaServer(svc, TEST_KEY)
     await server.start("127.0.0.1", 0)
-    client = ReplicaClient("127.0.0.1", server.port)
+    client = ReplicaClient("127.0.0.1", server.port, key=TEST_KEY)
     try:
         await client.open("v", 1, 8 << 20, CHUNK, sync_writes=sync_volume)
         for chunk in range(4):  # each chunk's first write waits for its dirty record
