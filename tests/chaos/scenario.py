@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,18 @@ from replica.chunkstore import ChunkStore
 from replica.errors import ChecksumMismatch
 from replica.fileio import OSFile
 from tests.chaos.netns import NetnsCluster
-from tests.harness.stamps import Check, History, UriFollower, Writer, check
+from tests.harness.stamps import MIN_ACKED, Check, History, UriFollower, Writer, check
+
+# How long after the last fault every writer may take to see MIN_ACKED writes acknowledged.
+SERVE_AGAIN_TIMEOUT = 60
 
 
 @dataclass
 class Workload:
     """Several stamped writers (NBD clients, each its own share of the blocks, so per-block
-    order is one client's order) following the volume's URI."""
+    order is one client's order) following the volume's URI. They write for at least
+    `seconds`; with a fault marked (`fault()`), `finish` also waits until each writer had
+    writes acknowledged after it, so a slow recovery cannot leave the checker without any."""
 
     c: NetnsCluster
     volume: str
@@ -34,20 +40,49 @@ class Workload:
         urifile = self.tmp / f"{self.volume}.uri"
         urifile.write_text(self.c.inspect(self.volume)["nbd_uri"])
         self.follower = UriFollower(self.c, self.volume, urifile)
+        self.started = time.monotonic()
+        # The writers run until stopped (the cap only bounds a test that forgets them).
+        cap = self.seconds + SERVE_AGAIN_TIMEOUT + 120
         self.procs = [
-            Writer(urifile, self.nblocks, self.seconds, self.seed + i, self.writers, i)
+            Writer(urifile, self.nblocks, cap, self.seed + i, self.writers, i)
             for i in range(self.writers)
         ]
 
+    def fault(self) -> None:
+        """The fault is in effect from now on: the checker wants writes acknowledged on both
+        sides of it (tests.harness.stamps.require_acked)."""
+        now = time.monotonic()
+        for w in self.procs:
+            w.fault(now)
+
+    def faulted(self) -> bool:
+        return any(w.history.faults for w in self.procs)
+
+    def wait_acked(self, n: int = MIN_ACKED, timeout: float = SERVE_AGAIN_TIMEOUT) -> None:
+        """Until every writer had `n` writes acknowledged after the last fault (one deadline
+        for all); AssertionError if that does not come."""
+        deadline = time.monotonic() + timeout
+        for w in self.procs:
+            w.wait_acked(n, max(0.0, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        for w in self.procs:
+            w.stop()
+
     def finish(self) -> History:
         try:
+            left = self.started + self.seconds - time.monotonic()
+            if left > 0:
+                time.sleep(left)  # the workload's length: the writers go on meanwhile
+            if self.faulted():
+                self.wait_acked()
+            self.stop()
             whole = History()
             for w in self.procs:
-                h = w.finish(timeout=self.seconds + 120)
-                whole.acked += h.acked
-                whole.failed += h.failed
+                whole.extend(w.finish(timeout=60))
             return whole
         finally:
+            self.stop()
             self.follower.close()
 
     def check(self, history: History) -> Check:

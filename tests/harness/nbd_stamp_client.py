@@ -1,9 +1,14 @@
 """Stamped-block workload over libnbd, run with Debian's /usr/bin/python3 (python3-libnbd).
 
   write URIFILE NBLOCKS SECONDS SEED [SHARE INDEX]
-                                      -> lines "ack BLOCK SEQ TOKEN" / "fail BLOCK SEQ TOKEN";
+                                      -> lines "ack BLOCK SEQ TOKEN TIME" /
+                                         "fail BLOCK SEQ TOKEN TIME ERROR";
                                          with SHARE, only blocks with BLOCK % SHARE == INDEX
-                                         (several writers, each block written by one of them)
+                                         (several writers, each block written by one of them);
+                                         TIME is time.monotonic() when the reply came (the
+                                         clock is system-wide, so the test process can tell
+                                         writes acknowledged after a fault it caused); SIGTERM
+                                         ends the run after the write in progress
   read URI NBLOCKS                    -> lines "blk BLOCK SEQ TOKEN" / "zero BLOCK" / "bad BLOCK"
 
 URIFILE holds the volume's current NBD URI; after a failed write the writer reconnects to
@@ -13,6 +18,7 @@ format of pxcluster/stamp.py is repeated here, and tests/unit/test_stamp.py chec
 
 import hashlib
 import random
+import signal
 import struct
 import sys
 import time
@@ -42,13 +48,23 @@ def connect(uri):
     return h
 
 
+STOP = []
+
+
+def _stop(signum, frame):
+    # Finish the write in flight and report it: killed mid-write, an acknowledged write would
+    # go unrecorded and read back as a phantom.
+    STOP.append(signum)
+
+
 def write(urifile, nblocks, seconds, seed, share=1, index=0):
+    signal.signal(signal.SIGTERM, _stop)
     rng = random.Random(seed)
     deadline = time.monotonic() + seconds
     h = None
     seq = 0
     out = sys.stdout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not STOP:
         if h is None:
             try:
                 with open(urifile) as f:
@@ -61,9 +77,9 @@ def write(urifile, nblocks, seconds, seed, share=1, index=0):
         token = rng.getrandbits(63)
         try:
             h.pwrite(make(block, seq, token), block * BLOCK)
-            out.write(f"ack {block} {seq} {token}\n")
+            out.write(f"ack {block} {seq} {token} {time.monotonic():.6f}\n")
         except Exception as e:
-            out.write(f"fail {block} {seq} {token} {type(e).__name__}\n")
+            out.write(f"fail {block} {seq} {token} {time.monotonic():.6f} {type(e).__name__}\n")
             try:
                 h.shutdown()
             except Exception:

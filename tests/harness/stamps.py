@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,10 +23,30 @@ def has_libnbd() -> bool:
     return True
 
 
+# Acknowledged writes every checker run needs, in all and, when the test marked a fault, on
+# each side of it: a history with fewer proves nothing (an empty one passes every check), and
+# none after the fault means the volume never took writes again.
+MIN_ACKED = 20
+
+
 @dataclass
 class History:
     acked: list[tuple[int, int, int]] = field(default_factory=list)  # block, seq, token
     failed: list[tuple[int, int, int]] = field(default_factory=list)
+    # time.monotonic() of each acknowledgement, in the order of `acked` (empty: not known).
+    ack_times: list[float] = field(default_factory=list)
+    # time.monotonic() when the test's faults were in effect (Writer.fault, Workload.fault).
+    faults: list[float] = field(default_factory=list)
+
+    def extend(self, other: History, seq_shift: int = 0) -> None:
+        """Add another history (another writer's, a later round's with its seqs shifted)."""
+        self.acked += [(b, s + seq_shift, t) for b, s, t in other.acked]
+        self.failed += [(b, s + seq_shift, t) for b, s, t in other.failed]
+        self.ack_times += other.ack_times
+        self.faults = sorted(set(self.faults + other.faults))  # writers share marks
+
+    def acked_between(self, start: float, end: float = float("inf")) -> int:
+        return sum(1 for t in self.ack_times if start < t < end)
 
     def issued_tokens(self) -> dict[int, set[int]]:
         out: dict[int, set[int]] = {}
@@ -41,30 +63,114 @@ class History:
         return out
 
 
+def require_acked(history: History, minimum: int = MIN_ACKED) -> None:
+    """AssertionError unless `minimum` writes were acknowledged, and, with faults marked, as
+    many before the first fault and after the last one."""
+    total = len(history.acked)
+    assert total >= minimum, f"only {total} writes acknowledged (need {minimum}): nothing to check"
+    if not history.faults:
+        return
+    assert len(history.ack_times) == total, "the history has no acknowledgement times"
+    before = history.acked_between(float("-inf"), history.faults[0])
+    after = history.acked_between(history.faults[-1])
+    assert before >= minimum, (
+        f"only {before} writes acknowledged before the fault (need {minimum}; {total} in all)"
+    )
+    assert after >= minimum, (
+        f"only {after} writes acknowledged after the fault (need {minimum}; {total} in all): "
+        "the volume did not take writes again"
+    )
+
+
 class Writer:
     """One libnbd client writing stamps; with `share` > 1, only the blocks b with
     b % share == index, so several writers never write the same block (per-block order stays
-    one client's order, which the checker relies on)."""
+    one client's order, which the checker relies on). Its replies are read as they come, so
+    a test can wait for writes acknowledged after a fault (`wait_acked`)."""
 
     def __init__(
         self, urifile: Path, nblocks: int, seconds: float, seed: int, share: int = 1, index: int = 0
     ) -> None:
         args = [str(urifile), str(nblocks), str(seconds), str(seed), str(share), str(index)]
+        self.history = History()
+        self.lock = threading.Lock()
+        self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [SYSTEM_PYTHON, CLIENT, "write", *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
         )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-    def finish(self, timeout: float = 60) -> History:
-        out, _err = self.proc.communicate(timeout=timeout)
-        h = History()
-        for line in out.splitlines():
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             parts = line.split()
             rec = (int(parts[1]), int(parts[2]), int(parts[3]))
-            (h.acked if parts[0] == "ack" else h.failed).append(rec)
-        return h
+            with self.lock:
+                if parts[0] == "ack":
+                    self.history.acked.append(rec)
+                    self.history.ack_times.append(float(parts[4]))
+                else:
+                    self.history.failed.append(rec)
+
+    def fault(self, at: float | None = None) -> float:
+        """Mark that a fault is in effect from now (or `at`, a time.monotonic()) on: call it
+        once the fault is in place, so no write the healthy path acknowledged counts as after
+        it."""
+        now = time.monotonic() if at is None else at
+        with self.lock:
+            self.history.faults.append(now)
+        return now
+
+    def acked_after_fault(self) -> int:
+        with self.lock:
+            since = self.history.faults[-1] if self.history.faults else float("-inf")
+            return self.history.acked_between(since)
+
+    def wait_acked(self, n: int = MIN_ACKED, timeout: float = 60) -> None:
+        """Until `n` writes were acknowledged after the last fault (in all, before any fault);
+        AssertionError after `timeout` seconds (the volume never took writes again) or if the
+        writer ended first."""
+        deadline = time.monotonic() + timeout
+        while self.acked_after_fault() < n:
+            if self.proc.poll() is not None:
+                self.reader.join(10)
+                if self.acked_after_fault() >= n:
+                    return
+                raise AssertionError(
+                    f"the writer ended with {self.acked_after_fault()} writes acknowledged "
+                    f"after the fault (need {n})"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.acked_after_fault()} writes acknowledged in the {timeout:.0f} s "
+                    f"after the fault (need {n}): the volume does not take writes again"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """End the run early; the write in flight is still reported."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def finish(self, timeout: float = 60) -> History:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
+        self.reader.join(30)
+        self.stderr.seek(0)
+        err = self.stderr.read().decode(errors="replace").strip()
+        self.stderr.close()
+        assert self.proc.returncode == 0, f"stamp writer exited {self.proc.returncode}: {err}"
+        with self.lock:
+            h = self.history
+            return History(list(h.acked), list(h.failed), list(h.ack_times), list(h.faults))
 
 
 @dataclass
@@ -95,9 +201,11 @@ def read_blocks(uri: str, nblocks: int) -> dict[int, tuple[str, int, int]]:
     return out
 
 
-def check(history: History, uri: str, nblocks: int) -> Check:
+def check(history: History, uri: str, nblocks: int, *, min_acked: int = MIN_ACKED) -> Check:
     """Every acknowledged write present (the block holds its last acked write or a later issued
-    one), nothing never issued, no garbage, and two reads agree."""
+    one), nothing never issued, no garbage, and two reads agree. Raises AssertionError first
+    unless the history has `min_acked` acknowledged writes (before and after its faults)."""
+    require_acked(history, min_acked)
     first = read_blocks(uri, nblocks)
     second = read_blocks(uri, nblocks)
     issued = history.issued_tokens()

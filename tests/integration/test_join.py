@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from membership.etcd import Etcd, EtcdUnavailable
+from replica.chunkstore import ChunkStore
+from replica.fileio import OSFile
+from replica.ondisk import Superblock
 from tests.harness.cluster import Cluster, pxcluster
 from tests.harness.etcd import EtcdServer
 
@@ -33,12 +37,11 @@ def test_three_nodes_join_with_distinct_ids_and_one_leader(cluster3: Cluster) ->
 
 def test_killed_node_goes_down_and_comes_back_with_same_identity(cluster3: Cluster) -> None:
     before = cluster3.node_state("n2")
-    t0 = time.monotonic()
     cluster3.kill("n2")
+    # Down once its lease is gone: the wait is bounded by the TTL plus slack, not timed.
     cluster3.wait_for(
         lambda: not cluster3.node_state("n2")["up"], cluster3.lease_ttl + 2 + 1, "n2 down"
     )
-    assert time.monotonic() - t0 <= cluster3.lease_ttl + 3
     cluster3.start("n2")
     after = cluster3.node_state("n2")
     assert after["id"] == before["id"] and after["up"]
@@ -130,11 +133,26 @@ def test_refusals(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
     # Unknown node.
     res = cluster.cli("node", "cordon", "nosuch", check=False)
     one_line_error(res, "unknown node")
-    # etcd down: a clear error within seconds, not a hang.
-    t0 = time.monotonic()
-    res = pxcluster("http://127.0.0.1:1", "x", "node", "list", check=False, timeout=30)
+    # etcd down: a clear error, not a hang (the call's timeout bounds the wait).
+    res = pxcluster("http://127.0.0.1:1", "x", "node", "list", check=False, timeout=15)
     one_line_error(res, "etcd")
-    assert time.monotonic() - t0 < 15
+
+
+def disk_identity(disk: Path) -> tuple[Superblock, set[str]]:
+    """The disk's superblock and the ids of the volumes it holds replicas of (the node that
+    owns it must be stopped)."""
+
+    async def body() -> tuple[Superblock, set[str]]:
+        f = OSFile.open(str(disk))
+        try:
+            store = ChunkStore.open(f)
+            found = store.superblock, set(store.volumes())
+            await store.close()
+            return found
+        finally:
+            f.close()
+
+    return asyncio.run(body())
 
 
 def test_foreign_disk_with_wipe_joins(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
@@ -142,9 +160,21 @@ def test_foreign_disk_with_wipe_joins(cluster: Cluster, tmp_path: Path, etcd: Et
     foreign = Cluster(tmp_path / "f", etcd, name="foreign")
     try:
         fn = foreign.add_node("f1", disk_size=256 << 20)
+        old_id = foreign.node_state("f1")["id"]
+        # Data on the foreign disk: a volume with a replica there, written.
+        foreign.cli("volume", "create", "fv", "--size", "8M", "--repl", "1")
+        old_volume = foreign.inspect("fv")["id"]
+        subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write -P 0x7e 0 1M", foreign.attach("fv", "f1")],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         foreign.kill("f1", signal.SIGTERM)
     finally:
         foreign.close()
+    old_sb, old_volumes = disk_identity(fn.disk)
+    assert old_sb.node_id == old_id and old_volume in old_volumes  # what the wipe must erase
     proc = subprocess.Popen(
         join_cmd(cluster, "w1", fn.disk, "127.0.9.8", "--wipe"),
         stdout=subprocess.DEVNULL,
@@ -156,9 +186,17 @@ def test_foreign_disk_with_wipe_joins(cluster: Cluster, tmp_path: Path, etcd: Et
             20,
             "w1 up",
         )
+        w1 = cluster.node_state("w1")
     finally:
         proc.terminate()
         proc.wait(15)
+    assert proc.returncode == 0
+    # A new identity in this cluster, and nothing of the foreign cluster's left on the disk.
+    assert w1["id"] != old_id and w1["used"] == 0, w1
+    sb, volumes = disk_identity(fn.disk)
+    assert sb.cluster_id == cluster.cli_json("cluster", "status")["id"] != old_sb.cluster_id
+    assert sb.node_id == w1["id"] and sb.disk_id != old_sb.disk_id
+    assert volumes == set(), volumes
 
 
 def test_cordon_uncordon_remove(cluster3: Cluster) -> None:

@@ -4,9 +4,9 @@ writes read the same everywhere."""
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,29 @@ def sha_from_each_replica(c: Cluster, name: str, nodes: list[str]) -> dict[str, 
         data = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=120, check=True)
         out[n] = hashlib.sha256(data.stdout).hexdigest()
     return out
+
+
+def holds(disk: Path, block: bytes) -> bool:
+    """Whether the disk file (page cache included) holds `block` somewhere: a replica has
+    applied a write of it. Only the file's data extents are read."""
+    with open(disk, "rb") as f:
+        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                return False
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+            f.seek(start)
+            tail = b""
+            while start < stop:
+                piece = tail + f.read(min(1 << 20, stop - start))
+                if block in piece:
+                    return True
+                start += len(piece) - len(tail)
+                tail = piece[-(len(block) - 1) :]
+            pos = stop
+    return False
 
 
 def rebuild_ops(c: Cluster, node: str) -> list[dict[str, Any]]:
@@ -64,17 +87,21 @@ def test_interrupted_rebuild_resumes_and_matches_byte_for_byte(
     # Unaligned writes while the rebuild runs, then the target dies mid-rebuild.
     urifile = tmp_path / "uri"
     urifile.write_text(uri)
-    writer = Writer(urifile, 2048, seconds=3, seed=2)  # the first 8 MiB: 2 chunks
+    writer = Writer(urifile, 2048, seconds=120, seed=2)  # the first 8 MiB: 2 chunks; stopped below
+    writer.wait_acked(timeout=30)
     qemu_io(uri, "write -P 0x61 8389608 5000", "write -P 0x62 16777016 9000")  # one crosses chunks
     c.kill("n3")
+    writer.fault()
     first = max(o["done_chunks"] for o in rebuild_ops(c, "n3"))
+    writer.wait_acked(timeout=30)  # writes go on while the target is down
+    writer.stop()
     history = writer.finish()
     assert not history.failed
     c.start("n3")
     c.wait_for(lambda: c.replica_states("iv")["n3"] == "in_sync", 90, "n3 in sync after resuming")
     done = [o for o in rebuild_ops(c, "n3") if o["state"] == "done"]
     assert done and done[-1]["total_chunks"] < 40, (first, done)  # resumed, not from 0%
-    result = check(history, c.inspect("iv")["nbd_uri"], 2048)
+    result = check(history, c.inspect("iv")["nbd_uri"], 2048)  # acks before and after the kill
     assert result.ok, result
     sums = sha_from_each_replica(c, "iv", ["n1", "n2", "n3"])
     assert len(set(sums.values())) == 1, sums
@@ -149,8 +176,16 @@ def test_ack_then_crash_reads_the_same_everywhere(cluster3: Cluster) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(1.0)
-    c.kill("n1")  # dies before any ack could be sent
+    # Kill n1 once the new data is on n1 and n2 (n3 cannot have it), while qemu-io still
+    # waits for its acknowledgement: applied on some replicas, acknowledged to nobody.
+    new = b"\x02" * 4096
+    c.wait_for(
+        lambda: holds(c.nodes["n1"].disk, new) and holds(c.nodes["n2"].disk, new),
+        30,
+        "the new writes applied on n1 and n2",
+    )
+    assert p.poll() is None, "the write was acknowledged with n3 stopped"
+    c.kill("n1")
     p.kill()
     c.kill("n3", signal.SIGCONT)
     c.wait_for(lambda: c.inspect("ac")["state"] == "attached", 30, "failover")
