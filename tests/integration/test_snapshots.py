@@ -58,7 +58,6 @@ async def replica_views(c: Cluster, vol: str, snap_id: str, size: int) -> dict[s
     return out
 
 
-@pytest.mark.timeout(240)
 def settled_usage(c: Cluster) -> int:
     """The nodes' published usage once it holds still over a refresh (each node rewrites its
     record every 2 s): read too early, it misses chunks just written, and a later drop can
@@ -74,6 +73,7 @@ def settled_usage(c: Cluster) -> int:
     raise AssertionError("the nodes' usage did not settle in 30 s")
 
 
+@pytest.mark.timeout(240)
 def test_snapshot_clone_revert_delete(cluster3: Cluster) -> None:
     c = cluster3
     c.cli("volume", "create", "db", "--size", "16M", "--repl", "3")
