@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
+import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import click
 
 from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable
-from pxcluster import logs, output
+from pxcluster import inputs, logs, output
 from pxcluster.cli_backup import backup as backup_group
+from pxcluster.cli_types import (
+    CLUSTER,
+    ETCD_URL,
+    NODE,
+    PORT,
+    SCHEDULE,
+    SNAPSHOT,
+    TARGET_URL,
+    VOLUME,
+    ZONE,
+    Limit,
+    Seconds,
+    ip_address,
+    rate,
+    read_secret,
+    secret_file,
+    size,
+)
 from pxcluster.errors import InvalidArgument, PxcError
 from pxcluster.service import Service
-from pxcluster.units import parse_size
 from pxcluster.verify import verify as verify_command
 from replica.errors import DiskError
 
 T = TypeVar("T")
 EXPECTED = (PxcError, EtcdUnavailable, DiskError)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -63,6 +83,52 @@ def with_service(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     return wrapper
 
 
+class Group(click.Group):
+    """The top-level group: every failure ends as one line on stderr and a non-zero status.
+
+    Usage errors (a bad option value, a missing argument) print as `error: ...` (status 2)
+    instead of click's usage block; anything no command expected is the last resort: one line
+    naming the exception (status 1), the traceback only with -v."""
+
+    verbose = 0  # set by main() once the options are parsed
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # stdout closed by a pipe reader: nothing to say
+                sys.exit(1)
+            self._last_resort(e)
+        except Exception as e:
+            self._last_resort(e)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _last_resort(self, e: Exception) -> None:
+        if Group.verbose:
+            traceback.print_exc()
+        _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    # One line, whatever the message holds (a multi-line exception text included).
+    output.fail(" ".join(message.split()), code)
+
+
 def not_implemented(what: str) -> Callable[..., None]:
     def cmd(*_: Any, **__: Any) -> None:
         output.fail(f"'{what}' is not implemented yet")
@@ -70,12 +136,13 @@ def not_implemented(what: str) -> Callable[..., None]:
     return cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--etcd",
     envvar="PXC_ETCD",
     default="http://127.0.0.1:2379",
     show_default=True,
+    type=ETCD_URL,
     help="etcd endpoint (env PXC_ETCD)",
 )
 @click.option(
@@ -83,7 +150,8 @@ def not_implemented(what: str) -> Callable[..., None]:
     envvar="PXC_CLUSTER",
     default="default",
     show_default=True,
-    help="cluster name (env PXC_CLUSTER)",
+    type=CLUSTER,
+    help="cluster name, a DNS label (env PXC_CLUSTER)",
 )
 @click.option("--etcd-cacert", envvar="PXC_ETCD_CACERT", default="", help="CA verifying etcd (TLS)")
 @click.option("--etcd-cert", envvar="PXC_ETCD_CERT", default="", help="client certificate for etcd")
@@ -113,14 +181,18 @@ def main(
     verbose: int,
 ) -> None:
     """pxcluster: synchronously replicated block volumes served over NBD."""
+    Group.verbose = verbose
     logs.setup(logging.WARNING - 10 * verbose)
     if etcd_password_file:
         if etcd_password:
             output.fail("give --etcd-password or --etcd-password-file, not both")
         try:
-            etcd_password = Path(etcd_password_file).read_text().rstrip("\r\n")
-        except OSError as e:
-            output.fail(f"cannot read --etcd-password-file {etcd_password_file}: {e.strerror}")
+            raw = read_secret(etcd_password_file, "--etcd-password-file")
+            etcd_password = raw.decode().rstrip("\r\n")
+        except InvalidArgument as e:
+            output.fail(str(e))
+        except UnicodeDecodeError:
+            output.fail(f"--etcd-password-file {etcd_password_file}: not UTF-8 text")
     settings = EtcdSettings(etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password)
     ctx.obj = Ctx(etcd, cluster, settings)
 
@@ -134,37 +206,75 @@ def cluster() -> None:
 
 
 @cluster.command()
-@click.option("--name", required=True, help="node name, unique in the cluster")
-@click.option("--address", required=True, help="IP address every port binds on")
+@click.option("--name", required=True, type=NODE, help="node name, unique in the cluster")
+@click.option(
+    "--address", required=True, type=ip_address("--address"), help="IP address every port binds on"
+)
 @click.option("--disk", "disks", multiple=True, required=True, help="raw disk or file (repeat)")
-@click.option("--zone", default="", help="failure domain for replica spreading")
-@click.option("--data-port", default=9002, show_default=True, type=int)
-@click.option("--nbd-port", default=10809, show_default=True, type=int)
-@click.option("--api-port", default=9001, show_default=True, type=int)
+@click.option("--zone", default="", type=ZONE, help="failure domain for replica spreading")
+@click.option("--data-port", default=9002, show_default=True, type=PORT)
+@click.option("--nbd-port", default=10809, show_default=True, type=PORT)
+@click.option("--api-port", default=9001, show_default=True, type=PORT)
 @click.option("--data-dir", default="", help="runtime files (NBD unix socket)")
-@click.option("--lease-ttl", default=5, show_default=True, type=int, help="etcd lease TTL, s")
+@click.option(
+    "--lease-ttl",
+    default=5,
+    show_default=True,
+    type=click.IntRange(2, 3600),
+    help="etcd lease TTL, s",
+)
 @click.option("--wipe", is_flag=True, help="erase disks that belong to another cluster")
 @click.option(
     "--replace-after",
     default=300.0,
     show_default=True,
-    type=float,
+    type=Seconds(0, 365 * 86400),
     help="seconds a replica's node may stay down before the replica is replaced",
 )
 @click.option(
     "--rebuild-bw",
     default="0",
     show_default=True,
+    type=rate(inputs.MAX_BANDWIDTH),
     help="rebuild bandwidth limit per replica, e.g. 200M (0 = unlimited)",
 )
 @click.option(
     "--clean-after",
     default=2.0,
     show_default=True,
-    type=float,
+    type=Seconds(0.01, 86400),
     help="seconds a chunk stays idle before it leaves the dirty-chunk log",
 )
-@click.option("--api-token-file", default="", help="bearer token required for mutating API calls")
+@click.option(
+    "--api-token-file",
+    default="",
+    help="admin bearer token of the REST API: every call needs it (or the read token for reads)",
+)
+@click.option(
+    "--api-read-token-file",
+    default="",
+    help="read-only bearer token of the REST API: GET calls and /metrics",
+)
+@click.option(
+    "--api-address",
+    default="",
+    help="REST API listen address (default: --address if loopback, else 127.0.0.1)",
+)
+@click.option(
+    "--api-insecure",
+    is_flag=True,
+    help="allow a REST API off loopback without --api-token-file",
+)
+@click.option(
+    "--nbd-expose",
+    is_flag=True,
+    help="also serve NBD over TCP on --address; needs --nbd-tls-dir",
+)
+@click.option(
+    "--nbd-tls-dir",
+    default="",
+    help="NBD TLS certificates: ca-cert.pem, server-cert.pem, server-key.pem",
+)
 @click.option(
     "--docker-plugin-socket",
     default="",
@@ -174,7 +284,12 @@ def cluster() -> None:
 @click.option("--data-tls-cert", default="", help="replica port TLS: this node's certificate")
 @click.option("--data-tls-key", default="", help="replica port TLS: its private key")
 @click.option("--data-tls-ca", default="", help="replica port TLS: CA of every node's certificate")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+)
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
@@ -192,9 +307,14 @@ def join(
     lease_ttl: int,
     wipe: bool,
     replace_after: float,
-    rebuild_bw: str,
+    rebuild_bw: int,
     clean_after: float,
     api_token_file: str,
+    api_read_token_file: str,
+    api_address: str,
+    api_insecure: bool,
+    nbd_expose: bool,
+    nbd_tls_dir: str,
     docker_plugin_socket: str,
     data_tls_cert: str,
     data_tls_key: str,
@@ -203,6 +323,7 @@ def join(
     log_format: str,
 ) -> None:
     """Format or recognise the disks, register this node and run it in the foreground."""
+    from pxcluster.api import access
     from pxcluster.node import Node, NodeConfig
     from pxcluster.paths import check_data_dir, check_disks
     from replica.tls import TlsConfigError, TlsFiles
@@ -212,6 +333,13 @@ def join(
         data_tls = TlsFiles.from_options(data_tls_cert, data_tls_key, data_tls_ca)
         data_dir = check_data_dir(data_dir)
         disks = tuple(check_disks(disks))
+        # The REST API's settings are checked here, before a disk is touched; the node
+        # applies the same checks when it starts the API.
+        tokens = access.read_tokens(api_token_file, api_read_token_file)
+        api_host = access.listen_address(address, api_address)
+        access.check_exposure(api_host, tokens, api_insecure)
+        if nbd_tls_dir and not os.path.isdir(nbd_tls_dir):
+            raise InvalidArgument(f"--nbd-tls-dir {nbd_tls_dir}: no such directory")
     except (PxcError, TlsConfigError) as e:
         output.fail(f"cannot join: {e}")
     config = NodeConfig(
@@ -230,9 +358,14 @@ def join(
         lease_ttl=lease_ttl,
         wipe=wipe,
         replace_after=replace_after,
-        rebuild_bandwidth=0 if rebuild_bw.strip() == "0" else parse_size(rebuild_bw),
+        rebuild_bandwidth=rebuild_bw,
         clean_after=clean_after,
         api_token_file=api_token_file,
+        api_read_token_file=api_read_token_file,
+        api_address=api_address,
+        api_insecure=api_insecure,
+        nbd_expose=nbd_expose,
+        nbd_tls_dir=nbd_tls_dir,
         docker_plugin_socket=docker_plugin_socket,
     )
     try:
@@ -313,7 +446,7 @@ async def _print_node(svc: Service, name: str, as_json: bool, message: str) -> N
 
 
 @node.command()
-@click.argument("name")
+@click.argument("name", type=NODE)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def cordon(svc: Service, name: str, as_json: bool) -> None:
@@ -323,7 +456,7 @@ async def cordon(svc: Service, name: str, as_json: bool) -> None:
 
 
 @node.command()
-@click.argument("name")
+@click.argument("name", type=NODE)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def uncordon(svc: Service, name: str, as_json: bool) -> None:
@@ -335,7 +468,7 @@ async def uncordon(svc: Service, name: str, as_json: bool) -> None:
 
 
 @node.command()
-@click.argument("name")
+@click.argument("name", type=NODE)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def remove(svc: Service, name: str, as_json: bool) -> None:
@@ -345,10 +478,13 @@ async def remove(svc: Service, name: str, as_json: bool) -> None:
 
 
 @node.command("drain")
-@click.argument("name")
+@click.argument("name", type=NODE)
 @click.option("--wait", is_flag=True, help="show progress until the drain ends")
 @click.option(
-    "--timeout", type=float, default=0.0, help="with --wait: give up after S s (0: never)"
+    "--timeout",
+    type=Seconds(0, 30 * 86400),
+    default=0.0,
+    help="with --wait: give up after S s (0: never)",
 )
 @click.option("--force", is_flag=True, help="drain even if some volumes must lose a replica")
 @click.option("--dry-run", is_flag=True, help="print the plan, move nothing")
@@ -412,31 +548,39 @@ def _print_volume(info: dict[str, Any]) -> None:
 
 
 @volume.command("create")
-@click.argument("name")
-@click.option("--size", "size_text", required=True, help="e.g. 512M, 10G")
-@click.option("--repl", default=1, show_default=True, type=int, help="replicas, 1..3")
+@click.argument("name", type=VOLUME)
+@click.option(
+    "--size", "size_bytes", required=True, type=size(inputs.MAX_VOLUME_SIZE), help="e.g. 512M, 10G"
+)
+@click.option("--repl", default=1, show_default=True, type=click.IntRange(1, 3), help="replicas")
 @click.option("--sync-writes", is_flag=True, help="every write durable before its ack")
 @click.option("--encrypted", is_flag=True, help="AES-XTS at rest, done by the engine")
-@click.option("--key-file", default=None, help="key material (16+ bytes); default: a random key")
+@click.option(
+    "--key-file",
+    "key_bytes",
+    default=None,
+    type=secret_file("--key-file"),
+    help="key material (16+ bytes); default: a random key",
+)
 @click.option("--key-env", default=None, help="take the key material from this variable")
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_create(
     svc: Service,
     name: str,
-    size_text: str,
+    size_bytes: int,
     repl: int,
     sync_writes: bool,
     encrypted: bool,
-    key_file: str | None,
+    key_bytes: bytes | None,
     key_env: str | None,
     as_json: bool,
 ) -> None:
     """Create a volume and place its replicas."""
-    material = _key_material(key_file, key_env)
+    material = _key_material(key_bytes, key_env)
     view = await svc.create_volume(
         name,
-        parse_size(size_text),
+        size_bytes,
         repl,
         sync_writes=sync_writes,
         encrypted=encrypted,
@@ -449,15 +593,11 @@ async def volume_create(
         click.echo(f"volume {name} created ({output.size(info['size'])}, repl {repl})")
 
 
-def _key_material(key_file: str | None, key_env: str | None) -> bytes | None:
-    if key_file and key_env:
+def _key_material(key_bytes: bytes | None, key_env: str | None) -> bytes | None:
+    if key_bytes is not None and key_env:
         raise InvalidArgument("give --key-file or --key-env, not both")
-    if key_file:
-        try:
-            with open(key_file, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise InvalidArgument(f"cannot read --key-file {key_file}: {e.strerror}") from None
+    if key_bytes is not None:
+        return key_bytes
     if key_env:
         value = os.environ.get(key_env)
         if not value:
@@ -494,7 +634,7 @@ async def volume_list(svc: Service, as_json: bool) -> None:
 
 
 @volume.command("inspect")
-@click.argument("name")
+@click.argument("name", type=VOLUME)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_inspect(svc: Service, name: str, as_json: bool) -> None:
@@ -507,10 +647,10 @@ async def volume_inspect(svc: Service, name: str, as_json: bool) -> None:
 
 
 @volume.command("attach")
-@click.argument("name")
-@click.option("--node", "node_name", required=True)
+@click.argument("name", type=VOLUME)
+@click.option("--node", "node_name", required=True, type=NODE)
 @click.option("--wait", is_flag=True, help="return once the NBD export is serving")
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--timeout", type=Seconds(0.1, 86400), default=30.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_attach(
@@ -531,9 +671,9 @@ async def volume_attach(
 
 
 @volume.command("detach")
-@click.argument("name")
+@click.argument("name", type=VOLUME)
 @click.option("--wait/--no-wait", default=True, show_default=True)
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--timeout", type=Seconds(0.1, 86400), default=30.0, show_default=True)
 @with_service
 async def volume_detach(svc: Service, name: str, wait: bool, timeout: float) -> None:
     """Flush, mark clean and release the attachment."""
@@ -544,10 +684,10 @@ async def volume_detach(svc: Service, name: str, wait: bool, timeout: float) -> 
 
 
 @volume.command("failover")
-@click.argument("name")
-@click.option("--to", "to", default=None, help="destination node (default: chosen)")
+@click.argument("name", type=VOLUME)
+@click.option("--to", "to", default=None, type=NODE, help="destination node (default: chosen)")
 @click.option("--drill", is_flag=True, help="a real hand-off on a healthy volume, timed")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--timeout", type=Seconds(0.1, 86400), default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_failover(
@@ -570,7 +710,7 @@ async def volume_failover(
 
 
 @volume.command("delete")
-@click.argument("name")
+@click.argument("name", type=VOLUME)
 @with_service
 async def volume_delete(svc: Service, name: str) -> None:
     """Delete a detached volume and free its chunks on every replica."""
@@ -586,13 +726,19 @@ def _stub(group: click.Group, name: str, what: str, *params: Callable[[Any], Any
 
 
 @volume.command("resize")
-@click.argument("name")
-@click.option("--size", "size_text", required=True, help="new size, e.g. 20G (grow only)")
+@click.argument("name", type=VOLUME)
+@click.option(
+    "--size",
+    "size_bytes",
+    required=True,
+    type=size(inputs.MAX_VOLUME_SIZE),
+    help="new size, e.g. 20G (grow only)",
+)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
-async def volume_resize(svc: Service, name: str, size_text: str, as_json: bool) -> None:
+async def volume_resize(svc: Service, name: str, size_bytes: int, as_json: bool) -> None:
     """Grow NAME, online; new NBD connections see the new size."""
-    info = await svc.inspect(await svc.resize(name, parse_size(size_text)))
+    info = await svc.inspect(await svc.resize(name, size_bytes))
     if as_json:
         output.emit_json(info)
     else:
@@ -600,21 +746,41 @@ async def volume_resize(svc: Service, name: str, size_text: str, as_json: bool) 
 
 
 @volume.command("update")
-@click.argument("name")
-@click.option("--iops-limit", type=int, default=None, help="read+write ops/s, 0 = unlimited")
-@click.option("--bw-limit", default=None, help="read+write bytes/s, e.g. 100M, 0 = unlimited")
-@click.option("--snapshot-schedule", default=None, help='e.g. "every 1h keep 24"; "none" to stop')
+@click.argument("name", type=VOLUME)
 @click.option(
-    "--backup-schedule", default=None, help='e.g. "every 1d keep 7"; needs --backup-target'
+    "--iops-limit",
+    type=Limit(inputs.MAX_IOPS),
+    default=None,
+    help="read+write ops/s, 0 = unlimited",
 )
-@click.option("--backup-target", default=None, help="s3://BUCKET/PREFIX or file:///PATH")
+@click.option(
+    "--bw-limit",
+    type=rate(inputs.MAX_BANDWIDTH),
+    default=None,
+    help="read+write bytes/s, e.g. 100M, 0 = unlimited",
+)
+@click.option(
+    "--snapshot-schedule",
+    type=SCHEDULE,
+    default=None,
+    help='e.g. "every 1h keep 24"; "none" to stop',
+)
+@click.option(
+    "--backup-schedule",
+    type=SCHEDULE,
+    default=None,
+    help='e.g. "every 1d keep 7"; needs --backup-target',
+)
+@click.option(
+    "--backup-target", type=TARGET_URL, default=None, help="s3://BUCKET/PREFIX or file:///PATH"
+)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_update(
     svc: Service,
     name: str,
     iops_limit: int | None,
-    bw_limit: str | None,
+    bw_limit: int | None,
     snapshot_schedule: str | None,
     backup_schedule: str | None,
     backup_target: str | None,
@@ -632,8 +798,7 @@ async def volume_update(
         await svc.set_schedules(name, *schedules)
     view = await svc.volume(name)
     if iops_limit is not None or bw_limit is not None:
-        bw = None if bw_limit is None else 0 if bw_limit.strip() == "0" else parse_size(bw_limit)
-        view = await svc.set_limits(name, iops_limit, bw)
+        view = await svc.set_limits(name, iops_limit, bw_limit)
     info = await svc.inspect(view)
     if as_json:
         output.emit_json(info)
@@ -647,10 +812,12 @@ async def volume_update(
 
 
 @volume.command("clone")
-@click.argument("name")
-@click.option("--snapshot", "snap", required=True, help="the snapshot to clone")
-@click.option("--name", "new_name", required=True, help="name of the new volume")
-@click.option("--repl", type=int, default=None, help="replicas (default: as the source)")
+@click.argument("name", type=VOLUME)
+@click.option("--snapshot", "snap", required=True, type=SNAPSHOT, help="the snapshot to clone")
+@click.option("--name", "new_name", required=True, type=VOLUME, help="name of the new volume")
+@click.option(
+    "--repl", type=click.IntRange(1, 3), default=None, help="replicas (default: as the source)"
+)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_clone(
@@ -670,8 +837,8 @@ async def volume_clone(
 
 
 @volume.command("revert")
-@click.argument("name")
-@click.option("--snapshot", "snap", required=True, help="the snapshot to go back to")
+@click.argument("name", type=VOLUME)
+@click.option("--snapshot", "snap", required=True, type=SNAPSHOT, help="the snapshot to go back to")
 @with_service
 async def volume_revert(svc: Service, name: str, snap: str) -> None:
     """Discard what was written to NAME since SNAP (NAME must be detached)."""
@@ -682,8 +849,10 @@ async def volume_revert(svc: Service, name: str, snap: str) -> None:
 
 
 @volume.command("scrub")
-@click.argument("name")
-@click.option("--timeout", default=600.0, show_default=True, help="seconds to wait")
+@click.argument("name", type=VOLUME)
+@click.option(
+    "--timeout", type=Seconds(0.1, 86400), default=600.0, show_default=True, help="seconds to wait"
+)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_scrub(svc: Service, name: str, timeout: float, as_json: bool) -> None:
@@ -714,8 +883,8 @@ def snapshot() -> None:
 
 
 @snapshot.command("create")
-@click.argument("name")
-@click.option("--name", "snap", required=True, help="the snapshot's name")
+@click.argument("name", type=VOLUME)
+@click.option("--name", "snap", required=True, type=SNAPSHOT, help="the snapshot's name")
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def snapshot_create(svc: Service, name: str, snap: str, as_json: bool) -> None:
@@ -730,7 +899,7 @@ async def snapshot_create(svc: Service, name: str, snap: str, as_json: bool) -> 
 
 
 @snapshot.command("list")
-@click.argument("name")
+@click.argument("name", type=VOLUME)
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def snapshot_list(svc: Service, name: str, as_json: bool) -> None:
@@ -749,8 +918,8 @@ async def snapshot_list(svc: Service, name: str, as_json: bool) -> None:
 
 
 @snapshot.command("delete")
-@click.argument("name")
-@click.argument("snap")
+@click.argument("name", type=VOLUME)
+@click.argument("snap", type=SNAPSHOT)
 @with_service
 async def snapshot_delete(svc: Service, name: str, snap: str) -> None:
     """Delete snapshot SNAP of volume NAME; what only it held is freed."""
@@ -773,18 +942,18 @@ def dev() -> None:
 
 
 @dev.command("up")
-@click.option("--nodes", default=3, show_default=True, type=int)
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16))
 @click.option("--dir", "directory", default=".pxc-dev", show_default=True)
-@click.option("--disk-size", default="4G", show_default=True, help="sparse disk file per node")
+@click.option(
+    "--disk-size", default="4G", show_default=True, type=size(), help="sparse disk file per node"
+)
 @click.pass_obj
-def dev_up(ctx: Ctx, nodes: int, directory: str, disk_size: str) -> None:
+def dev_up(ctx: Ctx, nodes: int, directory: str, disk_size: int) -> None:
     """Start etcd and N nodes in the background, wait until all are up."""
     from pxcluster import devcluster
 
     try:
-        devcluster.up(
-            ctx.etcd_url, ctx.cluster, nodes, directory, parse_size(disk_size), ctx.etcd_settings
-        )
+        devcluster.up(ctx.etcd_url, ctx.cluster, nodes, directory, disk_size, ctx.etcd_settings)
     except EXPECTED as e:
         output.fail(str(e))
     click.get_current_context().invoke(status)

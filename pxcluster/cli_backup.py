@@ -33,6 +33,7 @@ from pxcluster.backup.errors import RestoreFailed
 from pxcluster.backup.restore import RestoreResult, restore_manifest, verify_backup
 from pxcluster.backup.target import Target, parse_target
 from pxcluster.backup.volumeio import BackupHooks
+from pxcluster.cli_types import SNAPSHOT, TARGET_URL, VOLUME
 from pxcluster.errors import PxcError
 from pxcluster.units import format_size
 
@@ -69,6 +70,7 @@ target_option = click.option(
     "--target",
     "target_url",
     required=True,
+    type=TARGET_URL,
     metavar="URL",
     help="s3://BUCKET/PREFIX (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
     "AWS_REGION) or file:///PATH",
@@ -104,8 +106,13 @@ def backup() -> None:
 
 
 @backup.command("create")
-@click.argument("name")
-@click.option("--snapshot", default=None, help="back up this snapshot (default: a temporary one)")
+@click.argument("name", type=VOLUME)
+@click.option(
+    "--snapshot",
+    default=None,
+    type=SNAPSHOT,
+    help="back up this snapshot (default: a temporary one)",
+)
 @target_option
 @json_option
 @with_service
@@ -129,7 +136,9 @@ async def backup_create(
 
 @backup.command("list")
 @target_option
-@click.option("--volume", default=None, help="only backups of this volume (name or id)")
+@click.option(
+    "--volume", default=None, type=VOLUME, help="only backups of this volume (name or id)"
+)
 @json_option
 @offline
 async def backup_list(target_url: str, volume: str | None, as_json: bool) -> None:
@@ -238,8 +247,8 @@ async def backup_delete(backup_id: str, target_url: str, as_json: bool) -> None:
 @backup.command("restore")
 @click.argument("backup_id", metavar="ID")
 @target_option
-@click.option("--name", "new_name", required=True, help="the new volume to create")
-@click.option("--repl", type=int, default=None, help="replicas of the new volume")
+@click.option("--name", "new_name", required=True, type=VOLUME, help="the new volume to create")
+@click.option("--repl", type=click.IntRange(1, 3), default=None, help="replicas of the new volume")
 @json_option
 @with_service
 async def backup_restore(

@@ -13,6 +13,8 @@ from aiohttp.typedefs import Middleware
 
 from membership.etcd import Etcd
 from pxcluster.api import middleware, openapi
+from pxcluster.api.access import Tokens
+from pxcluster.api.body import MAX_BODY
 from pxcluster.api.routes import SERVICE, routes
 from pxcluster.metrics import Metrics
 from pxcluster.service import Service
@@ -38,21 +40,33 @@ class NodeView(Protocol):
         ...
 
 
+# s a connection may take to send a request's line and headers (and may idle between
+# requests): aiohttp's keep-alive timer runs from the connection's start, so it also closes a
+# client that trickles its headers to hold connections open.
+HEADER_TIMEOUT = 15.0
+
+
 @dataclass(frozen=True)
 class ApiConfig:
-    token: str | None = None  # bearer token required for mutating calls, when set
+    token: str | None = None  # admin bearer token: every call (when any token is set)
+    read_token: str | None = None  # read-only bearer token: GET and HEAD
+
+    @property
+    def tokens(self) -> Tokens:
+        return Tokens(self.token or None, self.read_token or None)
 
 
 def build_app(node: NodeView, config: ApiConfig) -> web.Application:
     mws: list[Middleware] = [middleware.errors]
-    if config.token:
-        mws.append(middleware.bearer_auth(config.token))
-    app = web.Application(middlewares=mws)
+    if config.tokens.any:
+        mws.append(middleware.bearer_auth(config.tokens))
+    app = web.Application(middlewares=mws, client_max_size=MAX_BODY)
     app[SERVICE] = Service(node.etcd, node.cluster)
     document = openapi.document()
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "node": node.name})
+        # Answered without a token: it names nothing.
+        return web.json_response({"ok": True})
 
     async def readyz(_: web.Request) -> web.Response:
         ok = node.lease_healthy()
@@ -71,3 +85,17 @@ def build_app(node: NodeView, config: ApiConfig) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi_json, allow_head=False)
     app.router.add_routes(routes)
     return app
+
+
+async def serve(
+    app: web.Application, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT
+) -> web.AppRunner:
+    """Listen on host:port; the caller cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner

@@ -1,5 +1,6 @@
 """Middlewares every API response goes through: typed errors become JSON with the right
-status, anything unexpected a logged 500, and mutating calls need the bearer token if set."""
+status, anything unexpected a logged 500, and, when tokens are configured, every call but the
+health probes needs one (the read token for reads, the admin token for everything)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from membership.etcd import EtcdUnavailable
+from pxcluster.api.access import Tokens
+from pxcluster.api.body import BodyTimeout
 from pxcluster.errors import (
     DuplicateName,
     InvalidArgument,
@@ -27,10 +30,14 @@ from pxcluster.snapshots import SnapshotFailed, UnknownSnapshot
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+READS = frozenset({"GET", "HEAD"})
+# Liveness and readiness probes answer without a token: they say nothing but ok / not ok,
+# and load balancers and container runtimes call them without credentials.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 # Most specific first: the first isinstance match wins.
 STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (BodyTimeout, 408),
     (InvalidArgument, 400),
     (UnknownNode, 404),
     (UnknownVolume, 404),
@@ -77,18 +84,28 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(500, f"internal error: {type(e).__name__}: {e}")
 
 
-def bearer_auth(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
+def _matches(given: bytes, expected: bytes | None) -> bool:
+    # Constant-time: the comparison must not leak how much of the token matched.
+    return expected is not None and hmac.compare_digest(given, expected)
+
+
+def bearer_auth(tokens: Tokens) -> Middleware:
+    admin = f"Bearer {tokens.admin}".encode() if tokens.admin else None
+    read = f"Bearer {tokens.read}".encode() if tokens.read else None
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in MUTATING:
-            given = request.headers.get("Authorization", "").encode()
-            # Constant-time: the comparison must not leak how much of the token matched.
-            if not hmac.compare_digest(given, expected):
-                resp = error(401, "this call needs 'Authorization: Bearer <token>'")
-                resp.headers["WWW-Authenticate"] = 'Bearer realm="pxcluster"'
-                return resp
+        if request.path in OPEN_PATHS and request.method in READS:
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+        # Both compared every time: which token matched must not show in the timing either.
+        is_admin, is_reader = _matches(given, admin), _matches(given, read)
+        if not (is_admin or is_reader):
+            resp = error(401, "this call needs 'Authorization: Bearer <token>'")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="pxcluster"'
+            return resp
+        if request.method not in READS and not is_admin:
+            return error(403, "the read-only token cannot change anything: use the admin token")
         return await handler(request)
 
     return auth

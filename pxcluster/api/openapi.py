@@ -225,7 +225,9 @@ _SCHEMAS: dict[str, Any] = {
 
 _ERRORS = {
     "400": "invalid input",
-    "401": "missing or wrong bearer token (mutating calls, when a token is set)",
+    "401": "missing or wrong bearer token (every call but /healthz and /readyz, when the node "
+    "has a token)",
+    "403": "the read-only token on a call that changes something",
     "404": "unknown node, volume or snapshot",
     "409": "conflicts with the cluster's state (busy, duplicate, cannot place, the engine or "
     "replicas failed the snapshot operation)",
@@ -260,7 +262,7 @@ def _op(
 
 _NAME = [{"name": "name", "in": "path", "required": True, "schema": _STR}]
 _SNAP = [*_NAME, {"name": "snap", "in": "path", "required": True, "schema": _STR}]
-_MUT = ("400", "401", "404", "409", "503")
+_MUT = ("400", "401", "403", "404", "409", "503")
 _LIST = {"type": "array"}
 
 
@@ -277,9 +279,15 @@ def _drain_post() -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
-        "/healthz": {"get": _op("The process answers", {"type": "object"}, errors=())},
+        # The probes answer without a token (security: none).
+        "/healthz": {
+            "get": {**_op("The process answers", {"type": "object"}, errors=()), "security": []}
+        },
         "/readyz": {
-            "get": _op("The node holds a healthy etcd lease (503 otherwise)", {"type": "object"})
+            "get": {
+                **_op("The node holds a healthy etcd lease (503 otherwise)", {"type": "object"}),
+                "security": [],
+            }
         },
         "/metrics": {
             "get": _op(
@@ -414,10 +422,13 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "pxcluster node API",
             "version": VERSION,
-            "description": "Served by every node on its --api-port. Mutating calls (POST, "
-            "DELETE) need 'Authorization: Bearer <token>' when the node runs with "
-            "--api-token-file.",
+            "description": "Served by every node on its --api-port (on loopback unless "
+            "--api-address says otherwise). When the node has a token (--api-token-file, "
+            "--api-read-token-file), every call but /healthz and /readyz needs "
+            "'Authorization: Bearer <token>': the read-only token for GET, the admin token "
+            "for everything.",
         },
+        "security": [{"bearer": []}],
         "paths": paths,
         "components": {
             "schemas": _SCHEMAS,

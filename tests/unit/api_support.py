@@ -23,6 +23,7 @@ from tests.harness.etcd import EtcdServer
 
 CLUSTER = "apitest"
 TOKEN = "s3cret-token"
+READ_TOKEN = "r3ad-only-token"
 
 
 @dataclass
@@ -76,11 +77,14 @@ class Api:
         return resp.status, await resp.text()
 
 
-async def open_api(etcd: EtcdServer, token: str | None) -> AsyncIterator[Api]:
+async def open_api(
+    etcd: EtcdServer, token: str | None, read_token: str | None = None
+) -> AsyncIterator[Api]:
     client = Etcd(etcd.url)
     await client.connect()
     node = FakeNode("n1", CLUSTER, client, Metrics())
-    tc: TestClient[Any, Any] = TestClient(TestServer(build_app(node, ApiConfig(token=token))))
+    config = ApiConfig(token=token, read_token=read_token)
+    tc: TestClient[Any, Any] = TestClient(TestServer(build_app(node, config)))
     await tc.start_server()
     try:
         yield Api(tc, client, Keys(CLUSTER))
@@ -97,7 +101,7 @@ async def api(etcd: EtcdServer) -> AsyncIterator[Api]:
 
 @pytest_asyncio.fixture
 async def api_auth(etcd: EtcdServer) -> AsyncIterator[Api]:
-    async for a in open_api(etcd, TOKEN):
+    async for a in open_api(etcd, TOKEN, READ_TOKEN):
         yield a
 
 

@@ -15,7 +15,15 @@ from pxcluster import volume_io
 from pxcluster.api import middleware
 from pxcluster.service import Service
 from tests.harness.etcd import EtcdServer
-from tests.unit.api_support import CLUSTER, Api, FakeSnapshotReader, api, api_auth, fake_engine
+from tests.unit.api_support import (
+    CLUSTER,
+    READ_TOKEN,
+    Api,
+    FakeSnapshotReader,
+    api,
+    api_auth,
+    fake_engine,
+)
 
 __all__ = ["api", "api_auth"]  # fixtures, imported for pytest
 
@@ -180,21 +188,35 @@ async def test_nodes_cluster_cordon_and_drain(api: Api) -> None:
     assert status == 200 and out == {"name": "n4", "state": "removed"}
 
 
-async def test_token_guards_mutating_calls_only(api_auth: Api) -> None:
+async def test_tokens_guard_every_call_but_the_probes(api_auth: Api) -> None:
     a = api_auth
     await a.add_node("n1")
     body = {"name": "v", "size": "1M"}
     for token in (None, "wrong", "s3cret-token-but-longer"):
         status, err = await a.call("POST", "/v1/volumes", body, token=token)
         assert status == 401 and "Bearer" in err["error"], (token, err)
+        for path in ("/v1/volumes", "/v1/cluster", "/metrics", "/v1/openapi.json", "/v1/x"):
+            status, err = await a.call("GET", path, token=token)
+            assert status == 401 and "Bearer" in err["error"], (token, path, err)
     status, _ = await a.call("DELETE", "/v1/volumes/v", token=None)
     assert status == 401
-    status, listed = await a.call("GET", "/v1/volumes", token=None)
+    # The read token reads, and changes nothing.
+    status, listed = await a.call("GET", "/v1/volumes", token=READ_TOKEN)
     assert status == 200 and listed == []
+    status, _ = await a.call("GET", "/metrics", token=READ_TOKEN)
+    assert status == 200
+    status, err = await a.call("POST", "/v1/volumes", body, token=READ_TOKEN)
+    assert status == 403 and "read-only" in err["error"]
+    status, listed = await a.call("GET", "/v1/volumes", token=READ_TOKEN)
+    assert status == 200 and listed == []
+    # The admin token does everything.
     status, _ = await a.call("POST", "/v1/volumes", body)
     assert status == 201
-    status, _ = await a.call("GET", "/healthz", token=None)
-    assert status == 200
+    status, listed = await a.call("GET", "/v1/volumes")
+    assert status == 200 and [v["name"] for v in listed] == ["v"]
+    for path in ("/healthz", "/readyz"):
+        status, answer = await a.call("GET", path, token=None)
+        assert status == 200 and "n1" not in str(answer), (path, answer)
 
 
 async def test_etcd_down_is_503(api: Api, etcd: EtcdServer) -> None:
@@ -443,7 +465,10 @@ async def test_token_guards_snapshot_routes(api_auth: Api) -> None:
     ]:
         status, err = await a.call(method, path, body, token=None)
         assert status == 401 and "Bearer" in err["error"], (method, path, err)
-    status, listed = await a.call("GET", "/v1/volumes/v/snapshots", token=None)
-    assert status == 200 and listed == []
-    status, _ = await a.call("GET", "/v1/volumes/v", token=None)
-    assert status == 200
+        status, err = await a.call(method, path, body, token=READ_TOKEN)
+        assert status == 403, (method, path, err)
+    for path in ("/v1/volumes/v/snapshots", "/v1/volumes/v"):
+        status, _ = await a.call("GET", path, token=None)
+        assert status == 401
+        status, _ = await a.call("GET", path, token=READ_TOKEN)
+        assert status == 200
