@@ -26,7 +26,8 @@ from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
 from pxcluster.agent import NodeAgent, Peers
-from pxcluster.api.app import ApiConfig, build_app
+from pxcluster.api import access
+from pxcluster.api.app import ApiConfig, build_app, serve
 from pxcluster.controllers.runner import ControllerRunner, leader_controllers
 from pxcluster.errors import JoinRefused
 from pxcluster.metrics import Metrics
@@ -117,9 +118,9 @@ class Node:
         self.node_id = ""
         self.cluster_id = ""
         self.registry = ExportRegistry()
-        self.api_token = (
-            Path(config.api_token_file).read_text().strip() if config.api_token_file else None
-        )
+        # An empty or unreadable token file refuses the start: read as "no token" it would
+        # leave the API open.
+        self.api_tokens = access.read_tokens(config.api_token_file, config.api_read_token_file)
         self.metrics = Metrics()
         self.lease = LeaseKeeper(self.etcd, config.lease_ttl, self._lease_lost)
         self._stopping = asyncio.Event()
@@ -348,10 +349,17 @@ class Node:
             )
 
     async def _start_api(self) -> None:
-        app = build_app(self, ApiConfig(token=self.api_token))
-        self.api = web.AppRunner(app, access_log=None)
-        await self.api.setup()
-        await web.TCPSite(self.api, self.config.address, self.config.api_port).start()
+        c, tokens = self.config, self.api_tokens
+        host = access.listen_address(c.address, c.api_address)
+        access.check_exposure(host, tokens, c.api_insecure)
+        app = build_app(self, ApiConfig(token=tokens.admin, read_token=tokens.read))
+        self.api = await serve(app, host, c.api_port)
+        log.info(
+            "REST API on %s:%d (%s)",
+            host,
+            c.api_port,
+            "tokens required" if tokens.any else "open: no token configured",
+        )
 
     # --- what the API sees of the node (pxcluster.api.app.NodeView)
 
