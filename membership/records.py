@@ -58,6 +58,10 @@ class NodeRecord(_Record):
     boot_id: str = ""
     data_dir: str = ""
     rebuild_bandwidth: int = 0  # bytes/s per rebuild run by this node's engines, 0 = unlimited
+    # Where NBD listens over TCP ("": on `address`, as nodes did before it was recorded) and,
+    # when TLS is required there, the directory of its certificates (libnbd's layout).
+    nbd_address: str = ""
+    nbd_tls_dir: str = ""
 
     def disk_records(self) -> list[DiskRecord]:
         return [DiskRecord.from_dict(d) for d in self.disks]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from pxcluster.nbd import protocol as p
 
@@ -35,11 +35,18 @@ class NbdCommandError(NbdError):
 
 
 def parse_uri(uri: str) -> tuple[str, int, str]:
-    """nbd://HOST[:PORT]/EXPORT -> (host, port, export)."""
+    """nbd://HOST[:PORT]/EXPORT -> (host, port, export);
+    nbd+unix:///EXPORT?socket=PATH -> (PATH, 0, export): port 0 means a unix socket."""
     u = urlparse(uri)
+    export = unquote(u.path.lstrip("/"))
+    if u.scheme == "nbd+unix":
+        sockets = parse_qs(u.query).get("socket")
+        if not sockets:
+            raise ValueError(f"nbd+unix URI without ?socket=: {uri!r}")
+        return sockets[0], 0, export
     if u.scheme != "nbd" or not u.hostname:
-        raise ValueError(f"not an nbd:// URI: {uri!r}")
-    return u.hostname, u.port or 10809, unquote(u.path.lstrip("/"))
+        raise ValueError(f"not an nbd:// or nbd+unix:// URI: {uri!r}")
+    return u.hostname, u.port or 10809, export
 
 
 class NbdClient:
@@ -58,7 +65,10 @@ class NbdClient:
     @classmethod
     async def connect(cls, uri: str, *, timeout: float = 10.0) -> NbdClient:
         host, port, export = parse_uri(uri)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        opening = (
+            asyncio.open_connection(host, port) if port else asyncio.open_unix_connection(host)
+        )
+        reader, writer = await asyncio.wait_for(opening, timeout)
         client = cls(reader, writer)
         try:
             await asyncio.wait_for(client._handshake(export), timeout)

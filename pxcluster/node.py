@@ -34,7 +34,8 @@ from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
 from pxcluster.paths import check_data_dir, inside
-from pxcluster.service import Service
+from pxcluster.nbd.tls import nbd_server_context
+from pxcluster.service import Service, is_loopback
 from replica import auth
 from replica.chunkstore import ChunkStore
 from replica.errors import ForeignDisk, NotFormatted, UnjustifiedEpoch
@@ -229,6 +230,8 @@ class Node:
             boot_id=boot_id(),
             data_dir=c.data_dir,
             rebuild_bandwidth=c.rebuild_bandwidth,
+            nbd_address=self.nbd_address,
+            nbd_tls_dir=c.nbd_tls_dir,
         )
 
     async def register(self) -> None:
@@ -262,6 +265,11 @@ class Node:
 
     async def start(self) -> None:
         c = self.config
+        if c.nbd_expose and not c.nbd_tls_dir and not is_loopback(c.address):
+            raise JoinRefused(
+                f"--nbd-expose serves NBD on {c.address}, a network address: "
+                "it needs --nbd-tls-dir (clients then prove a certificate from its CA)"
+            )
         await self.etcd.connect()
         self.cluster_id = (await ensure_cluster(self.etcd, self.keys)).id
         replica_key = await ensure_replica_key(self.etcd, self.keys)
@@ -277,7 +285,8 @@ class Node:
             c.address, c.data_port, tls=server_context(tls) if tls else None
         )
         self.nbd = NbdServer(self.registry, latency=self.metrics.nbd_latency)
-        await self.nbd.start_tcp(c.address, c.nbd_port)
+        nbd_tls = nbd_server_context(c.nbd_tls_dir) if c.nbd_tls_dir else None
+        await self.nbd.start_tcp(self.nbd_address, c.nbd_port, tls=nbd_tls)
         if c.data_dir:
             sock = inside(c.data_dir, "nbd.sock")
             with contextlib.suppress(FileNotFoundError):
@@ -325,16 +334,15 @@ class Node:
             asyncio.create_task(self._refresh_record(), name="node-status"),
         ]
         log.info(
-            "node %s (%s) joined cluster %s: data %s:%d nbd %s:%d api %s:%d",
+            "node %s (%s) joined cluster %s: data %s:%d nbd %s:%d%s",
             c.name,
             self.node_id,
             c.cluster,
             c.address,
             c.data_port,
-            c.address,
+            self.nbd_address,
             c.nbd_port,
-            c.address,
-            c.api_port,
+            " (TLS required)" if c.nbd_tls_dir else "",
         )
 
     async def _justify_epoch(self, volume: str, epoch: int) -> None:
@@ -360,6 +368,13 @@ class Node:
             c.api_port,
             "tokens required" if tokens.any else "open: no token configured",
         )
+
+    @property
+    def nbd_address(self) -> str:
+        """NBD is for the consumer on this host: loopback unless exposed on purpose (then
+        with TLS, checked at join)."""
+        c = self.config
+        return c.address if c.nbd_expose or is_loopback(c.address) else "127.0.0.1"
 
     # --- what the API sees of the node (pxcluster.api.app.NodeView)
 

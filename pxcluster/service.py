@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
+import os
 import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from membership.election import current_leader
 from membership.etcd import Etcd
@@ -636,4 +639,26 @@ def _clone_of(view: VolumeView) -> dict[str, Any] | None:
 
 
 def nbd_uri(node: NodeRecord, volume_name: str) -> str:
-    return f"nbd://{node.address}:{node.nbd_port}/{volume_name}"
+    """A libnbd URI that works as-is for root on the node's host: TLS where the node requires
+    it, plain TCP where NBD listens on a loopback address, else the node's unix socket."""
+    host = node.nbd_address or node.address
+    if node.nbd_tls_dir:
+        return (
+            f"nbds://{_uri_host(host)}:{node.nbd_port}/{volume_name}"
+            f"?tls-certificates={quote(node.nbd_tls_dir)}"
+        )
+    if is_loopback(host) or not node.data_dir:
+        return f"nbd://{_uri_host(host)}:{node.nbd_port}/{volume_name}"
+    sock = quote(os.path.join(node.data_dir, "nbd.sock"))
+    return f"nbd+unix:///{volume_name}?socket={sock}"
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"

@@ -29,6 +29,7 @@ PREFERRED_BLOCK = 4096
 class Next(enum.Enum):
     CONTINUE = enum.auto()  # more options may follow
     TRANSMIT = enum.auto()  # enter the transmission phase with `Outcome.export`
+    STARTTLS = enum.auto()  # send `Outcome.send`, then upgrade the connection to TLS
     CLOSE = enum.auto()  # send `Outcome.send`, then drop the connection
 
 
@@ -44,10 +45,21 @@ def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
 
 
 class Negotiation:
-    def __init__(self, registry: ExportRegistry, max_request: int) -> None:
+    def __init__(
+        self, registry: ExportRegistry, max_request: int, *, tls_required: bool = False
+    ) -> None:
         self.registry = registry
         self.max_request = max_request
         self.no_zeroes = False
+        self.structured = False
+        # With TLS required, nothing but STARTTLS and ABORT is answered before TLS is up:
+        # a client without the cluster's certificate learns not even the export names.
+        self.tls_required = tls_required
+        self.tls_active = False
+
+    def tls_started(self) -> None:
+        """The spec: what was negotiated in plain text is forgotten once TLS is up."""
+        self.tls_active = True
         self.structured = False
 
     def transmission_flags(self) -> int:
@@ -65,6 +77,14 @@ class Negotiation:
         return True
 
     def option(self, option: int, data: bytes) -> Outcome:
+        if option == p.OPT_STARTTLS and self.tls_required:
+            if self.tls_active or data:
+                return self._error(option, p.REP_ERR_INVALID, "TLS is already up, or data given")
+            return Outcome(Next.STARTTLS, [option_reply(option, p.REP_ACK)])
+        if self.tls_required and not self.tls_active and option != p.OPT_ABORT:
+            if option == p.OPT_EXPORT_NAME:
+                return Outcome(Next.CLOSE)  # no error reply exists for it: drop
+            return self._error(option, p.REP_ERR_TLS_REQD, "TLS is required (STARTTLS)")
         if option == p.OPT_EXPORT_NAME:
             return self._export_name(data)
         if option in (p.OPT_GO, p.OPT_INFO):

@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,7 @@ from pxcluster.nbd import protocol as p
 from pxcluster.nbd.buffers import BufferPool
 from pxcluster.nbd.export import Export, ExportRegistry, has_errno, nbd_error
 from pxcluster.nbd.handshake import Negotiation, Next
+from pxcluster.nbd.tls import HANDSHAKE_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +102,23 @@ class NbdConnection(asyncio.BufferedProtocol):
         "_server",
         "_skip",
         "_spent",
+        "_stall_mark",
+        "_stall_timer",
         "_start",
         "_structured",
         "_tasks",
+        "_tls",
         "_transport",
         "_unsent",
         "_unsent_bytes",
+        "_upgrading",
         "_view",
         "_write_begin",
         "_write_now",
         "_write_paused",
     )
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray(_RECV_BUFFER)
@@ -120,7 +126,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._start = 0
         self._end = 0
         self._phase = _PHASE_CLIENT_FLAGS
-        self._negotiation = Negotiation(server.registry, server.max_request)
+        self._tls = tls  # STARTTLS required first (pxcluster/nbd/tls.py), or None
+        self._upgrading = False  # STARTTLS acknowledged, TLS handshake under way
+        self._negotiation = Negotiation(
+            server.registry, server.max_request, tls_required=tls is not None
+        )
         self._structured = False
         self._export: Export | None = None
         self._export_name = ""
@@ -131,7 +141,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._write_begin: WriteBegin | None = None
         self._transport: asyncio.Transport | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
-        # A WRITE whose payload is still arriving: its buffer, bytes received, header.
+        # A WRITE whose payload is still arriving: its buffer, bytes received, header. Its
+        # length counts against the server's receive budget until it is all here, and it
+        # must keep arriving (the stall timer), or the connection is dropped.
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_mark = 0
         self._payload: memoryview | None = None
         self._payload_filled = 0
         self._cookie = 0
@@ -168,6 +182,13 @@ class NbdConnection(asyncio.BufferedProtocol):
             # Replies are already batched per loop iteration; Nagle would only add latency.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self._server._connections) >= self._server.max_connections:
+            log.warning(
+                "nbd: %d connections already; refusing one more", self._server.max_connections
+            )
+            self._closing = self._closed = True
+            transport.abort()
+            return
         self._server._connections.add(self)
         self._handshake_timer = self._loop.call_later(
             self._server.handshake_timeout, self._handshake_timed_out
@@ -180,6 +201,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._replies.clear()
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._payload is not None:
+            self._end_payload()
         if self._export is not None:
             self._server.registry.unbind(self._export_name, self)
         self._server._connections.discard(self)
@@ -204,7 +227,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._payload_filled < len(self._payload):
                 return
             data = self._payload
-            self._payload = None
+            self._end_payload()
             self._dispatch_write(self._cookie, self._offset, data, self._fua)
         else:
             self._end += nbytes
@@ -261,7 +284,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _process_buffered(self) -> None:
         buf = self._buf
-        while not self._closing and self._payload is None:
+        while not self._closing and self._payload is None and not self._upgrading:
             avail = self._end - self._start
             if self._skip:
                 n = min(self._skip, avail)
@@ -274,6 +297,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                 if avail < p.REQUEST.size or not self._can_dispatch():
                     break
                 magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack_from(buf, self._start)
+                if (
+                    cmd == p.CMD_WRITE
+                    and avail < p.REQUEST.size + length
+                    and not self._server.may_receive(self, length)
+                ):
+                    break  # the server's receive budget is spent: on again when it frees
                 self._start += p.REQUEST.size
                 if magic != p.REQUEST_MAGIC:
                     log.warning("nbd: bad request magic %#x; closing connection", magic)
@@ -305,6 +334,38 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._start == self._end:
             self._start = self._end = 0
 
+    def _begin_payload(self, payload: memoryview, have: int) -> None:
+        self._payload = payload
+        self._payload_filled = have
+        self._server.receiving += len(payload)
+        self._stall_mark = have
+        self._stall_timer = self._loop.call_later(self._server.stall_timeout, self._stalled)
+
+    def _end_payload(self) -> None:
+        assert self._payload is not None
+        self._server.receiving -= len(self._payload)
+        self._payload = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._server.budget_freed()
+
+    def _stalled(self) -> None:
+        """A WRITE's payload stopped arriving: a client that sends a header and then nothing
+        would otherwise hold its buffer for ever."""
+        self._stall_timer = None
+        if self._payload is None or self._closed:
+            return
+        if self._payload_filled > self._stall_mark:
+            self._stall_mark = self._payload_filled
+            self._stall_timer = self._loop.call_later(self._server.stall_timeout, self._stalled)
+            return
+        log.warning(
+            "nbd: a write's payload stalled for %.0fs; closing the connection",
+            self._server.stall_timeout,
+        )
+        self.abort()
+
     def _abort_handshake(self) -> None:
         self._closing = True
         if self._transport is not None:
@@ -322,6 +383,12 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.writelines(outcome.send)
         if outcome.next is Next.CLOSE:
             self._abort_handshake()
+        elif outcome.next is Next.STARTTLS:
+            if self._end > self._start:  # the client may not send before TLS is up
+                self._abort_handshake()
+                return
+            self._upgrading = True
+            self._loop.create_task(self._start_tls())
         elif outcome.next is Next.TRANSMIT:
             export = self._server.registry.bind(outcome.export_name, self)
             if export is None:  # cannot happen within one callback, but never serve None
@@ -339,6 +406,27 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
                 self._handshake_timer = None
+
+    async def _start_tls(self) -> None:
+        assert self._transport is not None and self._tls is not None
+        try:
+            transport = await self._loop.start_tls(
+                self._transport,
+                self,
+                self._tls,
+                server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, TimeoutError, ConnectionError) as e:  # ssl.SSLError is an OSError
+            log.warning("nbd: TLS handshake failed: %s", e)
+            self.abort()
+            return
+        if transport is None or self._closed:
+            return
+        self._transport = transport
+        self._negotiation.tls_started()
+        self._upgrading = False
+        self._resume()
 
     # --- requests --------------------------------------------------------------------------
 
@@ -364,8 +452,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if have == length:
                 self._dispatch_write(cookie, offset, payload, bool(flags & p.CMD_FLAG_FUA))
             else:
-                self._payload = payload
-                self._payload_filled = have
+                self._begin_payload(payload, have)
                 self._cookie = cookie
                 self._offset = offset
                 self._fua = bool(flags & p.CMD_FLAG_FUA)
@@ -681,7 +768,10 @@ class NbdServer:
         max_inflight: int = 64,
         max_request: int = 32 << 20,
         max_inflight_bytes: int = 64 << 20,
-        handshake_timeout: float = 30.0,
+        handshake_timeout: float = 10.0,
+        max_connections: int = 256,
+        max_receiving: int = 256 << 20,
+        stall_timeout: float = 30.0,
         latency: LatencyFor | None = None,
     ) -> None:
         if max_inflight < 1 or max_request < 1:
@@ -693,26 +783,48 @@ class NbdServer:
         self.max_request = max_request
         self.max_inflight_bytes = max_inflight_bytes
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        # Bytes of WRITE payloads allocated but not all received yet, on every connection:
+        # past the budget a connection waits before taking a WRITE whose payload is not in.
+        self.receiving = 0
+        self.max_receiving = max_receiving
+        self.stall_timeout = stall_timeout
+        self._budget_waiters: set[NbdConnection] = set()
         # Enough for a full queue of 1 MiB writes on a couple of connections.
         self.buffers = BufferPool(min(max_inflight_bytes, 64 << 20))
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[NbdConnection] = set()
 
-    def _protocol(self) -> NbdConnection:
-        return NbdConnection(self)
+    def may_receive(self, conn: NbdConnection, length: int) -> bool:
+        """Room in the receive budget for a payload of `length`? (One always fits alone.)"""
+        if self.receiving == 0 or self.receiving + length <= self.max_receiving:
+            self._budget_waiters.discard(conn)
+            return True
+        self._budget_waiters.add(conn)
+        return False
 
-    async def start_tcp(self, host: str, port: int) -> int:
-        """Listen on host:port; returns the bound port (useful with port 0)."""
+    def budget_freed(self) -> None:
+        waiters, self._budget_waiters = self._budget_waiters, set()
+        for conn in waiters:
+            conn._resume()
+
+    async def start_tcp(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
+        """Listen on host:port; returns the bound port (useful with port 0). With `tls`
+        (pxcluster/nbd/tls.py), clients must STARTTLS with a certificate from its CA."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        server = await loop.create_server(
+            lambda: NbdConnection(self, tls), host, port, reuse_address=True
+        )
         self._servers.append(server)
         bound: int = server.sockets[0].getsockname()[1]
         return bound
 
     async def start_unix(self, path: str) -> None:
+        """Listen on a unix socket only root may use: the consumer runs on this host."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(self._protocol, path)
+        server = await loop.create_unix_server(lambda: NbdConnection(self), path)
+        os.chmod(path, 0o600)
         self._servers.append(server)
         self._unix_paths.append(path)
 

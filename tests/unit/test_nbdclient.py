@@ -31,6 +31,7 @@ async def _serve() -> tuple[NbdServer, MemoryExport, int]:
 def test_parse_uri() -> None:
     assert parse_uri("nbd://10.0.0.1:10900/db") == ("10.0.0.1", 10900, "db")
     assert parse_uri("nbd://h/x") == ("h", 10809, "x")
+    assert parse_uri("nbd+unix:///db?socket=/run/pxc/nbd.sock") == ("/run/pxc/nbd.sock", 0, "db")
     with pytest.raises(ValueError):
         parse_uri("http://h/x")
 
