@@ -27,6 +27,7 @@ from pxcluster.cli_types import (
     TARGET_URL,
     VOLUME,
     ZONE,
+    Int,
     Limit,
     Seconds,
     ip_address,
@@ -125,8 +126,10 @@ class Group(click.Group):
 
 
 def _fail(message: str, code: int) -> None:
-    # One line, whatever the message holds (a multi-line exception text included).
-    output.fail(" ".join(message.split()), code)
+    # One line, whatever the message holds (a multi-line exception text included), and a
+    # short one: click echoes values back, and a value may be 5,000 characters long.
+    line = " ".join(message.split())
+    output.fail(line if len(line) <= 300 else line[:300] + "...", code)
 
 
 def not_implemented(what: str) -> Callable[..., None]:
@@ -220,7 +223,7 @@ def cluster() -> None:
     "--lease-ttl",
     default=5,
     show_default=True,
-    type=click.IntRange(2, 3600),
+    type=Int(2, 3600),
     help="etcd lease TTL, s",
 )
 @click.option("--wipe", is_flag=True, help="erase disks that belong to another cluster")
@@ -552,7 +555,7 @@ def _print_volume(info: dict[str, Any]) -> None:
 @click.option(
     "--size", "size_bytes", required=True, type=size(inputs.MAX_VOLUME_SIZE), help="e.g. 512M, 10G"
 )
-@click.option("--repl", default=1, show_default=True, type=click.IntRange(1, 3), help="replicas")
+@click.option("--repl", default=1, show_default=True, type=Int(1, 3), help="replicas")
 @click.option("--sync-writes", is_flag=True, help="every write durable before its ack")
 @click.option("--encrypted", is_flag=True, help="AES-XTS at rest, done by the engine")
 @click.option(
@@ -815,9 +818,7 @@ async def volume_update(
 @click.argument("name", type=VOLUME)
 @click.option("--snapshot", "snap", required=True, type=SNAPSHOT, help="the snapshot to clone")
 @click.option("--name", "new_name", required=True, type=VOLUME, help="name of the new volume")
-@click.option(
-    "--repl", type=click.IntRange(1, 3), default=None, help="replicas (default: as the source)"
-)
+@click.option("--repl", type=Int(1, 3), default=None, help="replicas (default: as the source)")
 @click.option("--json", "as_json", is_flag=True)
 @with_service
 async def volume_clone(
@@ -942,7 +943,7 @@ def dev() -> None:
 
 
 @dev.command("up")
-@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--nodes", default=3, show_default=True, type=Int(1, 16))
 @click.option("--dir", "directory", default=".pxc-dev", show_default=True)
 @click.option(
     "--disk-size", default="4G", show_default=True, type=size(), help="sparse disk file per node"

@@ -33,7 +33,7 @@ from pxcluster.backup.errors import RestoreFailed
 from pxcluster.backup.restore import RestoreResult, restore_manifest, verify_backup
 from pxcluster.backup.target import Target, parse_target
 from pxcluster.backup.volumeio import BackupHooks
-from pxcluster.cli_types import SNAPSHOT, TARGET_URL, VOLUME
+from pxcluster.cli_types import SNAPSHOT, TARGET_URL, VOLUME, Int
 from pxcluster.errors import PxcError
 from pxcluster.units import format_size
 
@@ -248,7 +248,7 @@ async def backup_delete(backup_id: str, target_url: str, as_json: bool) -> None:
 @click.argument("backup_id", metavar="ID")
 @target_option
 @click.option("--name", "new_name", required=True, type=VOLUME, help="the new volume to create")
-@click.option("--repl", type=click.IntRange(1, 3), default=None, help="replicas of the new volume")
+@click.option("--repl", type=Int(1, 3), default=None, help="replicas of the new volume")
 @json_option
 @with_service
 async def backup_restore(

@@ -77,7 +77,35 @@ NODE = _Checked("node", inputs.node_name)
 SNAPSHOT = _Checked("snapshot", inputs.snapshot_name)
 CLUSTER = _Checked("cluster", inputs.cluster_name)
 ZONE = _Checked("zone", lambda v: v if v == "" else inputs.dns_label(v, "zone"))
-PORT = click.IntRange(*inputs.PORT_RANGE)
+
+
+class Int(click.ParamType[Any]):
+    """An integer in [low, high]; click.IntRange would echo a 5,000-digit value whole."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            number = value
+        else:
+            text = str(value).strip()
+            if not text.lstrip("+-").isdigit() or len(text) > 20:
+                self.fail(
+                    f"{inputs.shown(value)} is not a whole number in {self.low}..{self.high}",
+                    param,
+                    ctx,
+                )
+            number = int(text)
+        try:
+            return inputs.integer(number, "value", self.low, self.high)
+        except PxcError as e:
+            self.fail(str(e), param, ctx)
+
+
+PORT = Int(*inputs.PORT_RANGE)
 
 
 def ip_address(what: str) -> click.ParamType[Any]:

@@ -1,0 +1,1 @@
+"""Attacks from outside: the REST port and the CLI fed hostile or bad input."""
