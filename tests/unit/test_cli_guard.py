@@ -7,6 +7,7 @@ import click
 import pytest
 
 from pxcluster import cli
+from pxcluster.cli_types import Int
 
 
 def group() -> click.Group:
@@ -20,7 +21,7 @@ def group() -> click.Group:
         raise RuntimeError("first line\nsecond line")
 
     @g.command()
-    @click.option("--n", type=cli.Int(1, 3))
+    @click.option("--n", type=Int(1, 3))
     def count(n: int) -> None:
         click.echo(n)
 
