@@ -770,7 +770,7 @@ class NbdServer:
         max_inflight_bytes: int = 64 << 20,
         handshake_timeout: float = 10.0,
         max_connections: int = 256,
-        max_receiving: int = 256 << 20,
+        max_receiving: int = 64 << 20,
         stall_timeout: float = 30.0,
         latency: LatencyFor | None = None,
     ) -> None:
