@@ -38,6 +38,14 @@ class Model:
         self.inflight: dict[int, int] = {}  # block -> version sent, no ack (yet)
         self.version = 0
         self.acks = 0
+        self.acked_one = asyncio.Event()  # set at every ack: the test waits on progress
+
+    async def wait_acks(self, n: int, timeout: float = 30) -> None:
+        """Until `n` acks in all; TimeoutError if the load never gets going."""
+        async with asyncio.timeout(timeout):
+            while self.acks < n:
+                self.acked_one.clear()
+                await self.acked_one.wait()
 
     async def writer(self, c: ReplicaClient, epoch: int, rng: random.Random) -> None:
         n = 0
@@ -54,6 +62,7 @@ class Model:
                 del self.inflight[block]
                 self.acked[block] = v
                 self.acks += 1
+                self.acked_one.set()
                 n += 1
                 if n % 32 == 0:
                     await c.flush("v", epoch)
@@ -97,10 +106,11 @@ async def test_sigkill_under_write_load_keeps_every_acked_write(tmp_path: Path) 
                 asyncio.create_task(model.writer(c, epoch, random.Random(rng.random())))
                 for _ in range(WORKERS)
             ]
-            await asyncio.sleep(rng.uniform(0.3, 1.2))
+            # The load gets going (bounded), then runs on for a moment picked by the seed.
+            await model.wait_acks(before + 100)
+            await asyncio.sleep(rng.uniform(0, 0.5))
             proc.kill()  # SIGKILL, mid-load
             await asyncio.wait_for(asyncio.gather(*workers), 10)
-            assert model.acks - before > 100, "the load did not get going before the kill"
             await c.close()
             proc.start()
         c = ReplicaClient(proc.host, proc.port, key=TEST_KEY)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tests.harness.cluster import Cluster
+from tests.harness.stamps import MIN_ACKED
 
 
 @pytest.mark.timeout(180)
@@ -18,13 +19,16 @@ def test_verify_plain_and_with_a_failover(cluster3: Cluster) -> None:
     res = c.cli("verify", "vv", "--seconds", "3", "--seed", "5", "--json")
     out = json.loads(res.stdout)
     assert out["ok"] and out["seed"] == 5, out
-    assert out["acknowledged"] > 100 and out["issued"] == out["acknowledged"] + out["failed"]
+    # Enough acknowledged writes for the check to mean something (not a rate: a slow machine
+    # passes too).
+    assert out["acknowledged"] >= MIN_ACKED
+    assert out["issued"] == out["acknowledged"] + out["failed"]
     assert out["lost"] == out["phantom"] == out["corrupt"] == out["unstable"] == 0
     assert out["faults"] == [] and out["moves"] == []
 
     res = c.cli("verify", "vv", "--seconds", "8", "--with-faults", "--json", timeout=120)
     out = json.loads(res.stdout)
-    assert out["ok"], out
+    assert out["ok"] and out["acknowledged"] >= MIN_ACKED, out
     assert len(out["faults"]) == 1 and out["faults"][0].startswith("failover to ")
     assert out["moves"], "the writers never followed the volume"
     assert c.inspect("vv")["attached_node"] != "n1"
