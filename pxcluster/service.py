@@ -640,14 +640,15 @@ def _clone_of(view: VolumeView) -> dict[str, Any] | None:
 
 def nbd_uri(node: NodeRecord, volume_name: str) -> str:
     """A libnbd URI that works as-is for root on the node's host: TLS where the node requires
-    it, plain TCP where NBD listens on a loopback address, else the node's unix socket."""
+    it, plain TCP where the node lives on a loopback address (a dev or test cluster), else the
+    node's unix socket (root's only), else NBD's loopback listener."""
     host = node.nbd_address or node.address
     if node.nbd_tls_dir:
         return (
             f"nbds://{_uri_host(host)}:{node.nbd_port}/{volume_name}"
             f"?tls-certificates={quote(node.nbd_tls_dir)}"
         )
-    if is_loopback(host) or not node.data_dir:
+    if is_loopback(node.address) or not node.data_dir:
         return f"nbd://{_uri_host(host)}:{node.nbd_port}/{volume_name}"
     sock = quote(os.path.join(node.data_dir, "nbd.sock"))
     return f"nbd+unix:///{volume_name}?socket={sock}"
