@@ -111,15 +111,22 @@ def test_drain_dry_run_bad_input_auth_and_openapi(cluster3: Cluster, tmp_path: P
     status, doc = http(n1, "GET", "/v1/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.") and "/v1/volumes" in doc["paths"]
 
-    token_file = tmp_path / "token"
+    token_file, read_file = tmp_path / "token", tmp_path / "read-token"
     token_file.write_text("tok-123\n")
-    n4 = c.add_node("n4", extra=("--api-token-file", str(token_file)))
+    read_file.write_text("read-456\n")
+    n4 = c.add_node(
+        "n4", extra=("--api-token-file", str(token_file), "--api-read-token-file", str(read_file))
+    )
     status, err = http(n4, "POST", "/v1/volumes", {"name": "t", "size": "1M"})
     assert status == 401 and "Bearer" in err["error"]
     status, err = http(n4, "POST", "/v1/volumes", {"name": "t", "size": "1M"}, token="nope")
     assert status == 401
     status, _ = http(n4, "GET", "/v1/volumes")
+    assert status == 401  # reads need a token too
+    status, _ = http(n4, "GET", "/v1/volumes", token="read-456")
     assert status == 200
+    status, err = http(n4, "POST", "/v1/volumes", {"name": "t", "size": "1M"}, token="read-456")
+    assert status == 403 and "read-only" in err["error"]
     status, vol = http(n4, "POST", "/v1/volumes", {"name": "t", "size": "1M"}, token="tok-123")
     assert status == 201 and vol["name"] == "t"
     status, _ = http(n4, "DELETE", "/v1/volumes/t", token="tok-123")

@@ -16,7 +16,7 @@ from replica.chunkstore import ChunkStore
 from replica.fileio import OSFile
 from replica.ondisk import Superblock
 from tests.harness.cluster import Cluster, pxcluster
-from tests.harness.etcd import EtcdServer
+from tests.harness.etcd import EtcdServer, free_port
 
 
 def leader(c: Cluster) -> str | None:
@@ -82,12 +82,13 @@ def join_cmd(c: Cluster, name: str, disk: Path, address: str, *extra: str) -> li
         address,
         "--disk",
         str(disk),
+        # Ports are 1..65535 (0 is refused): ones free a moment ago on this address.
         "--data-port",
-        "0",
+        str(free_port(address)),
         "--nbd-port",
-        "0",
+        str(free_port(address)),
         "--api-port",
-        "0",
+        str(free_port(address)),
         *extra,
     ]
 
