@@ -375,6 +375,10 @@ def join(
         run(Node(config).run_forever())
     except (*EXPECTED, OSError, TlsConfigError) as e:
         output.fail(f"cannot join: {e}")
+    except Exception as e:
+        # Not bad input but a daemon failing: its log keeps the traceback to find the cause.
+        logging.getLogger("pxcluster.node").exception("node %s stopped", name)
+        output.fail(f"node {name} stopped: {type(e).__name__}: {e}")
 
 
 @cluster.command()

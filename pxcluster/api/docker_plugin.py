@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -27,7 +26,9 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from membership.etcd import EtcdUnavailable
+from pxcluster import inputs
 from pxcluster.api.app import NodeView
+from pxcluster.api.body import MAX_BODY, parse_json
 from pxcluster.errors import DuplicateName, InvalidArgument, PxcError
 from pxcluster.paths import inside
 from pxcluster.service import Service
@@ -134,10 +135,10 @@ class VolumePlugin:
                 f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTS))}"
             )
         size = parse_size(str(opts.get("size", DEFAULT_SIZE)))
-        try:
-            repl = int(opts.get("repl", 1))
-        except ValueError:
-            raise InvalidArgument(f"invalid repl {opts['repl']!r}: must be 1, 2 or 3") from None
+        text = str(opts.get("repl", 1)).strip()
+        if text not in ("1", "2", "3"):
+            raise InvalidArgument(f"invalid repl {inputs.shown(text)}: must be 1, 2 or 3")
+        repl = int(text)
         sync = str(opts.get("sync_writes", "false")).lower() in ("1", "true", "yes")
         try:
             await self.svc.create_volume(name, size, repl, sync_writes=sync)
@@ -243,7 +244,7 @@ ENDPOINTS = {
 
 
 def build_plugin_app(plugin: VolumePlugin) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY)
 
     def endpoint(method_name: str) -> Any:
         method = getattr(plugin, method_name)
@@ -251,7 +252,7 @@ def build_plugin_app(plugin: VolumePlugin) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
             try:
                 raw = await request.read()
-                req = json.loads(raw) if raw.strip() else {}
+                req = parse_json(raw) if raw.strip() else {}
                 if not isinstance(req, dict):
                     raise InvalidArgument("request body must be a JSON object")
                 reply = await method(req)
