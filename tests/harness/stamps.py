@@ -125,6 +125,9 @@ class Writer:
             self.history.faults.append(now)
         return now
 
+    def _since(self) -> str:
+        return "after the fault" if self.history.faults else "in all"
+
     def acked_after_fault(self) -> int:
         with self.lock:
             since = self.history.faults[-1] if self.history.faults else float("-inf")
@@ -142,12 +145,12 @@ class Writer:
                     return
                 raise AssertionError(
                     f"the writer ended with {self.acked_after_fault()} writes acknowledged "
-                    f"after the fault (need {n})"
+                    f"{self._since()} (need {n})"
                 )
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{self.acked_after_fault()} writes acknowledged in the {timeout:.0f} s "
-                    f"after the fault (need {n}): the volume does not take writes again"
+                    f"{self.acked_after_fault()} writes acknowledged {self._since()} in "
+                    f"{timeout:.0f} s (need {n}): the volume does not take writes"
                 )
             time.sleep(0.05)
 
