@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import itertools
 import json
 import os
@@ -178,12 +179,14 @@ class Cluster:
     def wait_up(self, name: str, timeout: float = 30) -> None:
         n = self.nodes[name]
         deadline = time.monotonic() + timeout
-        while not port_open(n.address, n.nbd_port):
+        # The replica port: the one port always on --address (NBD and the API stay on
+        # loopback when --address is a network address, as in network namespaces).
+        while not port_open(n.address, n.ports["data"]):
             if not n.running():
                 raise AssertionError(f"node {name} exited; log tail: {self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"node {name}: nothing listening on {n.address}:{n.nbd_port} after "
+                    f"node {name}: nothing listening on {n.address}:{n.ports['data']} after "
                     f"{timeout}s; log tail: {self.log_tail(name)}"
                 )
             time.sleep(0.05)
@@ -227,7 +230,10 @@ class Cluster:
         """Attach and wait until served; the NBD URI it prints is the node's."""
         uri = self.cli("volume", "attach", volume, "--node", node, "--wait").stdout.strip()
         n = self.nodes[node]
-        assert uri == f"nbd://{n.address}:{n.nbd_port}/{volume}", uri
+        if ipaddress.ip_address(n.address).is_loopback:
+            assert uri == f"nbd://{n.address}:{n.nbd_port}/{volume}", uri
+        else:  # NBD is not on the network: the node's unix socket
+            assert uri == f"nbd+unix:///{volume}?socket={n.data_dir.resolve()}/nbd.sock", uri
         return uri
 
     def replica_states(self, volume: str) -> dict[str, str]:
