@@ -21,5 +21,5 @@ VOLUME ["/var/lib/pxc"]
 EXPOSE 9001 9002 10809
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=5s --timeout=3s --start-period=20s \
-    CMD python3 -c "import os, urllib.request; urllib.request.urlopen('http://%s:%s/readyz' % (os.environ['PXC_ADDRESS'], os.environ.get('PXC_API_PORT', '9001')), timeout=2)"
+    CMD python3 -c "import os, urllib.request; urllib.request.urlopen('http://%s:%s/readyz' % (os.environ.get('PXC_API_ADDRESS', '127.0.0.1'), os.environ.get('PXC_API_PORT', '9001')), timeout=2)"
 ENTRYPOINT ["/usr/local/bin/pxc-entrypoint"]

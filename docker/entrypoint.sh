@@ -9,7 +9,13 @@
 #                                  client moves to the next one when a member fails)
 #   PXC_CLUSTER                    cluster name (default "default")
 #   PXC_ZONE, PXC_DATA_DIR, PXC_API_PORT, PXC_DATA_PORT, PXC_NBD_PORT, PXC_LEASE_TTL,
-#   PXC_API_TOKEN_FILE, PXC_DOCKER_PLUGIN_SOCKET, PXC_LOG_LEVEL, PXC_LOG_FORMAT (json)
+#   PXC_DOCKER_PLUGIN_SOCKET, PXC_LOG_LEVEL, PXC_LOG_FORMAT (json)
+#   PXC_API_TOKEN_FILE             the REST API's admin token; made (random) if the file is missing
+#   PXC_API_READ_TOKEN_FILE        its read-only token
+#   PXC_API_ADDRESS                where the API listens (default: loopback); off loopback it
+#                                  needs PXC_API_TOKEN_FILE, or PXC_API_INSECURE=1
+#   PXC_NBD_EXPOSE=1, PXC_NBD_TLS_DIR   serve NBD on PXC_ADDRESS too, with TLS (default: the
+#                                  node's unix socket and loopback only)
 #   PXC_WIPE=1                     erase disks formatted by another cluster
 #   PXC_ETCD_CACERT, PXC_ETCD_CERT, PXC_ETCD_KEY, PXC_ETCD_USER, PXC_ETCD_PASSWORD_FILE
 #                                  etcd TLS and user (read by pxcluster itself; https:// in PXC_ETCD)
@@ -39,7 +45,18 @@ done
 [ -n "${PXC_DATA_PORT:-}" ] && set -- "$@" --data-port "$PXC_DATA_PORT"
 [ -n "${PXC_NBD_PORT:-}" ] && set -- "$@" --nbd-port "$PXC_NBD_PORT"
 [ -n "${PXC_LEASE_TTL:-}" ] && set -- "$@" --lease-ttl "$PXC_LEASE_TTL"
-[ -n "${PXC_API_TOKEN_FILE:-}" ] && set -- "$@" --api-token-file "$PXC_API_TOKEN_FILE"
+if [ -n "${PXC_API_TOKEN_FILE:-}" ]; then
+    if [ ! -s "$PXC_API_TOKEN_FILE" ]; then
+        mkdir -p "$(dirname "$PXC_API_TOKEN_FILE")"
+        (umask 022; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$PXC_API_TOKEN_FILE")
+    fi
+    set -- "$@" --api-token-file "$PXC_API_TOKEN_FILE"
+fi
+[ -n "${PXC_API_READ_TOKEN_FILE:-}" ] && set -- "$@" --api-read-token-file "$PXC_API_READ_TOKEN_FILE"
+[ -n "${PXC_API_ADDRESS:-}" ] && set -- "$@" --api-address "$PXC_API_ADDRESS"
+[ "${PXC_API_INSECURE:-0}" = "1" ] && set -- "$@" --api-insecure
+[ "${PXC_NBD_EXPOSE:-0}" = "1" ] && set -- "$@" --nbd-expose
+[ -n "${PXC_NBD_TLS_DIR:-}" ] && set -- "$@" --nbd-tls-dir "$PXC_NBD_TLS_DIR"
 [ -n "${PXC_DOCKER_PLUGIN_SOCKET:-}" ] && set -- "$@" --docker-plugin-socket "$PXC_DOCKER_PLUGIN_SOCKET"
 [ "${PXC_WIPE:-0}" = "1" ] && set -- "$@" --wipe
 [ -n "${PXC_DATA_TLS_CERT:-}" ] && set -- "$@" --data-tls-cert "$PXC_DATA_TLS_CERT"
