@@ -5,6 +5,7 @@ are paths. Each attack gets a 4xx JSON answer; the node keeps serving and nothin
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,88 @@ def test_join_refuses_empty_tokens_and_an_open_api_off_loopback(
     )
     refused(join(c, tmp_path, "--address", "10.9.8.7", "--api-address", "10.9.8.7"), "off loopback")
     assert [n["name"] for n in c.cli_json("node", "list")] == ["n1"]  # nothing joined
+
+
+def _junk(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 4 else 6)
+    if kind == 0:
+        return rng.randrange(-(10**30), 10**30)
+    if kind == 1:
+        return rng.random() * 10 ** rng.randrange(-5, 300)
+    if kind == 2:
+        return "".join(rng.choice("aZ09-_./%\\\x00 é") for _ in range(rng.randrange(0, 80)))
+    if kind == 3:
+        return rng.choice(["1M", "10G", "0", "-1", "1e400", "999999999999999999999P", "nan"])
+    if kind == 4:
+        return rng.choice([True, False, None])
+    if kind == 5:
+        return rng.choice([1, 2, 3, 4, 0, 2**63, -(2**63)])
+    if kind == 6:
+        return [_junk(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
+    return {rng.choice(FIELDS): _junk(rng, depth + 1) for _ in range(rng.randrange(0, 5))}
+
+
+FIELDS = [
+    "name",
+    "size",
+    "repl",
+    "sync_writes",
+    "node",
+    "to",
+    "iops_limit",
+    "bw_limit",
+    "snapshot",
+    "snapshot_schedule",
+    "timeout",
+    "drill",
+    "encrypted",
+    "wait",
+    "force",
+]
+FUZZ_ROUTES = [
+    ("POST", "/v1/volumes"),
+    ("PATCH", "/v1/volumes/fz"),
+    ("POST", "/v1/volumes/fz/resize"),
+    ("POST", "/v1/volumes/fz/attach"),
+    ("POST", "/v1/volumes/fz/detach"),
+    ("POST", "/v1/volumes/fz/snapshots"),
+    ("POST", "/v1/volumes/fz/revert"),
+    ("POST", "/v1/volumes/fz/clone"),
+    ("POST", "/v1/volumes/nosuch/failover"),
+    ("PATCH", "/v1/volumes/nosuch"),
+]
+
+
+async def test_two_thousand_fuzzed_bodies_get_answers_never_a_500(
+    secured: tuple[Cluster, NodeProc],
+) -> None:
+    _, node = secured
+    rng = random.Random(2128)
+    status, _ = await call(
+        node, "POST", "/v1/volumes", token=ADMIN, body={"name": "fz", "size": "1M"}
+    )
+    assert status in (201, 409)
+    base = f"http://{node.address}:{node.ports['api']}"
+    headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+    seen: dict[int, int] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for i in range(2000):
+            method, path = rng.choice(FUZZ_ROUTES)
+            if i % 4 == 0:
+                data = rng.randbytes(rng.randrange(0, 300))
+            else:
+                body = (
+                    _junk(rng)
+                    if rng.random() < 0.2
+                    else {rng.choice(FIELDS): _junk(rng) for _ in range(rng.randrange(1, 6))}
+                )
+                data = json.dumps(body).encode()
+            async with session.request(method, base + path, data=data, headers=headers) as r:
+                await r.read()
+                seen[r.status] = seen.get(r.status, 0) + 1
+                assert r.status < 500, (method, path, data[:200], r.status)
+    assert sum(n for s, n in seen.items() if 400 <= s < 500) > 1000, seen
+    status, health = await call(node, "GET", "/healthz")
+    assert status == 200, health
+    status, _ = await call(node, "GET", "/metrics", token=READ)
+    assert status == 200
