@@ -18,6 +18,7 @@ from membership.keys import Keys
 from membership.records import NodeRecord, RevertRecord, ScrubRecord, SnapshotRecord
 from pxcluster.api.app import ApiConfig, build_app
 from pxcluster.metrics import Metrics
+from pxcluster.node import ensure_replica_key
 from pxcluster.service import Service
 from tests.harness.etcd import EtcdServer
 
@@ -59,6 +60,7 @@ class Api:
             capacity=capacity,
         )
         await self.etcd.put(self.keys.node(record.id), record.encode())
+        await ensure_replica_key(self.etcd, self.keys)  # as a joining node does
         if up:
             await self.etcd.put(self.keys.alive(record.id), b"1")
 
