@@ -15,6 +15,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 # The per-block checksum helper (replica/_blockcrc.c) is built by pip install.
 command -v gcc >/dev/null || need+=(gcc)
+# Headless Chromium and its WebDriver for the web console's browser tests (tests/console).
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 # The stamped-block workload of the tests speaks NBD through libnbd's Python binding, which
 # Debian builds for its own /usr/bin/python3 only.
 /usr/bin/python3 -c "import nbd" 2>/dev/null || need+=(python3-libnbd)

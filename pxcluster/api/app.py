@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from membership.etcd import Etcd
+from pxcluster import console
 from pxcluster.api import middleware, openapi
 from pxcluster.api.access import Tokens
 from pxcluster.api.body import MAX_BODY
@@ -84,6 +85,7 @@ def build_app(node: NodeView, config: ApiConfig) -> web.Application:
     app.router.add_get("/readyz", readyz, allow_head=False)
     app.router.add_get("/v1/openapi.json", openapi_json, allow_head=False)
     app.router.add_routes(routes)
+    console.install(app, node, config.tokens)  # the web console at /, behind the same tokens
     return app
 
 
