@@ -22,6 +22,8 @@ def served(app: web.Application) -> set[tuple[str, str]]:
     for route in app.router.routes():
         if route.method == "HEAD":  # aiohttp answers HEAD for every GET; implied by it
             continue
+        if (route.name or "").startswith("console."):  # the web console's HTML pages
+            continue
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
         assert isinstance(path, str), info
