@@ -42,6 +42,7 @@ class LatencyHistory:
         self.rings: dict[tuple[str, str], deque[Point]] = {}
         self._last: dict[tuple[str, str], _Last] = {}
         self._task: asyncio.Task[None] | None = None
+        self._primed = False
 
     def start(self) -> None:
         if self._task is None:
@@ -80,7 +81,10 @@ class LatencyHistory:
         now = self._read()
         for key, cur in now.items():
             prev = self._last.get(key)
-            if prev is None or cur.count < prev.count:  # first sight, or the series restarted
+            if prev is None and self._primed:
+                # A volume first served since the last sample: its histogram started at zero.
+                prev = _Last(0.0, 0.0, [])
+            if prev is None or cur.count < prev.count:  # history from before we looked
                 continue
             n = cur.count - prev.count
             mean = (cur.total - prev.total) / n if n else 0.0
@@ -91,6 +95,7 @@ class LatencyHistory:
                 ring = self.rings[key] = deque(maxlen=POINTS)
             ring.append(Point(t, n / INTERVAL, mean, _p99(prev.buckets, cur.buckets, n)))
         self._last = now
+        self._primed = True
 
     def series(self, volume: str) -> dict[str, list[Point]]:
         return {op: list(self.rings.get((volume, op), ())) for op in LATENCY_OPS}
@@ -135,6 +140,8 @@ def chart(series: dict[str, list[Point]]) -> dict[str, Any]:
                 "op": op,
                 "color": COLORS[op],
                 "points": " ".join(f"{x:.1f},{y:.1f}" for x, y in coords),
+                # Dots too: a single sample (the first seconds of I/O) draws no line.
+                "dots": [(round(x, 1), round(y, 1)) for x, y in coords],
                 "last_ms": last.mean * 1000 if last else None,
                 "last_p99_ms": last.p99 * 1000 if last else None,
                 "last_ops": last.ops if last else None,
