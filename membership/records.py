@@ -102,6 +102,9 @@ class AttachTarget(_Record):
     # "user": attached for clients; "rebuild": attached by the leader only to rebuild replicas of
     # a detached volume (not exported over NBD, and a user's attach takes it over).
     reason: str = "user"
+    # "host": a block device on the attach node's own host consumes it (pxcluster.host), so
+    # the leader's automatic failover leaves it there; "": NBD clients anywhere.
+    consumer: str = ""
 
 
 @dataclass(frozen=True)

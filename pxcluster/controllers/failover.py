@@ -21,6 +21,16 @@ _PARALLEL_MOVES = 32
 class FailoverController:
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._told: set[str] = set()  # volumes already logged as left to their host
+
+    def _left_alone(self, name: str) -> None:
+        if name not in self._told:
+            self._told.add(name)
+            log.warning(
+                "volume %s: attach node down; it has a device on that host, so it is not "
+                "failed over automatically (take it over with 'volume mount --node')",
+                name,
+            )
 
     async def run_pass(self, pass_view: PassView | None = None) -> None:
         seen = pass_view if pass_view is not None else PassView(self.service)
@@ -36,6 +46,12 @@ class FailoverController:
                 continue
             if view.attachment is not None and view.attachment.node == target.node:
                 continue  # its lease has not expired yet: the old engine may still be fencing
+            if target.consumer == "host":
+                # Its consumer is a device (a mounted filesystem) on the dead node's host:
+                # moving the export serves no one. It stays put: the node serves it again if it
+                # comes back, or `volume mount --node` elsewhere takes it over.
+                self._left_alone(view.record.name)
+                continue
             states = {n: r.state for n, r in view.replicas.items()}
             dest = pick_attach_node(states, nodes, alive, exclude=frozenset({target.node}))
             if dest is None:
