@@ -936,6 +936,11 @@ async def snapshot_delete(svc: Service, name: str, snap: str) -> None:
 
 main.add_command(backup_group)
 main.add_command(verify_command)
+from pxcluster.host.commands import VOLUME_COMMANDS, device  # noqa: E402 (registered here)
+
+for _host_command in VOLUME_COMMANDS:
+    volume.add_command(_host_command)
+main.add_command(device)
 
 
 # --- dev
