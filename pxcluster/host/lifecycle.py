@@ -65,9 +65,10 @@ class Host:
                 f"volume {rec.volume} is still mounted at {where} from a lost connection: "
                 f"unmount it (umount -l {where}) first"
             )
+        ours = _loop_is_ours(rec)  # read first: a dead FUSE mount changes the backing path
         await mapper.teardown_dead(rec)
-        if rec.method == "nbdfuse" and mapper.loop_backing(rec.device) == rec.fuse_file:
-            await mapper.unmap(rec)
+        if ours:
+            await run("losetup", "-d", rec.device, check=False)
         self.registry.remove(rec.volume)
 
     async def unmap(self, name: str) -> DeviceRecord:
@@ -151,6 +152,14 @@ class Host:
         return [describe(r) for r in sorted(self.registry.load().values(), key=lambda r: r.volume)]
 
 
+def _loop_is_ours(rec: DeviceRecord) -> bool:
+    return (
+        rec.method == "nbdfuse"
+        and bool(rec.device)
+        and (mapper.loop_backing(rec.device) == rec.fuse_file)
+    )
+
+
 def absolute(path: str) -> Path:
     return Path(os.path.abspath(path))
 
@@ -176,9 +185,13 @@ async def crash_teardown(registry: Registry, name: str) -> None:
     rec = registry.get(name)
     if rec is None:
         raise NotMapped(f"volume {name} is not mapped on this host")
+    ours = _loop_is_ours(rec)  # read first: a dead FUSE mount changes the backing path
+    mounted = bool(rec.device) and fs.mounted_at(rec.device) == rec.mountpoint
     await mapper.teardown_dead(rec)
-    if rec.mountpoint and fs.mounted_at(rec.device) == rec.mountpoint:
+    if mounted:
         await run("umount", "-l", rec.mountpoint, check=False)
-    if rec.method == "nbdfuse" and mapper.loop_backing(rec.device) == rec.fuse_file:
+    if ours:
+        # Detached now, or (if the lazily unmounted filesystem still holds it) as soon as
+        # it lets go: losetup -d on a busy loop device sets autoclear.
         await run("losetup", "-d", rec.device, check=False)
     registry.remove(name)

@@ -206,16 +206,24 @@ async def _map_nbdfuse(uri: str, volume: str, state: Path) -> DeviceRecord:
 
 
 def _prepare_fuse_dir(d: Path, volume: str) -> BinaryIO:
-    if os.path.ismount(d):
+    if _mounted(str(d)):
         raise CommandFailed(f"{d} is still mounted from an earlier map; unmap {volume} first")
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return open(d.parent / f"{volume}.log", "ab")
 
 
 def _fuse_mounted(rec: DeviceRecord) -> str:
-    """The FUSE mount of an nbdfuse device, if it is still mounted ("" otherwise)."""
-    d = Path(rec.fuse_file).parent if rec.fuse_file else None
-    return str(d) if d is not None and os.path.ismount(d) else ""
+    """The FUSE mount of an nbdfuse device, if it is still mounted ("" otherwise). Read from
+    mountinfo: os.path.ismount says False for a FUSE mount whose process died (ENOTCONN)."""
+    if not rec.fuse_file:
+        return ""
+    d = str(Path(rec.fuse_file).parent)
+    return d if _mounted(d) else ""
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].replace("\\040", " ") == path for line in f)
 
 
 async def _wait_exit(pid: int, timeout: float) -> bool:
