@@ -21,7 +21,7 @@ from tests.harness.cluster import Cluster
 
 ADMIN = "console-admin-token-0123456789"
 READ = "console-read-token-0123456789"
-WAIT = 20.0  # s any page state may take to show up
+WAIT = 30.0  # s any page state may take to show up (generous: the machine may be busy)
 
 
 def _browser_paths() -> tuple[str, str] | None:
@@ -77,8 +77,15 @@ def browser() -> Iterator[Any]:
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+    from selenium.common.exceptions import WebDriverException
+
     deadline = time.monotonic() + timeout
-    while not check():
+    while True:
+        try:
+            if check():
+                return
+        except WebDriverException:
+            pass  # the page was being replaced (a navigation or a live swap): look again
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
@@ -131,14 +138,14 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     shot(d, "login")
     d.find_element(By.NAME, "token").send_keys("not-the-token")
     d.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
-    assert "not valid" in text(d)
+    wait_until("the refusal", lambda: "not valid" in text(d))
     d.find_element(By.NAME, "token").send_keys(ADMIN)
     d.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
-    assert d.current_url == base + "/"
+    wait_until("the overview after login", lambda: d.current_url == base + "/")
 
     # Overview: every node, the leader, etcd, live updates connected.
     wait_until("the overview", lambda: all(n in text(d) for n in ("n1", "n2", "n3")))
-    assert "3 / 3" in text(d) and "healthy" in text(d)
+    wait_until("all nodes up, etcd healthy", lambda: "3 / 3" in text(d) and "healthy" in text(d))
     wait_until(
         "the live feed",
         lambda: d.execute_script("return document.querySelector('#live-status.on') !== null"),
@@ -149,7 +156,7 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     d.get(base + "/volumes")
     submit(d, "#create-volume", name="web-vol", size="64M", repl="2")
     wait_until("the volume page", lambda: d.current_url == base + "/volumes/web-vol")
-    assert "volume web-vol created" in text(d)
+    wait_until("the confirmation", lambda: "volume web-vol created" in text(d))
     assert c.inspect("web-vol")["repl"] == 2
 
     # Attach on n1 from the page: the state changes on the open page, without a reload.
@@ -184,7 +191,7 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     # A snapshot from the page.
     submit(d, "#snapshot-form", name="snap1")
     wait_until("the snapshot", lambda: "snap1" in text(d, "snapshots"))
-    assert "snapshot snap1 of web-vol taken" in text(d)
+    wait_until("the confirmation", lambda: "snapshot snap1 of web-vol taken" in text(d))
     d.execute_script("window.__same_page = true")
     wait_until(
         "the latency chart",
@@ -201,8 +208,10 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     wait_until("the drill to start", lambda: "failover drill of web-vol to n2" in text(d))
     wait_until(
         "the drill's phase times",
-        lambda: "drill" in text(d, "failover-timeline")
-        and "in progress" not in text(d, "failover-timeline"),
+        lambda: (
+            "drill" in text(d, "failover-timeline")
+            and "in progress" not in text(d, "failover-timeline")
+        ),
     )
     assert c.inspect("web-vol")["attached_node"] == "n2"
     shot(d, "volume-after-drill")
@@ -245,6 +254,7 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     # A reader sees everything and no action.
     d.find_element(By.NAME, "token").send_keys(READ)
     d.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+    wait_until("the overview after login", lambda: d.current_url == base + "/")
     d.get(base + "/volumes/web-vol")
     assert "snap1" in text(d) and "read-only" in text(d)
     assert not d.find_elements(By.ID, "volume-actions")
