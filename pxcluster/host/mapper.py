@@ -237,13 +237,21 @@ async def _wait_exit(pid: int, timeout: float) -> bool:
 
 
 async def _stop_nbdfuse(rec: DeviceRecord) -> None:
-    d = _fuse_mounted(rec)
-    if d:
-        await run("umount", d, check=False)
-    if not await _wait_exit(rec.pid, STOP_TIMEOUT):
-        # Stuck retrying an export that is gone: unmounting alone does not end it.
-        _kill_group(rec.pid, signal.SIGKILL)
-        await _wait_exit(rec.pid, STOP_TIMEOUT)
+    """Unmount the FUSE file (nbdfuse then exits). The loop device may let go of the file a
+    moment after `losetup -d` (it finishes in-flight I/O first), so the unmount is retried
+    until it succeeds, within STOP_TIMEOUT; an nbdfuse stuck retrying a gone export is killed."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        d = _fuse_mounted(rec)
+        if d:
+            await run("umount", d, check=False)
+        elif not pid_alive(rec.pid):
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    _kill_group(rec.pid, signal.SIGKILL)
+    await _wait_exit(rec.pid, STOP_TIMEOUT)
     d = _fuse_mounted(rec)
     if d:
         await run("umount", "-l", d, check=False)
