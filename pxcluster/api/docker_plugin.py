@@ -1,13 +1,16 @@
 """Docker volume plugin: Docker's JSON-over-HTTP volume protocol on a unix socket, mapped to
 pxcluster volumes through the service layer.
 
-Create/Remove/Get/List manage cluster volumes. Mount attaches the volume on this node,
-connects the kernel NBD client to the local export, makes an ext4 filesystem if the volume
-has none, and mounts it under <data-dir>/docker/<name>. Mount needs /dev/nbd0 (modprobe nbd)
-and `nbd-client`; without them it answers an Err saying so, before changing anything.
+Create/Remove/Get/List manage cluster volumes. Mount goes through the host layer
+(pxcluster.host), as `pxcluster volume mount` does: attach on this node, a block device (the
+kernel NBD client, or nbdfuse + a loop device where the host has no kernel NBD), ext4 made on
+first use only, mounted under <data-dir>/docker/<name>. What is mounted is recorded under
+<data-dir>/host, so after a node restart the plugin knows its mounts again (the devices ride
+out the restart: they hold I/O and reconnect) and re-mounts any whose device was lost.
 
 Docker finds the plugin by its socket: put it at /run/docker/plugins/pxcluster.sock and use
-`docker volume create -d pxcluster -o size=1G -o repl=3 NAME`.
+`docker volume create -d pxcluster -o size=1G -o repl=3 NAME`. The socket is root's only
+(Docker's plugin sockets are): whoever can reach it can mount any volume on this host.
 """
 
 from __future__ import annotations
@@ -17,11 +20,9 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from aiohttp import web
 
@@ -30,6 +31,10 @@ from pxcluster import inputs
 from pxcluster.api.app import NodeView
 from pxcluster.api.body import MAX_BODY, parse_json
 from pxcluster.errors import DuplicateName, InvalidArgument, PxcError
+from pxcluster.host.fs import mounted_at
+from pxcluster.host.lifecycle import Host, crash_teardown
+from pxcluster.host.mapper import state_of
+from pxcluster.host.registry import Registry
 from pxcluster.paths import inside
 from pxcluster.service import Service
 from pxcluster.units import parse_size
@@ -55,41 +60,6 @@ class Mounted:
     ids: set[str] = field(default_factory=set)
 
 
-def nbd_client_available() -> str | None:
-    """None when the kernel NBD client can be used here, else why not."""
-    if not os.path.exists("/dev/nbd0"):
-        return "the kernel NBD client is unavailable on this host: no /dev/nbd0 (modprobe nbd)"
-    if shutil.which("nbd-client") is None:
-        return "the kernel NBD client is unavailable on this host: nbd-client is not installed"
-    return None
-
-
-async def run(*cmd: str, check: bool = True) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise PluginError(f"{cmd[0]} did not finish in {COMMAND_TIMEOUT:.0f}s") from None
-    text = out.decode(errors="replace").strip()
-    if check and proc.returncode != 0:
-        raise PluginError(f"{' '.join(cmd)} failed ({proc.returncode}): {text}")
-    return proc.returncode or 0, text
-
-
-def free_nbd_device() -> str:
-    for i in range(256):
-        if not os.path.exists(f"/sys/block/nbd{i}"):
-            break
-        # The kernel publishes the serving process' pid only while a device is connected.
-        if not os.path.exists(f"/sys/block/nbd{i}/pid"):
-            return f"/dev/nbd{i}"
-    raise PluginError("no free /dev/nbd* device (load nbd with more nbds_max)")
-
-
 class VolumePlugin:
     def __init__(self, svc: Service, node_name: str, data_dir: str) -> None:
         if not data_dir:
@@ -97,6 +67,7 @@ class VolumePlugin:
         self.svc = svc
         self.node_name = node_name
         self.mount_root = Path(inside(data_dir, "docker"))
+        self.host = Host(svc, Registry(Path(inside(data_dir, "host"))))
         self.mounts: dict[str, Mounted] = {}
         # One Mount/Unmount at a time: Docker may mount a volume for two containers at once,
         # and both must see one attach and one kernel device.
@@ -176,16 +147,16 @@ class VolumePlugin:
         name = self._name(req)
         caller = str(req.get("ID", ""))
         async with self._lock:
-            if name in self.mounts:
-                self.mounts[name].ids.add(caller)
-                return {"Mountpoint": self.mounts[name].path}
-            await self.svc.volume(name)  # unknown volume: fail before anything else
-            why = nbd_client_available()
-            if why is not None:
-                raise PluginError(why)
-            m = await self._attach_and_mount(name)
+            if name not in self.mounts:
+                await self.svc.volume(name)  # unknown volume: fail before anything else
+                inside(str(self.mount_root), name)  # refuses a name that would leave --data-dir
+                rec = await self.host.mount(
+                    name, str(self.mount_root / name), None, self.node_name, owner="docker"
+                )
+                self.mounts[name] = Mounted(rec.device, rec.mountpoint)
+            m = self.mounts[name]
             m.ids.add(caller)
-            self.mounts[name] = m
+            self._remember(name)
             return {"Mountpoint": m.path}
 
     async def unmount(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -196,38 +167,43 @@ class VolumePlugin:
                 return {}
             m.ids.discard(str(req.get("ID", "")))
             if m.ids:
+                self._remember(name)
                 return {}  # another container still uses it
-            await run("umount", m.path)
-            await run("nbd-client", "-d", m.device)
+            await self.host.unmount(name)  # flush, unmount, unmap, detach
             del self.mounts[name]
-            await self.svc.detach(name)
-            await self.svc.wait_detached(name, ATTACH_TIMEOUT)
             return {}
 
-    async def _attach_and_mount(self, name: str) -> Mounted:
-        node = await self.svc.find_node(self.node_name)
-        await self.svc.attach(name, node.name)
-        device = ""
-        try:
-            view = await self.svc.wait_attached(name, node.id, ATTACH_TIMEOUT)
-            uri = urlparse((await self.svc.inspect(view))["nbd_uri"])
-            device = free_nbd_device()
-            await run("nbd-client", uri.hostname or node.address, str(uri.port), device, "-N", name)
-            code, _ = await run("blkid", "-o", "value", "-s", "TYPE", device, check=False)
-            if code == 2:  # blkid: no filesystem found; a new volume reads as zeros
-                await run("mkfs.ext4", "-q", device)
-            inside(str(self.mount_root), name)  # refuses a name that would leave --data-dir
-            path = self.mount_root / name
-            path.mkdir(parents=True, exist_ok=True)
-            await run("mount", device, str(path))
-            return Mounted(device, str(path))
-        except BaseException:
-            # Nothing half-done: a failed Mount leaves the volume detached, as before.
-            with contextlib.suppress(Exception):
-                if device:
-                    await run("nbd-client", "-d", device, check=False)
-                await self.svc.detach(name)
-            raise
+    def _remember(self, name: str) -> None:
+        """The containers using a mount, kept with its device record (a restart forgets
+        nothing Docker told us)."""
+        rec = self.host.registry.get(name)
+        if rec is not None:
+            rec.ids = sorted(self.mounts[name].ids)
+            self.host.registry.put(rec)
+
+    async def reestablish(self) -> None:
+        """After a node restart: adopt the mounts this plugin made (their devices outlived the
+        daemon and reconnected), and mount again any whose device or mount was lost."""
+        async with self._lock:
+            for rec in self.host.registry.load().values():
+                if rec.owner != "docker" or not rec.mountpoint:
+                    continue
+                try:
+                    ids = list(rec.ids)
+                    if state_of(rec) != "connected" or mounted_at(rec.device) != rec.mountpoint:
+                        await crash_teardown(self.host.registry, rec.volume)
+                        rec = await self.host.mount(
+                            rec.volume,
+                            rec.mountpoint,
+                            rec.fs or None,
+                            self.node_name,
+                            owner="docker",
+                        )
+                    self.mounts[rec.volume] = Mounted(rec.device, rec.mountpoint, set(ids))
+                    self._remember(rec.volume)
+                    log.info("docker volume %s: mounted at %s", rec.volume, rec.mountpoint)
+                except (PxcError, EtcdUnavailable) as e:
+                    log.error("docker volume %s: cannot mount it again: %s", rec.volume, e)
 
 
 ENDPOINTS = {
@@ -285,9 +261,21 @@ async def start_plugin(
 ) -> web.AppRunner:
     """Serve the plugin on `socket_path`; the caller owns the returned runner (cleanup())."""
     plugin = VolumePlugin(Service(node_view.etcd, node_view.cluster), node_name, data_dir)
-    runner = web.AppRunner(build_plugin_app(plugin), access_log=None)
+    app = build_plugin_app(plugin)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def cancel(_: web.Application) -> None:
+        # Owned by the plugin's app: a node stopping mid-way does not leave it running.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    app.on_cleanup.append(cancel)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     _prepare_socket_path(socket_path)
     await web.UnixSite(runner, socket_path).start()
+    os.chmod(socket_path, 0o600)
     log.info("Docker volume plugin listening on %s", socket_path)
+    tasks.append(asyncio.create_task(plugin.reestablish(), name="docker-plugin-reestablish"))
     return runner
