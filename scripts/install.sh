@@ -13,6 +13,15 @@ command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+# The host layer (volume map/mount): nbdfuse is in libnbd-bin (above), nbd-client where the
+# kernel has NBD; filesystems and their checks; the registry scenario's application and client.
+command -v nbd-client >/dev/null || need+=(nbd-client)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v losetup >/dev/null || need+=(mount)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
 # The per-block checksum helper (replica/_blockcrc.c) is built by pip install.
 command -v gcc >/dev/null || need+=(gcc)
 # Headless Chromium and its WebDriver for the web console's browser tests (tests/console).
