@@ -9,6 +9,7 @@ up: install
 	bash scripts/demo.sh
 
 down:
+	-.venv/bin/pxcluster volume unmount demo --state-dir .pxc-dev/host 2>/dev/null
 	.venv/bin/pxcluster dev down
 
 lint: install

@@ -55,7 +55,9 @@ def state_dir(explicit: str = "") -> Path:
 
 class Registry:
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
+        # Absolute: the paths recorded under it are compared with what the kernel reports
+        # (a loop device's backing file), and the CLI runs from any working directory.
+        self.dir = Path(os.path.abspath(directory))
         self.file = directory / "devices.json"
 
     @contextlib.asynccontextmanager
