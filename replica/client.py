@@ -165,10 +165,8 @@ class _ClientConnection(FramedProtocol):
 
     def fail(self, reason: str, error: type[ReplicaUnavailable] = ReplicaUnavailable) -> None:
         """Drop the connection and fail every call waiting on it."""
-        self.closed = True
         self._fail_pending(reason, error)
-        if self.transport is not None:
-            self.transport.abort()
+        self.reset()
 
     def _fail_pending(
         self, reason: str, error: type[ReplicaUnavailable] = ReplicaUnavailable

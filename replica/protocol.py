@@ -22,7 +22,9 @@ costs a syscall and, on these VMs, often a cross-CPU wakeup of the peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
+import socket
 import struct
 from typing import Any, cast
 
@@ -31,6 +33,7 @@ import msgpack
 from replica.errors import ProtocolError
 
 PREFIX = struct.Struct("!II")
+_LINGER_NONE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST, drops the queue
 _TOTAL = struct.Struct("!I")
 MAX_PAYLOAD = 64 << 20
 MAX_HEADER = 16 << 20  # generations / dirty lists of a large volume travel in the header
@@ -446,9 +449,23 @@ class FramedProtocol(asyncio.BufferedProtocol):
 
     def framing_error(self, reason: str) -> None:
         """The stream cannot be re-synchronised: drop this connection only."""
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the connection at once, and everything it still had to send. A plain close
+        leaves the kernel an orphan socket that keeps retransmitting what was not yet
+        acknowledged: frames that would reach the peer seconds later, after a partition
+        heals, and be applied there as if they were new (a write landing after the rebuild
+        that had already copied a newer version of its chunk)."""
         self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+        transport.abort()
 
     # -- send path -------------------------------------------------------------------------
     def send_frame(self, header: Header, payload: bytes | memoryview | None = None) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 from replica import auth
 from replica.api import ReplicaAPI
-from replica.errors import AuthFailed, ProtocolError, ReplicaError
+from replica.errors import AuthFailed, ProtocolError, ReplicaError, StaleEpoch
 from replica.protocol import MAX_FRAME, FramedProtocol, Header, RxBuffer, check_request
 from replica.tls import HANDSHAKE_TIMEOUT, TlsConfigError, TlsFiles, server_context
 
@@ -192,6 +192,22 @@ async def _ping(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     return None, None
 
 
+# Ops that change a volume: once the volume is opened anew on another connection, a connection
+# that sent one may send no more for it (ReplicaServer.supersede).
+MUTATIONS = frozenset(
+    {
+        "write",
+        "writes",
+        "trim",
+        "write_chunk",
+        "mark_clean",
+        "snapshot_create",
+        "snapshot_delete",
+        "revert",
+        "delete",
+    }
+)
+
 HANDLERS: dict[str, Handler] = {
     "open": _open,
     "write": _write,
@@ -246,6 +262,8 @@ class _Connection(FramedProtocol):
         self._service = server.service
         self._inflight = 0
         self._held = 0
+        self.wrote: set[str] = set()  # volumes this connection changed (see supersede)
+        self.superseded: set[str] = set()  # volumes opened anew on another connection since
         # Until the client proves it holds the cluster key, only a small auth frame is read.
         self._nonce = auth.new_nonce()
         self._authenticated = False
@@ -332,6 +350,13 @@ class _Connection(FramedProtocol):
                 }
             )
             return
+        if op in MUTATIONS:
+            volume = header["volume"]
+            if volume in self.superseded:
+                msg = f"volume {volume!r} was opened anew on another connection"
+                self.send_frame({"id": rid, "ok": False, "code": StaleEpoch.code, "msg": msg})
+                return
+            self.wrote.add(volume)
         held: RxBuffer | None = None
         if len(payload):
             rx.refs += 1  # the buffer must not be reused until this request is done with it
@@ -374,6 +399,8 @@ class _Connection(FramedProtocol):
         size = len(payload)
         try:
             result, out = await handler(self._service, header, payload)
+            if handler is _open:
+                self._server.supersede(self, header["volume"])
             reply: Header = {"id": rid, "ok": True, "code": "", "msg": ""}
             if result:
                 reply.update(result)
@@ -440,6 +467,20 @@ class ReplicaServer:
             ssl=tls,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls is not None else None,
         )
+
+    def supersede(self, opener: _Connection, volume: str) -> None:
+        """An engine opened `volume` on `opener`: any other connection that changed it is from
+        an engine that is gone or a connection its client has dropped (one engine serves a
+        volume, over one connection per replica). A change of it still on its way over one
+        (retransmitted after a partition heals, say) must not land after the opener compared
+        and copied the volume's chunks: such connections may no longer change it. They keep
+        serving their other volumes (a node's engines share one connection per peer)."""
+        for c in self._conns:
+            if c is not opener and volume in c.wrote:
+                c.wrote.discard(volume)
+                c.superseded.add(volume)
+                peer = c.transport.get_extra_info("peername") if c.transport else None
+                log.warning("volume %s opened anew: %s may no longer change it", volume, peer)
 
     @property
     def port(self) -> int:

@@ -147,7 +147,10 @@ async def test_bad_input_on_the_wire(client: ReplicaClient, server: ReplicaProc)
     r, w = await _raw(server)
     w.write(struct.pack("!II", 0xFFFFFFF0, 8) + b"\0" * 64)
     await w.drain()
-    assert await asyncio.wait_for(r.read(), 5) == b""
+    try:  # dropped with a reset: nothing more of that stream is sent or read
+        assert await asyncio.wait_for(r.read(), 5) == b""
+    except ConnectionResetError:
+        pass
     w.close()
     other = ReplicaClient(server.host, server.port, key=TEST_KEY)
     assert await other.read("v", 1, 0, 0, 4096) == b"keep" * 1024

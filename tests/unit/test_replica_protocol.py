@@ -511,6 +511,64 @@ async def test_a_writes_frame_whose_lengths_do_not_match_its_payload_is_refused(
         await server.close()
 
 
+async def test_a_volume_opened_anew_takes_no_more_changes_over_older_connections() -> None:
+    """A write still on its way over a connection its client dropped (a retransmission after
+    a partition heals) must not land after the rebuild that opened the volume anew."""
+    svc = MemoryReplica()
+    await svc.open("v", 1, 10 << 20, 1 << 20)
+    await svc.open("w", 1, 10 << 20, 1 << 20)
+    server = ReplicaServer(svc, TEST_KEY)
+    await server.start("127.0.0.1", 0)
+
+    async def call(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, header: Header, payload: bytes = b""
+    ) -> dict[str, Any]:
+        w.write(wire(header, payload))
+        total, hlen = struct.unpack("!II", await r.readexactly(8))
+        return dict(msgpack.unpackb((await r.readexactly(total - 4))[:hlen]))
+
+    def write(rid: int, volume: str, seq: int) -> Header:
+        return {
+            "id": rid,
+            "op": "write",
+            "volume": volume,
+            "epoch": 1,
+            "chunk": 0,
+            "offset": 0,
+            "seq": seq,
+            "durable": False,
+        }
+
+    try:
+        old_r, old_w = await raw_connect("127.0.0.1", server.port)
+        assert (await call(old_r, old_w, write(1, "v", 1), b"a" * 8))["ok"] is True
+        new_r, new_w = await raw_connect("127.0.0.1", server.port)
+        opened = await call(
+            new_r,
+            new_w,
+            {
+                "id": 2,
+                "op": "open",
+                "volume": "v",
+                "epoch": 1,
+                "size": 10 << 20,
+                "chunk_size": 1 << 20,
+                "sync_writes": False,
+            },
+        )
+        assert opened["ok"] is True
+        late = await call(old_r, old_w, write(3, "v", 2), b"b" * 8)
+        assert late["ok"] is False and late["code"] == "STALE_EPOCH", late
+        assert svc.vols["v"]["chunks"][0][:8] == b"a" * 8  # the late write did not land
+        # The older connection still serves the volumes nobody opened anew.
+        assert (await call(old_r, old_w, write(4, "w", 3), b"c" * 8))["ok"] is True
+        assert (await call(new_r, new_w, write(5, "v", 4), b"d" * 8))["ok"] is True
+        old_w.close()
+        new_w.close()
+    finally:
+        await server.close()
+
+
 async def test_pipelined_out_of_order_and_inflight_bound() -> None:
     svc = MemoryReplica()
     server, c = await _pair(svc)
