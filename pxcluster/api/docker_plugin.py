@@ -30,8 +30,8 @@ from pxcluster import inputs
 from pxcluster.api.app import NodeView
 from pxcluster.api.body import MAX_BODY, parse_json
 from pxcluster.errors import DuplicateName, InvalidArgument, PxcError
-from pxcluster.paths import inside
-from pxcluster.service import Service
+from pxcluster.node.paths import inside
+from pxcluster.service.core import Service
 from pxcluster.units import parse_size
 
 log = logging.getLogger(__name__)

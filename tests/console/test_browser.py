@@ -201,8 +201,10 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     wait_until("the drill to start", lambda: "failover drill of web-vol to n2" in text(d))
     wait_until(
         "the drill's phase times",
-        lambda: "drill" in text(d, "failover-timeline")
-        and "in progress" not in text(d, "failover-timeline"),
+        lambda: (
+            "drill" in text(d, "failover-timeline")
+            and "in progress" not in text(d, "failover-timeline")
+        ),
     )
     assert c.inspect("web-vol")["attached_node"] == "n2"
     shot(d, "volume-after-drill")

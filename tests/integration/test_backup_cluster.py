@@ -15,7 +15,7 @@ import pytest
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
 from tests.harness.s3 import SeaweedS3, weed_binary
-from tests.harness.volume_io import nbd_sha, nbd_write
+from tests.harness.volume_bytes import nbd_sha, nbd_write
 
 MiB = 1 << 20
 BUCKET = "pxc-cluster-backups"

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from tests.harness.cluster import Cluster
-from tests.harness.volume_io import nbd_bytes, nbd_write
+from tests.harness.volume_bytes import nbd_bytes, nbd_write
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.cluster import Cluster
-from tests.harness.volume_io import nbd_sha, nbd_write
+from tests.harness.volume_bytes import nbd_sha, nbd_write
 
 MARK_A = b"SCRUB-TEST-HEAD-"
 MARK_B = b"SCRUB-TEST-SNAP-"

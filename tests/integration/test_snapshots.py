@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pxcluster.nbdclient import NbdClient
+from pxcluster.nbd.client import NbdClient
 from replica.client import ReplicaClient
 from tests.harness.cluster import Cluster
 

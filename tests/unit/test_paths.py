@@ -11,7 +11,7 @@ import pytest
 
 from membership.etcd import EtcdConfigError, EtcdSettings
 from pxcluster.errors import InvalidArgument
-from pxcluster.paths import check_data_dir, check_disks, check_file_name, inside
+from pxcluster.node.paths import check_data_dir, check_disks, check_file_name, inside
 from replica.tls import TlsConfigError, TlsFiles
 
 
