@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """I/O limits, checked from outside: fio against a volume with an IOPS limit and against one
-with a bandwidth limit must stay within 10% of the limit (issue 10). A benchmark, not a test:
+with a bandwidth limit must stay within 10% of the limit. A benchmark, not a test:
 its verdict depends on the machine having the headroom to exceed the limit in the first place,
 so it also runs each workload unlimited and reports that rate.
 

@@ -1,4 +1,4 @@
-"""Control-plane scale, by simulation (issue 8): many node agents against one real etcd.
+"""Control-plane scale, by simulation: many node agents against one real etcd.
 
 Runs `--nodes` simulated storage nodes (bench/scale_node.py: the real membership, lease,
 election, controllers and node agent; only the volume engine and NBD are replaced, and there
@@ -54,8 +54,8 @@ from membership.etcd import Etcd
 from membership.keys import Keys
 from membership.records import Attachment, NodeRecord
 from pxcluster.controllers.runner import leader_controllers, run_pass
-from pxcluster.node import ensure_cluster
-from pxcluster.service import Service
+from pxcluster.node.daemon import ensure_cluster
+from pxcluster.service.core import Service
 from tests.harness.etcd import CountingEtcd, free_port, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,9 +1,9 @@
 """A worker process of `bench/scale.py`: many simulated storage nodes as asyncio tasks.
 
-Each simulated node runs the real control plane of `pxcluster.node.Node`: its own etcd client
+Each simulated node runs the real control plane of `pxcluster.node.daemon.Node`: its own etcd client
 (`membership.etcd.Etcd`), a `LeaseKeeper` with `alive/<id>` bound to the lease, an `Election`,
 a `ControllerRunner` with the leader's four controllers, the node-record refresh, and the real
-`pxcluster.agent.NodeAgent`. Only the data path is replaced: `SimEngine` stands in for
+`pxcluster.node.agent.NodeAgent`. Only the data path is replaced: `SimEngine` stands in for
 `VolumeEngine` (no replica connections, no NBD server), and the node has no disks.
 
 Two agents:
@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import pxcluster.agent
+import pxcluster.node.agent
 from membership.election import Election
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import Attachment, AttachTarget, DiskRecord, NodeRecord
-from pxcluster.agent import NodeAgent, Peers
 from pxcluster.controllers.drain import DrainController
 from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
@@ -46,8 +45,9 @@ from pxcluster.engine.errors import Fenced, NoInSyncReplica
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import OpenReport, VolumeSpec
 from pxcluster.nbd.export import Export, ExportRegistry
-from pxcluster.node import boot_id
-from pxcluster.service import Service
+from pxcluster.node.agent import NodeAgent, Peers
+from pxcluster.node.daemon import boot_id
+from pxcluster.service.core import Service
 from replica.api import ReplicaAPI
 
 log = logging.getLogger("scale")
@@ -150,7 +150,7 @@ class SimEngine:
 
 
 # The agent builds its engines from this module global: the only change to the real agent.
-pxcluster.agent.VolumeEngine = SimEngine  # type: ignore[misc, assignment, attr-defined]
+pxcluster.node.agent.VolumeEngine = SimEngine  # type: ignore[misc, assignment, attr-defined]
 
 
 class SimPeers(Peers):

@@ -1,4 +1,4 @@
-"""First-write-after-snapshot cost (issue 10: aim for under 2x a normal write), two levels.
+"""First-write-after-snapshot cost (aim: under 2x a normal write), two levels.
 
 (a) Chunk store, in process: replica.chunkstore.ChunkStore over a sparse file (OSFile) under
     /var/tmp, no network. Per-write latency (mean, p99) of
@@ -15,7 +15,7 @@
     of first writes), then writes one block into each chunk.
 (b) Cluster: etcd + 3 node processes (tests.harness, as bench/failover_bench.py), one repl-3
     volume written full (fio), then:
-      - per-write latency through NBD (pxcluster.nbdclient, QD1, 4 KiB, one write per chunk,
+      - per-write latency through NBD (pxcluster.nbd.client, QD1, 4 KiB, one write per chunk,
         random block): chunks in the dirty log, idle chunks, first write after a snapshot,
         the same offsets again;
       - fio 4 KiB random writes QD1 for N seconds: before any snapshot, right after a
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fiorun import load, precondition  # noqa: E402
-from pxcluster.nbdclient import NbdClient  # noqa: E402
+from pxcluster.nbd.client import NbdClient  # noqa: E402
 from replica.chunkstore import ChunkStore  # noqa: E402
 from replica.fileio import OSFile  # noqa: E402
 from tests.harness.cluster import Cluster  # noqa: E402

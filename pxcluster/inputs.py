@@ -1,6 +1,6 @@
 """What operators and API clients may hand us: names, ports, addresses and numeric limits.
 
-The one place these bounds live; the CLI (pxcluster.cli_types) and the REST API
+The one place these bounds live; the CLI (pxcluster.cli.params) and the REST API
 (pxcluster.api.body) both check against them, so a value refused by one is refused by the
 other, with the same words. Each check returns the value or raises InvalidArgument naming it.
 """
@@ -20,7 +20,7 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Snapshot names also take upper case, '.' and '_' (scheduled ones are auto-<UTC time>).
 _SNAPSHOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
-MAX_VOLUME_SIZE = 1 << 50  # bytes (pxcluster.service refuses larger volumes too)
+MAX_VOLUME_SIZE = 1 << 50  # bytes (pxcluster.service.core refuses larger volumes too)
 MAX_IOPS = 10**9  # ops/s per volume: far above any device, far below a float's range
 MAX_BANDWIDTH = 1 << 50  # bytes/s per volume or per rebuild
 PORT_RANGE = (1, 65535)

@@ -17,8 +17,8 @@ from pxcluster.api import middleware, openapi
 from pxcluster.api.access import Tokens
 from pxcluster.api.body import MAX_BODY
 from pxcluster.api.routes import SERVICE, routes
-from pxcluster.metrics import Metrics
-from pxcluster.service import Service
+from pxcluster.node.metrics import Metrics
+from pxcluster.service.core import Service
 
 
 class NodeView(Protocol):

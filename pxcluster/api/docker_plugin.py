@@ -35,8 +35,8 @@ from pxcluster.host.fs import mounted_at
 from pxcluster.host.lifecycle import Host, crash_teardown
 from pxcluster.host.mapper import state_of
 from pxcluster.host.registry import Registry
-from pxcluster.paths import inside
-from pxcluster.service import Service
+from pxcluster.node.paths import inside
+from pxcluster.service.core import Service
 from pxcluster.units import parse_size
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from pxcluster.errors import (
     UnknownVolume,
     VolumeBusy,
 )
-from pxcluster.snapshots import SnapshotFailed, UnknownSnapshot
+from pxcluster.service.snapshots import SnapshotFailed, UnknownSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The /v1 routes: each handler checks its input, calls pxcluster.service (the layer the CLI
+"""The /v1 routes: each handler checks its input, calls pxcluster.service.core (the layer the CLI
 uses too) and answers with the JSON the CLI prints with --json."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from typing import Any
 from aiohttp import web
 
 from membership.records import DrainOp, NodeRecord
-from pxcluster import drain, inputs, snapshots, volume_io
+from pxcluster import inputs
 from pxcluster.api.body import Body
 from pxcluster.errors import InvalidArgument, UnknownNode
-from pxcluster.service import Service
+from pxcluster.service import drain, snapshots, transfer
+from pxcluster.service.core import Service
 
 SERVICE = web.AppKey("service", Service)
 MAX_WAIT = 600.0
@@ -256,9 +257,9 @@ async def volume_clone(request: web.Request) -> web.Response:
     snap, new = body.snapshot_name("snapshot"), body.volume_name("name")
     repl = body.optional_integer("repl", low=0, high=MAX_REPL)
     if repl is not None and repl < 1:
-        # volume_io.clone takes a falsy repl as "the source's": say so rather than guess.
+        # transfer.clone takes a falsy repl as "the source's": say so rather than guess.
         raise InvalidArgument(f"invalid repl {repl}: must be 1, 2 or 3 (omit it: the source's)")
-    return _ok(await volume_io.clone(svc, name, snap, new, repl), status=201)
+    return _ok(await transfer.clone(svc, name, snap, new, repl), status=201)
 
 
 @routes.post("/v1/volumes/{name}/scrub")

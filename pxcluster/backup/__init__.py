@@ -6,9 +6,9 @@ what a restore writes) in `volumeio`. docs/BACKUPS.md describes it for operators
 
 from pxcluster.backup.catalog import DeleteResult, delete_backup, inspect_backup, list_backups
 from pxcluster.backup.engine import BackupResult, create_backup
+from pxcluster.backup.ports import BackupHooks, RestoreSink, SnapshotSource
 from pxcluster.backup.restore import RestoreResult, VerifyReport, restore_backup, verify_backup
 from pxcluster.backup.target import Target, parse_target
-from pxcluster.backup.volumeio import BackupHooks, RestoreSink, SnapshotSource
 
 __all__ = [
     "BackupHooks",

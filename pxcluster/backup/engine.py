@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 from pxcluster.backup import format as fmt
 from pxcluster.backup import markers
 from pxcluster.backup.errors import BackupError, BackupNotFound, BadManifest, NotFound
+from pxcluster.backup.ports import SnapshotSource
 from pxcluster.backup.target import Target
-from pxcluster.backup.volumeio import SnapshotSource
 
 log = logging.getLogger(__name__)
 

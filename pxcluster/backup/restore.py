@@ -29,8 +29,8 @@ from pxcluster.backup.errors import (
     BlockProblem,
     NotFound,
 )
+from pxcluster.backup.ports import RestoreSink
 from pxcluster.backup.target import Target
-from pxcluster.backup.volumeio import RestoreSink
 
 
 async def fetch_block(

@@ -17,7 +17,7 @@ from pxcluster.console.context import CONSOLE, Console
 from pxcluster.console.gate import Gate
 from pxcluster.console.latency import LatencyHistory
 from pxcluster.console.live import Hub
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 if TYPE_CHECKING:
     from pxcluster.api.app import NodeView

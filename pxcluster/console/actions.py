@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from membership.etcd import EtcdUnavailable
-from pxcluster import drain, inputs, snapshots, volume_io
+from pxcluster import inputs
 from pxcluster.api.body import Body
 from pxcluster.api.routes import MAX_REPL
 from pxcluster.console.context import CONSOLE
@@ -20,7 +20,8 @@ from pxcluster.console.gate import CSRF_FIELD
 from pxcluster.console.render import redirect
 from pxcluster.console.views import failed
 from pxcluster.errors import InvalidArgument, PxcError
-from pxcluster.service import Service
+from pxcluster.service import drain, snapshots, transfer
+from pxcluster.service.core import Service
 
 routes = web.RouteTableDef()
 
@@ -239,5 +240,5 @@ async def volume_clone(request: web.Request, svc: Service) -> tuple[str, str]:
     repl = body.optional_integer("repl", low=0, high=MAX_REPL)
     if repl is not None and repl < 1:
         raise InvalidArgument(f"invalid repl {repl}: must be 1, 2 or 3 (omit it: the source's)")
-    await volume_io.clone(svc, name, snap, new, repl)
+    await transfer.clone(svc, name, snap, new, repl)
     return f"/volumes/{new}", f"volume {new} cloned from {name}@{snap}"

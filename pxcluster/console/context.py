@@ -11,7 +11,7 @@ from aiohttp import web
 from pxcluster.console.gate import Gate
 from pxcluster.console.latency import LatencyHistory
 from pxcluster.console.live import Hub
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 if TYPE_CHECKING:
     from pxcluster.api.app import NodeView

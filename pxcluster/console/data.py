@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pxcluster import drain
-from pxcluster.service import Service
+from pxcluster.service import drain
+from pxcluster.service.core import Service
 
 HEALTHS = ("healthy", "degraded", "rebuilding", "detached", "failed")
 SORT_KEYS = ("name", "size", "repl", "state", "health", "node", "epoch", "iops", "bw")

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pxcluster.metrics import LATENCY_OPS, Metrics
+from pxcluster.node.metrics import LATENCY_OPS, Metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,13 @@ from typing import Any
 from aiohttp import web
 
 from membership.etcd import EtcdUnavailable
-from pxcluster import drain, inputs, snapshots
+from pxcluster import inputs
 from pxcluster.api.middleware import status_for
 from pxcluster.console import data, latency
 from pxcluster.console.context import CONSOLE, Console
 from pxcluster.console.render import page, redirect
 from pxcluster.errors import PxcError
+from pxcluster.service import drain, snapshots
 
 routes = web.RouteTableDef()
 

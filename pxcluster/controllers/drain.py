@@ -19,8 +19,8 @@ from membership.records import (
 )
 from pxcluster.controllers.view import PassView, guard_volume
 from pxcluster.errors import PlacementError
-from pxcluster.placement import Candidate, pick_attach_node, place
-from pxcluster.service import Service, VolumeView
+from pxcluster.policy.placement import Candidate, pick_attach_node, place
+from pxcluster.service.core import Service, VolumeView
 
 log = logging.getLogger(__name__)
 

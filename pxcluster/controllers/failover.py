@@ -10,8 +10,8 @@ from collections.abc import Awaitable
 
 from membership.records import AttachTarget, FailoverRecord, NodeRecord
 from pxcluster.controllers.view import PassView
-from pxcluster.placement import pick_attach_node
-from pxcluster.service import Service, VolumeView
+from pxcluster.policy.placement import pick_attach_node
+from pxcluster.service.core import Service, VolumeView
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import time
 from membership.records import AttachTarget, NodeRecord, ReplicaState, VolumeRecord
 from pxcluster.controllers.view import PassView, guard_volume
 from pxcluster.errors import PlacementError
-from pxcluster.placement import Candidate, pick_attach_node, place
-from pxcluster.service import Service, VolumeView
+from pxcluster.policy.placement import Candidate, pick_attach_node, place
+from pxcluster.service.core import Service, VolumeView
 
 log = logging.getLogger(__name__)
 

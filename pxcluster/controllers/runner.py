@@ -18,7 +18,7 @@ from pxcluster.controllers.failover import FailoverController
 from pxcluster.controllers.repair import RepairController
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.controllers.view import PassView
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from membership.records import ScheduleState
-from pxcluster import snapshots
+from pxcluster.backup.catalog import delete_backup, list_backups
+from pxcluster.backup.engine import create_backup
+from pxcluster.backup.target import parse_target
 from pxcluster.controllers.view import PassView
 from pxcluster.errors import PxcError
-from pxcluster.schedule import AUTO_PREFIX, parse_schedule
-from pxcluster.service import Service, VolumeView
+from pxcluster.policy.schedule import AUTO_PREFIX, parse_schedule
+from pxcluster.service import snapshots, transfer
+from pxcluster.service.core import Service, VolumeView
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +103,13 @@ class ScheduleController:
             log.info("volume %s: scheduled snapshot %s pruned", name, old.name)
 
     async def _take_backup(self, view: VolumeView) -> None:
-        from pxcluster.backup.catalog import delete_backup, list_backups
-        from pxcluster.backup.engine import create_backup
-        from pxcluster.backup.target import parse_target
 
         svc = self.service
         rec = view.record
         sched = parse_schedule(rec.backup_schedule)
         try:
             async with parse_target(rec.backup_target) as target:
-                async with svc.backup_source(rec.name, None) as source:
+                async with transfer.backup_source(svc, rec.name, None) as source:
                     result = await create_backup(target, source)
                 log.info("volume %s: scheduled backup %s done", rec.name, result.id)
                 await self._record(

@@ -21,7 +21,7 @@ import time
 
 from membership.etcd import Txn
 from membership.records import NodeRecord, ReplicaState, VolumeRecord
-from pxcluster.service import Service, VolumeView
+from pxcluster.service.core import Service, VolumeView
 
 
 class PassView:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from membership.records import AttachTarget, NodeRecord
 from pxcluster.errors import InvalidArgument, NodeBusy, VolumeBusy
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 ATTACH_TIMEOUT = 60.0
 NODE_ENV = "PXC_NODE"

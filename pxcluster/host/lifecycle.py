@@ -14,7 +14,7 @@ from pxcluster.host.cluster import attach_here, local_node, release
 from pxcluster.host.errors import DeviceInUse, NotMapped, PathBusy
 from pxcluster.host.proc import run
 from pxcluster.host.registry import DeviceRecord, Registry
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 
 @dataclass

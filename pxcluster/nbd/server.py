@@ -777,7 +777,7 @@ class NbdServer:
         if max_inflight < 1 or max_request < 1:
             raise ValueError("max_inflight and max_request must be positive")
         self.registry = registry
-        # Per-volume latency histograms (pxcluster.metrics.Metrics.nbd_latency), or None.
+        # Per-volume latency histograms (pxcluster.node.metrics.Metrics.nbd_latency), or None.
         self.latency = latency
         self.max_inflight = max_inflight
         self.max_request = max_request

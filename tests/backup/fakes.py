@@ -1,7 +1,7 @@
 """In-memory volumes for the backup library tests: a SnapshotSource and a RestoreSink.
 
 The real ones read a snapshot through the replicas and write a new volume through its engine
-(pxcluster.service); these keep the bytes in memory so the tests can count exactly what a
+(pxcluster.service.core); these keep the bytes in memory so the tests can count exactly what a
 backup reads and compare what a restore wrote.
 """
 

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from pxcluster import output
 from pxcluster.backup import format as fmt
 from pxcluster.backup.target import parse_target
-from pxcluster.cli_backup import backup
+from pxcluster.cli import backup as backup_commands
+from pxcluster.cli import output
+from pxcluster.cli.backup import backup
 from pxcluster.errors import PxcError, UnknownVolume
 from tests.backup.fakes import MemSink, MemSnapshot, MemVolume, MiB
 
@@ -67,7 +68,7 @@ class FakeService:
 
 @pytest.fixture
 def svc(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeService]:
-    from pxcluster import cli
+    from pxcluster.cli import context
 
     fake = FakeService()
 
@@ -80,7 +81,8 @@ def svc(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeService]:
 
         return wrapper
 
-    monkeypatch.setattr(cli, "with_service", with_fake_service)
+    monkeypatch.setattr(context, "with_service", with_fake_service)
+    monkeypatch.setattr(backup_commands, "hooks", lambda svc: svc)
     yield fake
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pxcluster import stamp
+from pxcluster.tools import stamp
 from replica import ondisk
 from tests.chaos import netns
 from tests.chaos.netns import NetnsCluster

@@ -1,4 +1,4 @@
-"""More of issue 7's scenarios: long cuts under heavy writes, etcd lost in the middle of a
+"""More fault scenarios: long cuts under heavy writes, etcd lost in the middle of a
 failover, a 3-member etcd losing its leader, a slow (rate-limited) replica, and a bit flip in a
 replica's journal. Each runs the stamped workload, the history checker and the chunk-by-chunk
 replica comparison (see test_chaos.py), and prints its `CHAOS name: ...` line.

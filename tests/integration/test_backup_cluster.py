@@ -1,4 +1,4 @@
-"""Issue 10: backups of a real cluster's volumes to a directory and to a real S3 server
+"""Backups of a real cluster's volumes to a directory and to a real S3 server
 (SeaweedFS), incremental twice over, restored here and into a second cluster."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
 from tests.harness.s3 import SeaweedS3, weed_binary
-from tests.harness.volume_io import nbd_sha, nbd_write
+from tests.harness.volume_bytes import nbd_sha, nbd_write
 
 MiB = 1 << 20
 BUCKET = "pxc-cluster-backups"

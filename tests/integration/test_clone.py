@@ -1,4 +1,4 @@
-"""Issue 10: a clone is usable at once (reads of chunks not yet copied come from the source
+"""A clone is usable at once (reads of chunks not yet copied come from the source
 snapshot), writes during the copy win over it, and the copy resumes after its engine dies."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import random
 import pytest
 
 from tests.harness.cluster import Cluster
-from tests.harness.volume_io import nbd_bytes, nbd_write
+from tests.harness.volume_bytes import nbd_bytes, nbd_write
 
 MiB = 1 << 20
 

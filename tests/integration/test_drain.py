@@ -1,4 +1,4 @@
-"""Issue 6: node drain, cordon and decommission, on real processes."""
+"""Node drain, cordon and decommission, on real processes."""
 
 from __future__ import annotations
 

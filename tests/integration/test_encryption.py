@@ -1,4 +1,4 @@
-"""Issue 9 (part): encryption at rest. Replicas, and so disks and rebuild traffic, hold only
+"""encryption at rest. Replicas, and so disks and rebuild traffic, hold only
 ciphertext; the engine on any attach node decrypts."""
 
 from __future__ import annotations

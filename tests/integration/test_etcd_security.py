@@ -1,4 +1,4 @@
-"""Issue 9: etcd client TLS (with client certificates) and etcd users, against a real etcd."""
+"""Etcd client TLS (with client certificates) and etcd users, against a real etcd."""
 
 from __future__ import annotations
 

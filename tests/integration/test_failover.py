@@ -1,4 +1,4 @@
-"""Issue 5: failover (automatic and by hand) and incremental rebuild, with real processes."""
+"""Failover (automatic and by hand) and incremental rebuild, with real processes."""
 
 from __future__ import annotations
 

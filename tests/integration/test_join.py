@@ -1,4 +1,4 @@
-"""Issue 3: membership through a real etcd, node processes joining, identity, refusals."""
+"""Membership through a real etcd, node processes joining, identity, refusals."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 9: per-volume NBD latency histograms in /metrics."""
+"""Per-volume NBD latency histograms in /metrics."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import urllib.request
 
 import pytest
 
-from pxcluster.metrics import Metrics
+from pxcluster.nbd.client import NbdClient
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.memory import MemoryExport
 from pxcluster.nbd.server import NbdServer
-from pxcluster.nbdclient import NbdClient
+from pxcluster.node.metrics import Metrics
 from tests.harness.cluster import Cluster
 
 

@@ -1,4 +1,4 @@
-"""Issue 5, rebuild: interrupted rebuilds resume, lost replicas are replaced, acked-then-crashed
+"""Rebuild: interrupted rebuilds resume, lost replicas are replaced, acked-then-crashed
 writes read the same everywhere."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 9: TLS with client certificates on the replica port."""
+"""TLS with client certificates on the replica port."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 10 (part): online resize (grow only) and per-volume I/O limits."""
+"""online resize (grow only) and per-volume I/O limits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`bench/scale.py --quick` (issue 8): 20 simulated nodes and 100 volumes against a real etcd,
+"""`bench/scale.py --quick`: 20 simulated nodes and 100 volumes against a real etcd,
 4 of the nodes stopped at once; its JSON must show the load measured and every volume of the
 stopped nodes served again elsewhere, never on two nodes at once."""
 

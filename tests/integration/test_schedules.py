@@ -1,4 +1,4 @@
-"""Issue 10: snapshot and backup schedules, run by the leader, resumed by a new leader."""
+"""Snapshot and backup schedules, run by the leader, resumed by a new leader."""
 
 from __future__ import annotations
 

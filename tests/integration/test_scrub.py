@@ -1,4 +1,4 @@
-"""Issue 7: `volume scrub` finds a corrupt chunk copy by checksum and repairs it from a good
+"""`volume scrub` finds a corrupt chunk copy by checksum and repairs it from a good
 one, in the head and in a snapshot; a corrupt copy is never served to a client."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.cluster import Cluster
-from tests.harness.volume_io import nbd_sha, nbd_write
+from tests.harness.volume_bytes import nbd_sha, nbd_write
 
 MARK_A = b"SCRUB-TEST-HEAD-"
 MARK_B = b"SCRUB-TEST-SNAP-"

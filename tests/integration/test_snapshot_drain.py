@@ -1,4 +1,4 @@
-"""Issue 10: snapshots survive a drain (the moved replica carries both layers, the drained
+"""Snapshots survive a drain (the moved replica carries both layers, the drained
 node keeps none), and snapshotting a detached volume leaves it detached. Real etcd, real
 node processes, real NBD clients; snapshot data read straight off each replica."""
 

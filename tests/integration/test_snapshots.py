@@ -1,4 +1,4 @@
-"""Issue 10: snapshots (online, crash-consistent, the same on every replica), clone, revert,
+"""Snapshots (online, crash-consistent, the same on every replica), clone, revert,
 delete, and snapshots carried through failover and rebuild. Real etcd, real nodes, real NBD."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pxcluster.nbdclient import NbdClient
+from pxcluster.nbd.client import NbdClient
 from replica.client import ReplicaClient
 from tests.harness.cluster import Cluster
 

@@ -1,4 +1,4 @@
-"""Issue 7: `pxcluster verify` writes stamped blocks over its own NBD client, follows the
+"""`pxcluster verify` writes stamped blocks over its own NBD client, follows the
 volume when it moves, and checks every block."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4: replicated volumes served over NBD, driven by real NBD clients."""
+"""Replicated volumes served over NBD, driven by real NBD clients."""
 
 from __future__ import annotations
 

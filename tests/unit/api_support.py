@@ -17,9 +17,9 @@ from membership.etcd import Etcd
 from membership.keys import Keys
 from membership.records import NodeRecord, RevertRecord, ScrubRecord, SnapshotRecord
 from pxcluster.api.app import ApiConfig, build_app
-from pxcluster.metrics import Metrics
-from pxcluster.node import ensure_replica_key
-from pxcluster.service import Service
+from pxcluster.node.daemon import ensure_replica_key
+from pxcluster.node.metrics import Metrics
+from pxcluster.service.core import Service
 from tests.harness.etcd import EtcdServer
 
 CLUSTER = "apitest"
@@ -109,9 +109,10 @@ async def api_auth(etcd: EtcdServer) -> AsyncIterator[Api]:
 
 @dataclass
 class FakeEngine:
-    """What the engine serving a volume does with the requests pxcluster.snapshots records in
-    etcd: snapshots `creating` become `ready` (or `failed` if named in `fail`), `deleting`
-    ones go, a pending revert is done (or failed), a pending scrub finishes with `report`."""
+    """What the engine serving a volume does with the requests that
+    pxcluster.service.snapshots records in etcd: snapshots `creating` become `ready` (or
+    `failed` if named in `fail`), `deleting` ones go, a pending revert is done (or failed), a
+    pending scrub finishes with `report`."""
 
     etcd: Etcd
     cluster: str = CLUSTER
@@ -190,7 +191,7 @@ async def fake_engine(a: Api, **kwargs: Any) -> AsyncIterator[FakeEngine]:
 
 @dataclass
 class FakeSnapshotReader:
-    """Stands in for pxcluster.volume_io.SnapshotReader (no replica servers here)."""
+    """Stands in for pxcluster.service.transfer.SnapshotReader (no replica servers here)."""
 
     chunks: int
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pxcluster import logs
+from pxcluster.node import logs
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from membership.etcd import Etcd
 from pxcluster.api.app import ApiConfig, build_app
-from pxcluster.metrics import Metrics
+from pxcluster.node.metrics import Metrics
 from tests.unit.api_support import Api, FakeNode, api
 
 __all__ = ["api"]

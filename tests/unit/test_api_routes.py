@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from membership.records import HydrationRecord
-from pxcluster import volume_io
 from pxcluster.api import middleware
-from pxcluster.service import Service
+from pxcluster.service import transfer
+from pxcluster.service.core import Service
 from tests.harness.etcd import EtcdServer
 from tests.unit.api_support import (
     CLUSTER,
@@ -315,7 +315,7 @@ async def test_snapshot_create_list_revert_delete(api: Api) -> None:
 async def test_snapshot_create_without_an_engine_times_out_504(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pxcluster import snapshots
+    from pxcluster.service import snapshots
 
     real = snapshots.create
 
@@ -334,7 +334,7 @@ async def test_clone(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     async def reader(svc: Service, volume: str, snapshot: str) -> AsyncIterator[Any]:
         yield FakeSnapshotReader(8)
 
-    monkeypatch.setattr(volume_io, "open_reader", reader)
+    monkeypatch.setattr(transfer, "open_reader", reader)
     await three_nodes(api)
     await api.call("POST", "/v1/volumes", {"name": "src", "size": "32M", "repl": 2})
     async with fake_engine(api):

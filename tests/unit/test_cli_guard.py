@@ -7,7 +7,7 @@ import click
 import pytest
 
 from pxcluster import cli
-from pxcluster.cli_types import Int
+from pxcluster.cli.params import Int
 
 
 def group() -> click.Group:

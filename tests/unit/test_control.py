@@ -7,7 +7,7 @@ import pytest
 from membership.keys import Keys
 from membership.records import NodeRecord, VolumeRecord
 from pxcluster.errors import InvalidArgument, PlacementError
-from pxcluster.placement import Candidate, place
+from pxcluster.policy.placement import Candidate, place
 from pxcluster.units import format_size, parse_size
 
 

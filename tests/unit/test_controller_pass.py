@@ -18,7 +18,7 @@ from pxcluster.controllers.repair import RepairController
 from pxcluster.controllers.runner import Controller, leader_controllers, run_pass
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.controllers.view import PassView
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 from tests.harness.etcd import CountingEtcd, EtcdServer
 
 NODES = ("n1", "n2", "n3", "n4")

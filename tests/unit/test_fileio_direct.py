@@ -1,4 +1,4 @@
-"""Whole-chunk writes off the event loop (issue 5): O_DIRECT landing of exactly the bytes given,
+"""Whole-chunk writes off the event loop: O_DIRECT landing of exactly the bytes given,
 ranges held while a job runs, and the chunk store's write_chunk over a real file (page cache
 coherency, crash-style reopen, a failed landing)."""
 

@@ -10,7 +10,7 @@ from membership.records import NodeRecord
 from pxcluster.nbd import ExportRegistry, MemoryExport, NbdServer
 from pxcluster.nbd import protocol as p
 from pxcluster.nbd.handshake import Negotiation, Next
-from pxcluster.service import nbd_uri
+from pxcluster.service.core import nbd_uri
 
 
 def node(address: str, **kw: str) -> NodeRecord:

@@ -1,4 +1,4 @@
-"""pxcluster.nbdclient against our own NBD server with in-memory exports."""
+"""pxcluster.nbd.client against our own NBD server with in-memory exports."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import errno
 
 import pytest
 
-from pxcluster import stamp
 from pxcluster.nbd import ExportRegistry, MemoryExport, NbdServer
-from pxcluster.nbdclient import NbdClient, NbdCommandError, NbdError, parse_uri
+from pxcluster.nbd.client import NbdClient, NbdCommandError, NbdError, parse_uri
+from pxcluster.tools import stamp
 
 SIZE = 1 << 20
 

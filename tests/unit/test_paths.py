@@ -1,4 +1,4 @@
-"""Issue 9: every path a node takes or builds is checked (pxcluster/paths.py), and TLS options."""
+"""Every path a node takes or builds is checked (pxcluster/node/paths.py), and TLS options."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from membership.etcd import EtcdConfigError, EtcdSettings
 from pxcluster.errors import InvalidArgument
-from pxcluster.paths import check_data_dir, check_disks, check_file_name, inside
+from pxcluster.node.paths import check_data_dir, check_disks, check_file_name, inside
 from replica.tls import TlsConfigError, TlsFiles
 
 

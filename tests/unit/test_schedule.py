@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pxcluster.errors import InvalidArgument
-from pxcluster.schedule import Schedule, parse_schedule
+from pxcluster.policy.schedule import Schedule, parse_schedule
 
 
 def test_parse_forms() -> None:

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from pxcluster import stamp
+from pxcluster.tools import stamp
 from tests.harness.stamps import CLIENT
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pxcluster import stamp
-from pxcluster.verify import History, Result, check
+from pxcluster.tools import stamp
+from pxcluster.tools.verify import History, Result, check
 
 ZERO = bytes(stamp.BLOCK)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 from membership.records import DrainOp, NodeRecord
-from pxcluster.drainplan import DrainPlan, plan_drain
 from pxcluster.errors import NodeBusy, PlacementError
-from pxcluster.service import Service
+from pxcluster.policy.drain_plan import DrainPlan, plan_drain
+from pxcluster.service.core import Service
 
 
 async def make_plan(svc: Service, name: str) -> tuple[NodeRecord, DrainPlan]:

@@ -39,9 +39,9 @@ from pxcluster.engine.scrub import scrub
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
 from pxcluster.errors import PxcError, UnknownVolume
-from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
-from pxcluster.service import Service, VolumeView
+from pxcluster.node.metrics import Metrics
+from pxcluster.service.core import Service, VolumeView
 from replica.api import ReplicaAPI
 from replica.client import ReplicaClient
 from replica.service import ReplicaService

@@ -25,17 +25,17 @@ from membership.etcd import Etcd, EtcdSettings
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
-from pxcluster.agent import NodeAgent, Peers
 from pxcluster.api import access
 from pxcluster.api.app import ApiConfig, build_app, serve
 from pxcluster.controllers.runner import ControllerRunner, leader_controllers
 from pxcluster.errors import JoinRefused
-from pxcluster.metrics import Metrics
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
-from pxcluster.paths import check_data_dir, inside
 from pxcluster.nbd.tls import nbd_server_context
-from pxcluster.service import Service, is_loopback
+from pxcluster.node.agent import NodeAgent, Peers
+from pxcluster.node.metrics import Metrics
+from pxcluster.node.paths import check_data_dir, inside
+from pxcluster.service.core import Service, is_loopback
 from replica import auth
 from replica.chunkstore import ChunkStore
 from replica.errors import ForeignDisk, NotFormatted, UnjustifiedEpoch

@@ -1,7 +1,7 @@
 """`pxcluster verify NAME`: prove on a live cluster that a volume keeps every acknowledged
 write, across failovers when asked to cause them.
 
-It OVERWRITES the volume's first blocks with stamped 4 KiB blocks (pxcluster.stamp): use a
+It OVERWRITES the volume's first blocks with stamped 4 KiB blocks (pxcluster.tools.stamp): use a
 scratch volume. Several writers (one NBD connection each, disjoint blocks, so each block's
 writes are one writer's order) record issue/ack/fail per write; a failed write makes its
 writer reconnect to wherever the volume is served now. Then every block is read twice and
@@ -19,10 +19,11 @@ from typing import Any
 import click
 
 from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable
-from pxcluster import output, stamp
+from pxcluster.cli import output
 from pxcluster.errors import PxcError, VolumeBusy
-from pxcluster.nbdclient import NbdClient, NbdError
-from pxcluster.service import Service
+from pxcluster.nbd.client import NbdClient, NbdError
+from pxcluster.service.core import Service
+from pxcluster.tools import stamp
 
 WRITERS = 4
 FOLLOW_TIMEOUT = 60.0  # how long a writer (or the checker) waits for the volume to be served

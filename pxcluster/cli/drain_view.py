@@ -8,10 +8,11 @@ import time
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from membership.records import DrainOp
-from pxcluster import drain, output
-from pxcluster.drainplan import DrainPlan
+from pxcluster.cli import output
 from pxcluster.errors import OperationTimeout
-from pxcluster.service import Service
+from pxcluster.policy.drain_plan import DrainPlan
+from pxcluster.service import drain
+from pxcluster.service.core import Service
 from pxcluster.units import format_size
 
 

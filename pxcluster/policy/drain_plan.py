@@ -8,8 +8,8 @@ from typing import Any
 
 from membership.records import NodeRecord
 from pxcluster.errors import PlacementError
-from pxcluster.placement import Candidate, pick_attach_node, place
-from pxcluster.service import VolumeView
+from pxcluster.policy.placement import Candidate, pick_attach_node, place
+from pxcluster.service.core import VolumeView
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 replicas (snapshots never change), a new volume written through its NBD export, and clones
 (a new volume whose engine copies the source snapshot in the background).
 
-What a backup reads and a restore writes (`pxcluster.backup.volumeio`) are these.
+What a backup reads and a restore writes (`pxcluster.backup.ports`) are these.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 from membership.records import HydrationRecord
 from pxcluster.errors import InvalidArgument, PxcError, VolumeBusy
-from pxcluster.nbdclient import NbdClient
-from pxcluster.placement import pick_attach_node
-from pxcluster.service import Service, nbd_uri
-from pxcluster.snapshots import SnapshotFailed, create, delete, ensure_served, find
+from pxcluster.nbd.client import NbdClient
+from pxcluster.policy.placement import pick_attach_node
+from pxcluster.service.core import Service, nbd_uri
+from pxcluster.service.snapshots import SnapshotFailed, create, delete, ensure_served, find
 from replica.client import ReplicaClient
 from replica.errors import ReplicaError
 
@@ -223,3 +223,20 @@ async def restore_sink(
         repl = max(1, min(3, len(await svc.alive())))
     async with new_volume_writer(svc, name, size, repl, chunk_size=chunk_size) as writer:
         yield writer
+
+
+class VolumeTransfer:
+    """The cluster as the backup commands see it (pxcluster.backup.ports.BackupHooks)."""
+
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+
+    def backup_source(
+        self, volume: str, snapshot: str | None
+    ) -> contextlib.AbstractAsyncContextManager[SnapshotReader]:
+        return backup_source(self.svc, volume, snapshot)
+
+    def restore_sink(
+        self, name: str, size: int, chunk_size: int, repl: int | None, encrypted: bool
+    ) -> contextlib.AbstractAsyncContextManager[VolumeWriter]:
+        return restore_sink(self.svc, name, size, chunk_size, repl, encrypted)

@@ -13,12 +13,12 @@ from typing import Any
 
 import click
 
-from pxcluster import output
-from pxcluster.cli_types import NODE, VOLUME
+from pxcluster.cli import output
+from pxcluster.cli.params import NODE, VOLUME
 from pxcluster.host.fs import FILESYSTEMS
 from pxcluster.host.lifecycle import Host, describe
 from pxcluster.host.registry import DEFAULT_STATE_DIR, STATE_DIR_ENV, Registry, state_dir
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 
 def with_host(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

@@ -15,6 +15,7 @@ import click
 from membership.etcd import EtcdConfigError, parse_endpoints
 from pxcluster import inputs
 from pxcluster.errors import InvalidArgument, PxcError
+from pxcluster.policy.schedule import parse_schedule
 from pxcluster.units import MAX_SIZE, parse_rate, parse_size
 
 
@@ -212,9 +213,8 @@ TARGET_URL = TargetUrl()
 
 
 def schedule(value: str) -> str:
-    """A snapshot/backup schedule as pxcluster.schedule reads it, bounded: every 10 s to
+    """A snapshot/backup schedule as pxcluster.policy.schedule reads it, bounded: every 10 s to
     every 10 years, keeping 1 to 100,000."""
-    from pxcluster.schedule import parse_schedule
 
     if len(value) > 64:
         raise InvalidArgument(f"invalid schedule {inputs.shown(value)}: too long")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import ipaddress
 import os
 import re
@@ -13,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from membership.election import current_leader
@@ -45,10 +44,8 @@ from pxcluster.errors import (
     UnknownVolume,
     VolumeBusy,
 )
-from pxcluster.placement import Candidate, pick_attach_node, place
-
-if TYPE_CHECKING:
-    from pxcluster.backup.volumeio import RestoreSink, SnapshotSource
+from pxcluster.policy.placement import Candidate, pick_attach_node, place
+from pxcluster.policy.schedule import parse_schedule
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -164,20 +161,6 @@ class Service:
         await self.etcd.delete(self.keys.node(node.id))
 
     # --- volumes
-
-    def backup_source(
-        self, volume: str, snapshot: str | None
-    ) -> contextlib.AbstractAsyncContextManager[SnapshotSource]:
-        from pxcluster import volume_io  # it builds on this module
-
-        return volume_io.backup_source(self, volume, snapshot)
-
-    def restore_sink(
-        self, name: str, size: int, chunk_size: int, repl: int | None, encrypted: bool
-    ) -> contextlib.AbstractAsyncContextManager[RestoreSink]:
-        from pxcluster import volume_io
-
-        return volume_io.restore_sink(self, name, size, chunk_size, repl, encrypted)
 
     async def replica_key(self) -> bytes:
         """The cluster key that replica connections prove (made by the first node to join)."""
@@ -444,7 +427,6 @@ class Service:
         backup_schedule: str | None,
         backup_target: str | None,
     ) -> VolumeView:
-        from pxcluster.schedule import parse_schedule
 
         changes: dict[str, str] = {}
         if snapshot_schedule is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable, parse_endpoint
 from pxcluster.errors import OperationTimeout, PxcError
-from pxcluster.service import Service
+from pxcluster.service.core import Service
 
 STATE = "dev.json"
 

@@ -28,8 +28,8 @@ from pxcluster.errors import (
     PxcError,
     VolumeBusy,
 )
-from pxcluster.placement import pick_attach_node
-from pxcluster.service import Service, VolumeView
+from pxcluster.policy.placement import pick_attach_node
+from pxcluster.service.core import Service, VolumeView
 
 _SNAP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 T = TypeVar("T")

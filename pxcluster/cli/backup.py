@@ -2,7 +2,7 @@
 
 Registered in pxcluster.cli with `main.add_command(backup)`. `create` and `restore` need the
 cluster (through Service.backup_source / Service.restore_sink, see
-pxcluster.backup.volumeio.BackupHooks); list, inspect, verify and delete talk to the target
+pxcluster.backup.ports.BackupHooks); list, inspect, verify and delete talk to the target
 only, so they work from any host that reaches it, without etcd.
 """
 
@@ -25,28 +25,35 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from pxcluster import output
 from pxcluster.backup import format as fmt
 from pxcluster.backup.catalog import delete_backup, inspect_backup, list_backups
 from pxcluster.backup.engine import create_backup
 from pxcluster.backup.errors import RestoreFailed
+from pxcluster.backup.ports import BackupHooks
 from pxcluster.backup.restore import RestoreResult, restore_manifest, verify_backup
 from pxcluster.backup.target import Target, parse_target
-from pxcluster.backup.volumeio import BackupHooks
-from pxcluster.cli_types import SNAPSHOT, TARGET_URL, VOLUME, Int
+from pxcluster.cli import context, output
+from pxcluster.cli.params import SNAPSHOT, TARGET_URL, VOLUME, Int
 from pxcluster.errors import PxcError
+from pxcluster.service.core import Service
+from pxcluster.service.transfer import VolumeTransfer
 from pxcluster.units import format_size
 
 
+def hooks(svc: Service) -> BackupHooks:
+    return VolumeTransfer(svc)
+
+
 def with_service(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """pxcluster.cli.with_service, looked up when the command runs: pxcluster.cli imports this
-    module to register the group, so importing it here at load time would be circular."""
+    """context.with_service, the command body handed the cluster as BackupHooks. Both are
+    looked up when the command runs: the library tests swap them for an in-memory service."""
+
+    async def over_hooks(svc: Service, *args: Any, **kwargs: Any) -> Any:
+        return await fn(hooks(svc), *args, **kwargs)
 
     @functools.wraps(fn)
     def deferred(*args: Any, **kwargs: Any) -> Any:
-        from pxcluster import cli
-
-        return cli.with_service(fn)(*args, **kwargs)
+        return context.with_service(over_hooks)(*args, **kwargs)
 
     return deferred
 

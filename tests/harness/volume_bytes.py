@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import subprocess
 
-from pxcluster.nbdclient import NbdClient
+from pxcluster.nbd.client import NbdClient
 
 MiB = 1 << 20
 

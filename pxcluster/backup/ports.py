@@ -38,7 +38,7 @@ class RestoreSink(Protocol):
 
 
 class BackupHooks(Protocol):
-    """The two Service methods the `backup` commands use (pxcluster.service.Service)."""
+    """The two Service methods the `backup` commands use (pxcluster.service.core.Service)."""
 
     def backup_source(
         self, volume: str, snapshot: str | None
