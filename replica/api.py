@@ -3,9 +3,12 @@
 `replica.service.ReplicaService` (in-process, the replica on the engine's own node) and
 `replica.client.ReplicaClient` (a remote node, over replica/protocol.py) implement it with the
 same methods and the same typed errors, so the engine's write path has no `if local:` branch.
-The in-process service also has `read_now` / `write_now` (the same calls, done at once, no
-coroutine): the engine asks them first for the plain request its own node's replica can
-complete alone (`VolumeEngine.read_now` / `write_now`), and falls back to this interface.
+Each also has a fast path, in a Protocol of its own so that a reader (and mypy) can follow a
+write from the NBD socket to the disk: the in-process service is a `LocalFastPath`
+(`read_now`, `write_now`, `flush_soon`: the same calls done at once, no coroutine) and the
+client a `RemoteFastPath` (`ready_to_send`, `write_nowait`, `write_outcome`: a write sent now,
+answered through a future). The engine classifies its replicas once, when it is made, and asks
+the fast path first for the plain request; it falls back to this interface.
 
 Addressing is per chunk: the engine splits volume I/O at chunk boundaries. `chunk` is the chunk
 index inside the volume, `offset` a byte offset inside that chunk. Every call that touches a
@@ -15,8 +18,9 @@ with (StaleEpoch) and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 Generation = tuple[int, int]  # (epoch, seq) of a chunk's last write; (0, 0) = never written
 
@@ -162,3 +166,50 @@ class ReplicaAPI(Protocol):
     async def close(self) -> None:
         """Close the connection/handle (not the volume)."""
         ...
+
+
+@runtime_checkable
+class LocalFastPath(Protocol):
+    """The in-process replica's calls done at once. `write_now` returns False, with nothing
+    changed, when the write would have to wait (then the engine calls `write`)."""
+
+    def read_now(self, volume: str, epoch: int, chunk: int, offset: int, length: int) -> bytes: ...
+
+    def write_now(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        seq: int,
+        flushed_after: bool = False,
+    ) -> bool: ...
+
+    def flush_soon(self, volume: str, epoch: int) -> asyncio.Future[None]:
+        """The future of the first sync covering everything applied so far (group commit)."""
+        ...
+
+
+@runtime_checkable
+class RemoteFastPath(Protocol):
+    """A remote replica's write sent at once: `write_nowait` on a client `ready_to_send`
+    returns the future of its reply, and `write_outcome` raises what `write` would have."""
+
+    def ready_to_send(self) -> bool: ...
+
+    def write_nowait(
+        self,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        data: memoryview,
+        *,
+        seq: int,
+        durable: bool = False,
+    ) -> asyncio.Future[Any]: ...
+
+    @staticmethod
+    def write_outcome(fut: asyncio.Future[Any]) -> None: ...

@@ -271,7 +271,7 @@ class ReplicaClient:
         if c.write_paused:
             try:
                 # wait_for, not asyncio.timeout: callers may step this call outside any task
-                # (pxcluster/nbd/inline.py) until it first suspends.
+                # (replica/inline.py) until it first suspends.
                 await asyncio.wait_for(c.drain(), self.timeout)
             except TimeoutError:
                 c.fail(f"{self._where}: send blocked for {self.timeout}s")
@@ -558,11 +558,11 @@ class ReplicaClient:
 
 
 if TYPE_CHECKING:
-    from replica.api import ReplicaAPI
+    from replica.api import RemoteFastPath, ReplicaAPI
 
-    _api: ReplicaAPI = ReplicaClient(
-        "", 0, key=b""
-    )  # mypy proves the client satisfies the interface
+    # mypy proves the client satisfies the interface, and its fast path
+    _api: ReplicaAPI = ReplicaClient("", 0, key=b"")
+    _fast: RemoteFastPath = ReplicaClient("", 0, key=b"")
 
 
 def _gens(reply: Header) -> dict[int, Generation]:

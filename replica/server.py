@@ -26,13 +26,12 @@ import logging
 import signal
 import ssl
 import sys
-import types
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from replica import auth
-from replica.api import ReplicaAPI
+from replica import auth, inline
+from replica.api import LocalFastPath, ReplicaAPI
 from replica.errors import AuthFailed, ProtocolError, ReplicaError, StaleEpoch
 from replica.protocol import MAX_FRAME, FramedProtocol, Header, RxBuffer, check_request
 from replica.tls import HANDSHAKE_TIMEOUT, TlsConfigError, TlsFiles, server_context
@@ -78,7 +77,8 @@ async def _writes(s: ReplicaAPI, h: Header, p: memoryview) -> Result:
     if sum(it[2] for it in items) != len(p):
         raise ProtocolError("writes: item lengths do not add up to the payload")
     durable = h.get("durable") is True
-    write_now = getattr(s, "write_now", None)  # ReplicaService's: no coroutine when none waits
+    # The in-process service applies most writes at once (no coroutine when none waits).
+    write_now = s.write_now if isinstance(s, LocalFastPath) else None
     pos = 0
     for chunk, offset, length, seq in items:
         with p[pos : pos + length] as data:
@@ -231,30 +231,6 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], first: Any) -> Generator[Any, None, None]:
-    """Carry on a coroutine whose first step ran outside any task: hand what it awaits to
-    the enclosing task, as if the task had been running it all along."""
-    yielded = first
-    while True:
-        try:
-            yield yielded
-        except BaseException as e:  # cancellation of the task goes on to the coroutine
-            try:
-                yielded = coro.throw(e)
-            except StopIteration:
-                return
-            continue
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
-
-
-async def _finish(coro: Coroutine[Any, Any, None], first: Any) -> None:
-    await _resume(coro, first)
-
-
 class _Connection(FramedProtocol):
     def __init__(self, server: ReplicaServer) -> None:
         super().__init__()
@@ -388,7 +364,7 @@ class _Connection(FramedProtocol):
         except Exception:
             log.exception("request failed outside its error handling")
             return
-        task = self.loop.create_task(_finish(coro, first))
+        task = self.loop.create_task(inline.carry_on(coro, first))
         self._server._tasks.add(task)
         task.add_done_callback(self._server._tasks.discard)
 

@@ -15,7 +15,7 @@ from replica.api import ChunkCopy, Generation, ReplicaStats, SnapshotInfo, Volum
 from replica.errors import NotOpen, OutOfRange, StaleEpoch, UnknownVolume
 
 if TYPE_CHECKING:
-    from replica.api import ReplicaAPI
+    from replica.api import LocalFastPath, ReplicaAPI
     from replica.chunkstore import ChunkStore
 
 # Asked before a volume's epoch is raised (or a volume created) by a peer: raises (e.g.
@@ -236,3 +236,4 @@ class ReplicaService:
 
 if TYPE_CHECKING:
     _api: ReplicaAPI = ReplicaService([])  # mypy proves the service satisfies the interface
+    _fast: LocalFastPath = ReplicaService([])  # and its fast path

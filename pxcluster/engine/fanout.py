@@ -17,8 +17,8 @@ import functools
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from pxcluster.nbd.inline import carry_on
 from replica.api import ReplicaAPI
+from replica.inline import carry_on
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ from pxcluster.engine.limits import IoLimiter
 from pxcluster.engine.rangelock import RangeLocks
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
-from replica.api import ReplicaAPI, SnapshotInfo, VolumeInfo
+from replica.api import LocalFastPath, RemoteFastPath, ReplicaAPI, SnapshotInfo, VolumeInfo
 from replica.errors import StaleEpoch
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,10 @@ class VolumeEngine:
         self.local_node = local_node
         self._all = replicas
         self.in_sync: dict[str, ReplicaAPI] = {}
+        # Each replica's fast path (replica/api.py), found once per replica object: the local
+        # replica's calls done at once, a remote one's write sent at once.
+        self._fast_local: tuple[ReplicaAPI | None, LocalFastPath | None] = (None, None)
+        self._fast_remote: dict[str, tuple[ReplicaAPI, RemoteFastPath | None]] = {}
         self._state = state
         self._lease_ok = lease_ok
         self._on_fenced = on_fenced
@@ -426,13 +430,13 @@ class VolumeEngine:
         """A read inside one chunk, served by the local in-sync replica."""
         if self.cipher is not None or not self.limits.unlimited or self.fenced:
             return None
-        read_now = getattr(self.in_sync.get(self.local_node), "read_now", None)
+        local = self._local_fast()
         where = self._plain_chunk(offset, length)
-        if read_now is None or where is None:
+        if local is None or where is None:
             return None
         chunk, inner = where
         try:
-            data: bytes = read_now(self.spec.id, self.epoch, chunk, inner, length)
+            data: bytes = local.read_now(self.spec.id, self.epoch, chunk, inner, length)
         except Exception:
             return None
         if not self._lease_ok():  # as _read_raw's guard: the coroutine path fences
@@ -447,17 +451,17 @@ class VolumeEngine:
         local one, with no rebuild, snapshot, copy or clone copy in the way."""
         if not self._plain_write(fua) or len(self.in_sync) != 1:
             return False
-        write_now = getattr(self.in_sync.get(self.local_node), "write_now", None)
+        local = self._local_fast()
         length = len(data)
         where = self._plain_chunk(offset, length)
-        if write_now is None or where is None or where[0] in self.copying:
+        if local is None or where is None or where[0] in self.copying:
             return False
         chunk, inner = where
         if not self._lease_ok():  # as _fan_write's guard, before the write
             return False
         seq = next(self._seq)
         try:
-            done: bool = write_now(self.spec.id, self.epoch, chunk, inner, data, seq=seq)
+            done = local.write_now(self.spec.id, self.epoch, chunk, inner, data, seq=seq)
         except Exception:
             return False
         if not done:
@@ -487,20 +491,18 @@ class VolumeEngine:
         if where is None or where[0] in self.copying:
             return None
         chunk, inner = where
-        local: Any = None
-        remotes: list[tuple[str, Any]] = []
+        local: LocalFastPath | None = None
+        remotes: list[tuple[str, RemoteFastPath]] = []
         for node, r in self.in_sync.items():
             if node == self.local_node:
-                if getattr(r, "write_now", None) is None or (
-                    durable and getattr(r, "flush_soon", None) is None
-                ):
+                local = self._local_fast()
+                if local is None:
                     return None
-                local = r
             else:
-                ready = getattr(r, "ready_to_send", None)
-                if ready is None or not ready():
+                remote = self._remote_fast(node, r)
+                if remote is None or not remote.ready_to_send():
                     return None
-                remotes.append((node, r))
+                remotes.append((node, remote))
         if not self._lease_ok():  # as _fan_write's guard, before the write
             return None
         vid, epoch, seq = self.spec.id, self.epoch, next(self._seq)
@@ -528,10 +530,10 @@ class VolumeEngine:
                 sent.append((self.local_node, _flush_outcome, local.flush_soon(vid, epoch)))
             except Exception as e:
                 failed[self.local_node] = e
-        for node, r in remotes:
+        for node, remote in remotes:
             try:
-                fut = r.write_nowait(vid, epoch, chunk, inner, data, seq=seq, durable=durable)
-                sent.append((node, r.write_outcome, fut))
+                fut = remote.write_nowait(vid, epoch, chunk, inner, data, seq=seq, durable=durable)
+                sent.append((node, remote.write_outcome, fut))
             except Exception as e:
                 failed[node] = e
         loop = sent[0][2].get_loop() if sent else asyncio.get_running_loop()
@@ -595,6 +597,23 @@ class VolumeEngine:
         """Nothing about the volume keeps a write from the fast paths: not durable, and
         `_unhindered`."""
         return not (fua or self.spec.sync_writes) and self._unhindered()
+
+    # A replica's fast path is found once per replica object: a runtime Protocol check costs
+    # too much to repeat for every request.
+
+    def _local_fast(self) -> LocalFastPath | None:
+        r = self.in_sync.get(self.local_node)
+        known, fast = self._fast_local
+        if known is not r:
+            fast = r if isinstance(r, LocalFastPath) else None
+            self._fast_local = (r, fast)
+        return fast
+
+    def _remote_fast(self, node: str, r: ReplicaAPI) -> RemoteFastPath | None:
+        known = self._fast_remote.get(node)
+        if known is None or known[0] is not r:
+            known = self._fast_remote[node] = (r, r if isinstance(r, RemoteFastPath) else None)
+        return known[1]
 
     def _unhindered(self) -> bool:
         """Not encrypted or limited, not fenced, no snapshot barrier, no replica catching up."""
@@ -844,7 +863,7 @@ class VolumeEngine:
         await self._degrade(failed)
 
     async def _degrade(self, failed: dict[str, BaseException]) -> None:
-        # Yield once first: a request stepped inline by the NBD server (nbd/inline.py) is not
+        # Yield once first: a request stepped inline by the NBD server (replica/inline.py) is not
         # in a task until it suspends, and recording the stale mark needs one (timeouts).
         await asyncio.sleep(0)
         if any(isinstance(e, StaleEpoch) for e in failed.values()):

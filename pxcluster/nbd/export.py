@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno as errno_mod
 import logging
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pxcluster.nbd import protocol as p
 
@@ -48,12 +48,9 @@ class Export(Protocol):
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None: ...
 
 
-# An export may also define, and the server then calls them first for a READ or a WRITE of
-# up to 64 KiB (the volume engine does, for the requests its local replica completes at once):
-#
-#     def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None
-#     def write_now(self, offset: int, data: memoryview, fua: bool) -> bool
-#     def write_begin(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[None] | None
+# What an export may add, each on its own: the server calls them first for a READ or a WRITE
+# of up to 64 KiB (the volume engine has all three: the requests its local replica completes
+# at once, and replicated writes started without a coroutine).
 #
 # Synchronous: the request done at once (or, for write_begin, started, and answered when the
 # future is done: its exception is the request's error), with no coroutine or task. None (or
@@ -61,6 +58,23 @@ class Export(Protocol):
 # may raise, since a fast path cannot own an error; returning None (False) hands it to the
 # async method, which meets it again and reports it. `data` stays valid until the write is
 # answered.
+
+
+@runtime_checkable
+class ReadsNow(Protocol):
+    def read_now(self, offset: int, length: int) -> bytes | bytearray | memoryview | None: ...
+
+
+@runtime_checkable
+class WritesNow(Protocol):
+    def write_now(self, offset: int, data: memoryview, fua: bool) -> bool: ...
+
+
+@runtime_checkable
+class BeginsWrites(Protocol):
+    def write_begin(
+        self, offset: int, data: memoryview, fua: bool
+    ) -> asyncio.Future[None] | None: ...
 
 
 class ServedConnection(Protocol):

@@ -9,7 +9,7 @@ Hot path design, from measurements on our machines (see ENVIRONMENT.md):
   from the local replica, and a write only the local replica holds, that way, and starts a
   replicated write, answered from its future's callback): no coroutine;
 - otherwise a request (but a WRITE over 64 KiB) with no earlier request pending runs its
-  first step inline (`pxcluster/nbd/inline.py`) and becomes a task only if it has to wait;
+  first step inline (`replica/inline.py`) and becomes a task only if it has to wait;
   each request is answered as soon as it completes (replies go out of order); replies are
   gathered and written once per loop iteration;
 - backpressure: at most `max_inflight` requests (and about `max_inflight_bytes` of
@@ -33,12 +33,20 @@ from collections.abc import Callable, Coroutine
 from time import perf_counter
 from typing import Any, Protocol, cast
 
-from pxcluster.nbd import inline
 from pxcluster.nbd import protocol as p
 from pxcluster.nbd.buffers import BufferPool
-from pxcluster.nbd.export import Export, ExportRegistry, has_errno, nbd_error
+from pxcluster.nbd.export import (
+    BeginsWrites,
+    Export,
+    ExportRegistry,
+    ReadsNow,
+    WritesNow,
+    has_errno,
+    nbd_error,
+)
 from pxcluster.nbd.handshake import Negotiation, Next
 from pxcluster.nbd.tls import HANDSHAKE_TIMEOUT
+from replica import inline
 
 log = logging.getLogger(__name__)
 
@@ -396,9 +404,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             self._export = export
             self._export_name = outcome.export_name
-            self._read_now = getattr(export, "read_now", None)
-            self._write_now = getattr(export, "write_now", None)
-            self._write_begin = getattr(export, "write_begin", None)
+            # Found once per connection: the hot path's calls (pxcluster/nbd/export.py).
+            if isinstance(export, ReadsNow):
+                self._read_now = export.read_now
+            if isinstance(export, WritesNow):
+                self._write_now = export.write_now
+            if isinstance(export, BeginsWrites):
+                self._write_begin = export.write_begin
             if self._server.latency is not None:
                 self._lat = self._server.latency(outcome.export_name)
             self._structured = self._negotiation.structured

@@ -1,5 +1,8 @@
 """Run a coroutine's first step inline, and make a task only if it has to wait.
 
+Shared by the replica server, the NBD server and the engine's fan-out (it lives here, at the
+bottom of the layers, so that `replica/` and `pxcluster/` may both import it).
+
 A request whose export call completes without suspending (a read served from the local
 replica's page cache, say) then costs no task and its reply leaves one loop iteration sooner.
 The coroutine must not need ``asyncio.current_task()`` (``asyncio.timeout``, for one) before
