@@ -1,6 +1,6 @@
 """The console from outside, over HTTP: what a browser without a session, with the read
 token, from another site, or with bad form values gets. The app runs over a real etcd with
-node records written into it (tests/unit/api_support.py), so every check ends in the real
+node records written into it (tests/unit/api/api_support.py), so every check ends in the real
 service layer."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.harness.etcd import EtcdServer
-from tests.unit.api_support import READ_TOKEN, TOKEN, Api, open_api
+from tests.unit.api.api_support import READ_TOKEN, TOKEN, Api, open_api
 
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
 

@@ -13,7 +13,8 @@
 
 URIFILE holds the volume's current NBD URI; after a failed write the writer reconnects to
 whatever it says then, so it follows a volume that moves. Stdlib + libnbd only: the stamp
-format of pxcluster/tools/stamp.py is repeated here, and tests/unit/test_stamp.py checks they agree.
+format of pxcluster/tools/stamp.py is repeated here, and tests/unit/tools/test_stamp.py checks
+they agree.
 """
 
 import hashlib

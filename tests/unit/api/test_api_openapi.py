@@ -10,7 +10,7 @@ from aiohttp import web
 from membership.etcd import Etcd
 from pxcluster.api.app import ApiConfig, build_app
 from pxcluster.node.metrics import Metrics
-from tests.unit.api_support import Api, FakeNode, api
+from tests.unit.api.api_support import Api, FakeNode, api
 
 __all__ = ["api"]
 

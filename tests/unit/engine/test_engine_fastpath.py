@@ -15,7 +15,7 @@ from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.volume import CatchUp, VolumeEngine, VolumeSpec
 from replica.api import Generation
 from replica.errors import ReplicaUnavailable, StaleEpoch
-from tests.unit.test_engine import CHUNK, FakeReplica, Recorder
+from tests.unit.engine.test_engine import CHUNK, FakeReplica, Recorder
 
 
 class FakeLocalReplica(FakeReplica):

@@ -9,7 +9,7 @@ import pytest
 
 from pxcluster.engine.rebuild import rebuild
 from replica.errors import ReplicaUnavailable
-from tests.unit.test_engine import CHUNK, FakeReplica, make
+from tests.unit.engine.test_engine import CHUNK, FakeReplica, make
 
 
 async def marked(flag: list[bool]) -> bool:

@@ -15,7 +15,7 @@ from pxcluster.api import middleware
 from pxcluster.service import transfer
 from pxcluster.service.core import Service
 from tests.harness.etcd import EtcdServer
-from tests.unit.api_support import (
+from tests.unit.api.api_support import (
     CLUSTER,
     READ_TOKEN,
     Api,
