@@ -30,9 +30,14 @@ from pxcluster.engine.rangelock import RangeLocks
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
 from replica.api import LocalFastPath, RemoteFastPath, ReplicaAPI, SnapshotInfo, VolumeInfo
-from replica.errors import StaleEpoch
+from replica.errors import ReplicaError, StaleEpoch
 
 log = logging.getLogger(__name__)
+
+
+# Seconds without a trim on a chunk trimmed in pieces before the engine looks whether it reads
+# as zeros (and frees it).
+TRIM_SETTLE = 0.5
 
 
 class Piece(NamedTuple):
@@ -109,6 +114,10 @@ class VolumeEngine:
         self.in_sync: dict[str, ReplicaAPI] = {}
         # Each replica's fast path (replica/api.py), found once per replica object: the local
         # replica's calls done at once, a remote one's write sent at once.
+        # Chunks trimmed piece by piece lately, and when to look whether they read as zeros
+        # now (see _trim_raw).
+        self._trim_checks: dict[int, asyncio.TimerHandle] = {}
+        self._trim_tasks: set[asyncio.Task[None]] = set()
         self._fast_local: tuple[ReplicaAPI | None, LocalFastPath | None] = (None, None)
         self._fast_remote: dict[str, tuple[ReplicaAPI, RemoteFastPath | None]] = {}
         self._state = state
@@ -317,6 +326,11 @@ class VolumeEngine:
 
     async def close(self) -> None:
         """Clean detach: flush everywhere, then record every chunk as clean."""
+        for handle in self._trim_checks.values():
+            handle.cancel()
+        self._trim_checks.clear()
+        if self._trim_tasks:
+            await asyncio.gather(*self._trim_tasks, return_exceptions=True)
         if self.fenced:
             return
         await self.flush()
@@ -700,6 +714,62 @@ class VolumeEngine:
                 await r.flush(vid, epoch)
 
         await self._mutate(pieces, one)
+        # A whole-chunk trim frees the chunk; a chunk trimmed in pieces (fstrim through
+        # nbdfuse arrives as 64 KiB discards) is only zeroed. Once its trims go quiet, look
+        # whether it reads as zeros now, and free it if so.
+        loop = asyncio.get_running_loop()
+        for p in pieces:
+            if p.length < self._chunk_len(p.chunk):
+                old = self._trim_checks.pop(p.chunk, None)
+                if old is not None:
+                    old.cancel()
+                self._trim_checks[p.chunk] = loop.call_later(
+                    TRIM_SETTLE, self._start_trim_check, p.chunk
+                )
+
+    def _chunk_len(self, chunk: int) -> int:
+        return min(self.spec.chunk_size, self.size - chunk * self.spec.chunk_size)
+
+    def _start_trim_check(self, chunk: int) -> None:
+        self._trim_checks.pop(chunk, None)
+        if self.fenced:
+            return
+        task = asyncio.get_running_loop().create_task(self._free_if_zeroed(chunk))
+        self._trim_tasks.add(task)
+        task.add_done_callback(self._trim_tasks.discard)
+
+    async def _free_if_zeroed(self, chunk: int) -> None:
+        """Free a chunk that reads as zeros, as a whole-chunk trim: the same bytes either way.
+        Gated like a rebuild's copy, so no write lands between the look and the free."""
+        while chunk in self.copying:
+            await self.copying[chunk].wait()
+        gate = asyncio.Event()
+        self.copying[chunk] = gate
+        try:
+            await self.wait_writes(lambda: chunk not in self.chunk_writes)
+            whole = Piece(chunk, 0, 0, self._chunk_len(chunk))
+            data = await self._read_piece(whole)
+            if data.count(0) != len(data):
+                return
+            seq = next(self._seq)
+            vid, epoch = self.spec.id, self.epoch
+
+            async def free(r: ReplicaAPI, pieces: list[Piece]) -> None:
+                await r.trim(vid, epoch, chunk, 0, whole.length, seq=seq)
+
+            serial = next(self._serial)
+            self.inflight.add(serial)
+            self.chunk_writes[chunk] = self.chunk_writes.get(chunk, 0) + 1
+            try:
+                await self._fan_write(lambda r: free(r, [whole]), [whole], free)
+            finally:
+                self._end_write(serial, [chunk])
+        except (ReplicaError, VolumeIOError) as e:
+            # Only space is at stake: the chunk reads as zeros whether freed or not.
+            log.info("volume %s: chunk %d not freed after its trims: %r", self.name, chunk, e)
+        finally:
+            del self.copying[chunk]
+            gate.set()
 
     # --- encryption at rest (pxcluster/engine/crypt.py): whole 4 KiB blocks on the wire
 

@@ -381,3 +381,53 @@ async def test_concurrent_partial_writes_to_one_encrypted_block_both_land() -> N
     )
     got = await eng.read(0, 4000)
     assert got == b"".join(bytes([i + 1]) * 100 for i in range(40))
+
+
+async def test_a_chunk_trimmed_in_pieces_is_freed_once_it_reads_as_zeros(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fstrim through nbdfuse arrives as small discards: each only zeroes its range, so the
+    engine frees a chunk by a whole-chunk trim once the pieces leave it reading as zeros, and
+    never a chunk that still holds data."""
+    from pxcluster.engine import volume as volume_module
+
+    monkeypatch.setattr(volume_module, "TRIM_SETTLE", 0.01)
+    eng, reps, _ = make(2)
+    trims: list[tuple[int, int, int]] = []
+    real_trim = FakeReplica.trim
+
+    async def recording_trim(
+        self: FakeReplica,
+        volume: str,
+        epoch: int,
+        chunk: int,
+        offset: int,
+        length: int,
+        *,
+        seq: int,
+    ) -> None:
+        trims.append((chunk, offset, length))
+        await real_trim(self, volume, epoch, chunk, offset, length, seq=seq)
+
+    monkeypatch.setattr(FakeReplica, "trim", recording_trim)
+    await eng.open()
+    await eng.write(1 * CHUNK, memoryview(b"a" * 8192), False)
+    await eng.write(2 * CHUNK, memoryview(b"b" * 8192), False)
+    await eng.write(2 * CHUNK + CHUNK // 2, memoryview(b"c" * 4096), False)
+    piece = CHUNK // 4
+    for i in range(4):
+        await eng.trim(1 * CHUNK + i * piece, piece, False)  # the whole chunk, in pieces
+    for i in range(2):
+        await eng.trim(2 * CHUNK + i * piece, piece, False)  # its first half: "c" stays
+    for _ in range(500):  # bounded: 5 s
+        if (1, 0, CHUNK) in trims and not eng._trim_checks and not eng._trim_tasks:
+            break
+        await asyncio.sleep(0.01)
+    assert trims.count((1, 0, CHUNK)) == 2  # freed on both replicas
+    assert (2, 0, CHUNK) not in trims
+    assert await eng.read(2 * CHUNK + CHUNK // 2, 4096) == b"c" * 4096
+    assert await eng.read(1 * CHUNK, CHUNK) == bytes(CHUNK)
+    assert all(
+        r.chunks.get(2, b"")[CHUNK // 2 : CHUNK // 2 + 4096] == b"c" * 4096 for r in reps.values()
+    )
+    await eng.close()
