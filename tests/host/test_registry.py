@@ -18,6 +18,9 @@ import pytest
 from tests.harness.cluster import Cluster
 from tests.harness.host import HostEnv, sh, wait_for
 from tests.harness.registry import Registry, blob_count, build_image
+from tests.harness.s3 import SeaweedS3
+
+BUCKET = "pxc-registry"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("docker-registry") is None or shutil.which("skopeo") is None,
@@ -41,16 +44,22 @@ class Timer:
 
 @pytest.mark.timeout(600)
 def test_registry_on_a_volume_survives_its_host(
-    host: HostEnv, hcluster3: Cluster, tmp_path: Path
+    host: HostEnv, hcluster3: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     c = hcluster3
     t = Timer()
     registries: list[Registry] = []
+    s3 = SeaweedS3(tmp_path / "s3")  # a real S3 server for the backup
+    s3.start()
     try:
+        s3.create_bucket(BUCKET)
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)  # the CLI's backup commands read them
         _scenario(c, host, tmp_path, t, registries)
     finally:
         for r in registries:
             r.stop(kill=True)
+        s3.stop()
         print("\nregistry scenario timings:\n" + t.report())
 
 
@@ -58,8 +67,7 @@ def _scenario(c: Cluster, host: HostEnv, tmp: Path, t: Timer, registries: list[R
     first = build_image(tmp / "img-a", "v1", layers=3, layer_size=2 << 20, seed=1)
     second = tmp / "img-b"
     build_image(second, "v2", layers=4, layer_size=12 << 20, seed=2)
-    (tmp / "backups").mkdir()
-    backups = f"file://{tmp / 'backups'}"
+    backups = f"s3://{BUCKET}/registry"
 
     def serve(root: Path) -> Registry:
         r = Registry(tmp, root)
@@ -88,7 +96,7 @@ def _scenario(c: Cluster, host: HostEnv, tmp: Path, t: Timer, registries: list[R
             c.cli("volume", "snapshot", "create", "reg", "--name", "s1")
         finally:
             sh("fsfreeze", "--unfreeze", str(m1))
-    with t.step("backup of the snapshot (file://)"):
+    with t.step("backup of the snapshot (S3)"):
         b = c.cli_json("backup", "create", "reg", "--snapshot", "s1", "--target", backups)
     with t.step("kill -9 the serving node during a second push; its host's mount torn down"):
         push = r1.push(second, "v2", "app/b")
