@@ -13,6 +13,7 @@ from aiohttp import web
 from pxcluster.api import middleware
 from pxcluster.api.access import Tokens
 from pxcluster.console import actions, views
+from pxcluster.console.backups import BackupLister
 from pxcluster.console.context import CONSOLE, Console
 from pxcluster.console.gate import Gate
 from pxcluster.console.latency import LatencyHistory
@@ -31,6 +32,7 @@ def install(app: web.Application, node: NodeView, tokens: Tokens) -> None:
         gate=gate,
         hub=Hub(node.etcd, svc.keys),
         latency=LatencyHistory(node.metrics),
+        backups=BackupLister(),
     )
     app[CONSOLE] = console
     # Right after the error middleware, so the gate runs before the bearer check it feeds.

@@ -15,6 +15,8 @@ from membership.etcd import EtcdUnavailable
 from pxcluster import inputs
 from pxcluster.api.body import Body
 from pxcluster.api.routes import MAX_REPL
+from pxcluster.backup.format import is_valid_id
+from pxcluster.console import backups
 from pxcluster.console.context import CONSOLE
 from pxcluster.console.gate import CSRF_FIELD
 from pxcluster.console.render import redirect
@@ -22,6 +24,7 @@ from pxcluster.console.views import failed
 from pxcluster.errors import InvalidArgument, PxcError
 from pxcluster.service import drain, snapshots, transfer
 from pxcluster.service.core import Service
+from pxcluster.units import format_size
 
 routes = web.RouteTableDef()
 
@@ -242,3 +245,35 @@ async def volume_clone(request: web.Request, svc: Service) -> tuple[str, str]:
         raise InvalidArgument(f"invalid repl {repl}: must be 1, 2 or 3 (omit it: the source's)")
     await transfer.clone(svc, name, snap, new, repl)
     return f"/volumes/{new}", f"volume {new} cloned from {name}@{snap}"
+
+
+# --- backups (at the volume's backup target, see console/backups.py)
+
+
+@action("/volumes/{name}/backups", "back up the volume")
+async def volume_backup(request: web.Request, svc: Service) -> tuple[str, str]:
+    name = _volume(request)
+    await form_body(request, frozenset())
+    c = request.app[CONSOLE]
+    view = await svc.volume(name)
+    result = await backups.back_up_now(svc, view)
+    c.backups.forget(view)
+    return f"/volumes/{name}", (
+        f"backup {result.id} of {name} done: {format_size(result.bytes_uploaded)} uploaded "
+        f"in {result.seconds:.1f}s"
+    )
+
+
+@action("/volumes/{name}/restore", "restore the backup")
+async def volume_restore(request: web.Request, svc: Service) -> tuple[str, str]:
+    name = _volume(request)
+    body = await form_body(request, frozenset({"backup", "name"}))
+    backup_id = body.required_string("backup")
+    if not is_valid_id(backup_id):
+        raise InvalidArgument(f"invalid backup id {inputs.shown(backup_id)}")
+    new = body.volume_name("name")
+    result = await backups.restore_into(svc, await svc.volume(name), backup_id, new)
+    return f"/volumes/{new}", (
+        f"backup {backup_id} restored into volume {new}: "
+        f"{format_size(result.bytes_written)} written in {result.seconds:.1f}s"
+    )

@@ -1,5 +1,5 @@
 """What every console handler reaches through the app: the node, the service layer, the
-gate, the live feed and the latency history."""
+gate, the live feed, the latency history and the backup listings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from pxcluster.console.backups import BackupLister
 from pxcluster.console.gate import Gate
 from pxcluster.console.latency import LatencyHistory
 from pxcluster.console.live import Hub
@@ -24,6 +25,7 @@ class Console:
     gate: Gate
     hub: Hub
     latency: LatencyHistory
+    backups: BackupLister
 
 
 CONSOLE = web.AppKey("console", Console)

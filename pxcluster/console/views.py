@@ -122,6 +122,7 @@ async def volume(request: web.Request) -> web.Response:
         v["console_health"] = data.console_health(v)
         snaps = await snapshots.list_snapshots(c.svc, name)
         node_rows = await c.svc.node_list()
+        backups = await c.backups.listing(view)
     except (PxcError, EtcdUnavailable) as e:
         return await failed(request, e, "read the volume")
     names = {n["id"]: n["name"] for n in node_rows}
@@ -152,6 +153,7 @@ async def volume(request: web.Request) -> web.Response:
         | {
             "v": v,
             "snapshots": snaps,
+            "backups": backups,
             "failovers": history,
             "timeline_max": max((h["serve_s"] or 0 for h in history), default=0) or 1,
             "chart": chart,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -121,6 +122,17 @@ class VolumeWriter:
             await self.client.write(offset + i, data[i : i + step])
 
 
+def on_this_host(address: str) -> bool:
+    """Whether `address` is one of this host's (it can be bound here)."""
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.asynccontextmanager
 async def new_volume_writer(
     svc: Service,
@@ -142,7 +154,11 @@ async def new_volume_writer(
     try:
         nodes = {n.id: n for n in await svc.nodes()}
         states = {n: st.state for n, st in view.replicas.items()}
-        node_id = pick_attach_node(states, nodes, await svc.alive())
+        alive = await svc.alive()
+        # NBD is served to the node's own host only (docs/SECURITY.md): write through a node
+        # on this host when there is one.
+        here = {i: n for i, n in nodes.items() if on_this_host(n.address)}
+        node_id = pick_attach_node(states, here, alive) or pick_attach_node(states, nodes, alive)
         if node_id is None:
             raise VolumeBusy("no node is up to write the new volume")
         node = nodes[node_id]
