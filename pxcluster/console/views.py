@@ -204,6 +204,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 _STATIC = {
     "console.css": "text/css",
     "console.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",  # named by every page, so browsers ask for no favicon.ico
 }
 _static_cache: dict[str, bytes] = {}
 

@@ -68,6 +68,7 @@ def browser() -> Iterator[Any]:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
     options.add_argument("--window-size=1400,1000")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console
     driver = webdriver.Chrome(service=Service(paths[1]), options=options)
     driver.set_page_load_timeout(30)
     try:
@@ -91,7 +92,29 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> N
         time.sleep(0.1)
 
 
+# Every control a screen reader reaches has a name: a <label>, an aria-label, or (a button) its
+# text. Returns the ones that have none, described.
+UNNAMED_CONTROLS = """
+return Array.from(document.querySelectorAll(
+    'input:not([type=hidden]), select, textarea, button'
+)).filter(el => !(
+    (el.labels && el.labels.length) || el.getAttribute('aria-label') ||
+    el.getAttribute('aria-labelledby') || (el.tagName === 'BUTTON' && el.textContent.trim())
+)).map(el => el.outerHTML.slice(0, 120));
+"""
+
+
+def checked_page(driver: Any) -> None:
+    """The page has labelled controls, landmarks, and said nothing on its console."""
+    unnamed = driver.execute_script(UNNAMED_CONTROLS)
+    assert unnamed == [], f"controls without an accessible name on {driver.current_url}: {unnamed}"
+    assert driver.execute_script("return document.querySelector('main, [role=main]') !== null")
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], f"console errors on {driver.current_url}: {errors}"
+
+
 def shot(driver: Any, name: str) -> None:
+    checked_page(driver)
     # The whole page, not only the window: set the window as tall as the document first.
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, max(1000, min(int(height) + 40, 4000)))
@@ -139,6 +162,7 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     d.find_element(By.NAME, "token").send_keys("not-the-token")
     d.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
     wait_until("the refusal", lambda: "not valid" in text(d))
+    d.get_log("browser")  # that refusal's 401 is the one console error expected
     d.find_element(By.NAME, "token").send_keys(ADMIN)
     d.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
     wait_until("the overview after login", lambda: d.current_url == base + "/")
@@ -216,6 +240,21 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     assert c.inspect("web-vol")["attached_node"] == "n2"
     shot(d, "volume-after-drill")
 
+    # Kill the serving node: the open page follows the automatic failover, and its timeline
+    # grows by the move.
+    c.kill("n2")
+    wait_until(
+        "the failover after n2 was killed",
+        lambda: (
+            "attached on n1" in text(d, "vol-summary")
+            and "automatic" in text(d, "failover-timeline")
+        ),
+        timeout=60,
+    )
+    assert c.inspect("web-vol")["attached_node"] == "n1"
+    shot(d, "volume-after-kill")
+    c.start("n2")
+
     # Live: a volume created from the CLI appears on the open Volumes page without a reload.
     d.get(base + "/volumes")
     d.execute_script("window.__same_page = true")
@@ -243,6 +282,29 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     assert "web-vol" in text(d) or "cli-vol" in text(d)
     assert c.node_state("n2")["state"] == "active"
     shot(d, "drain-plan")
+
+    # Uncordon n3, then drain n2 for real from its plan (its replicas have somewhere to go
+    # now): progress on the overview, then drained.
+    d.get(base + "/nodes")
+    d.find_element(By.CSS_SELECTOR, "form[action='/nodes/n3/uncordon'] button").click()
+    wait_until("n3 active again", lambda: "node n3 is active again" in text(d))
+    d.get(base + "/nodes/n2/drain")
+    wait_until("the drain plan", lambda: "Drain n2: the plan" in text(d))
+    assert not d.find_elements(By.NAME, "force")  # no volume would lose a replica
+    d.find_element(By.CSS_SELECTOR, "form[action='/nodes/n2/drain'] button").click()
+    wait_until("the drain to start", lambda: "drain of n2 started" in text(d))
+    d.get(base + "/")
+    d.execute_script("window.__same_page = true")
+
+    def drained_on_page() -> bool:
+        return "drained" in text(d, "capacity")
+
+    # The small volumes here move in well under a second: the progress bar may come and go
+    # between two live updates, so the outcome is what must reach the open page.
+    wait_until("n2 drained, on the open overview", drained_on_page, timeout=90)
+    assert c.node_state("n2")["state"] == "drained"
+    assert d.execute_script("return window.__same_page === true")
+    shot(d, "overview-after-drain")
 
     # The overview once more, with volumes in it; then log out.
     d.get(base + "/")
