@@ -29,6 +29,7 @@ from pxcluster.units import format_size
 routes = web.RouteTableDef()
 
 SCRUB_TIMEOUT = 120.0  # s a browser waits for a scrub's report
+MAX_TARGET_URL = 1024
 _INTEGER = re.compile(r"-?\d{1,20}")
 # Form fields that the API takes as JSON integers or booleans; every other field is a string,
 # as the API takes it (sizes and rates may be strings like 10G there too).
@@ -248,6 +249,20 @@ async def volume_clone(request: web.Request, svc: Service) -> tuple[str, str]:
 
 
 # --- backups (at the volume's backup target, see console/backups.py)
+
+
+@action("/volumes/{name}/backup-target", "set the backup target")
+async def volume_backup_target(request: web.Request, svc: Service) -> tuple[str, str]:
+    name = _volume(request)
+    body = await form_body(request, frozenset({"target"}))
+    url = body.string("target") or ""
+    if len(url) > MAX_TARGET_URL:
+        raise InvalidArgument(f"a backup target URL has at most {MAX_TARGET_URL} characters")
+    view = await svc.set_schedules(name, None, None, url)
+    request.app[CONSOLE].backups.forget(view)
+    return f"/volumes/{name}", (
+        f"backups of {name} go to {url}" if url else f"{name} has no backup target now"
+    )
 
 
 @action("/volumes/{name}/backups", "back up the volume")

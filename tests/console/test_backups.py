@@ -57,7 +57,13 @@ async def test_back_up_now_and_restore_from_the_volume_page(
         status, body = await post("/volumes/bk/backups", {"csrf": csrf})
         assert status == 400 and "no backup target" in body, (status, body[:300])
 
-        c.cli("volume", "update", "bk", "--backup-target", f"file://{target}")
+        status, body = await post("/volumes/bk/backup-target", {"csrf": csrf, "target": "ftp://x"})
+        assert status == 400 and "invalid backup target" in body, (status, body[:300])
+        status, where = await post(
+            "/volumes/bk/backup-target", {"csrf": csrf, "target": f"file://{target}"}
+        )
+        assert status in (302, 303), (status, where)
+        assert c.inspect("bk")["backup_target"] == f"file://{target}"
         status, where = await post("/volumes/bk/backups", {"csrf": csrf})
         assert status in (302, 303) and where.startswith("/volumes/bk"), (status, where)
         html = await page("/volumes/bk")
