@@ -530,10 +530,7 @@ class VolumeEngine:
                 return None
         # Under way from here: it ends through the future, as _mutate ends a write, and counts
         # as in flight until then (the rebuild's and the copy gates' waits see it).
-        serial = next(self._serial)
-        self.inflight.add(serial)
-        counts = self.chunk_writes
-        counts[chunk] = counts.get(chunk, 0) + 1
+        serial = self._begin_write((chunk,))
         c = self.counters
         c["write_ops"] += 1
         c["write_bytes"] += length
@@ -757,9 +754,7 @@ class VolumeEngine:
             async def free(r: ReplicaAPI, pieces: list[Piece]) -> None:
                 await r.trim(vid, epoch, chunk, 0, whole.length, seq=seq)
 
-            serial = next(self._serial)
-            self.inflight.add(serial)
-            self.chunk_writes[chunk] = self.chunk_writes.get(chunk, 0) + 1
+            serial = self._begin_write((chunk,))
             try:
                 await self._fan_write(lambda r: free(r, [whole]), [whole], free)
             finally:
@@ -857,15 +852,21 @@ class VolumeEngine:
             if gate is None:
                 break
             await gate.wait()
+        serial = self._begin_write(chunks)
+        try:
+            await self._fan_write(lambda r: call(r, pieces), pieces, call)
+        finally:
+            self._end_write(serial, chunks)
+
+    def _begin_write(self, chunks: Sequence[int]) -> int:
+        """A write is under way on `chunks`: in flight until `_end_write`, so the rebuild's
+        and the copy gates' waits see it. Every write path, fast or not, starts here."""
         serial = next(self._serial)
         self.inflight.add(serial)
         counts = self.chunk_writes
         for c in chunks:
             counts[c] = counts.get(c, 0) + 1
-        try:
-            await self._fan_write(lambda r: call(r, pieces), pieces, call)
-        finally:
-            self._end_write(serial, chunks)
+        return serial
 
     def _end_write(self, serial: int, chunks: Sequence[int]) -> None:
         """A write is over (acknowledged or failed): its chunks are dirty as of now."""
