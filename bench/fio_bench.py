@@ -8,6 +8,9 @@ run under the same load):
   native      fio libaio O_DIRECT on a plain file on the same filesystem
   nbdkit      `nbdkit file` on a plain file (honours FLUSH and FUA), fio nbd engine
   nbdkit_fua  the same with `--filter=fua fuamode=force` (every write durable)
+  quorum      the C replication peer: qemu-nbd exporting QEMU's quorum driver (vote threshold
+              2) over three `nbdkit file` servers, each on its own file: repl-3's topology
+  quorum_fua  the same over nbdkit servers with fuamode=force (against repl3_sync)
   repl1/3     default volumes, fio nbd engine
   repl1/3_sync volumes created with --sync-writes
   repl1/3_enc volumes created with --encrypted --key-file (ratios against repl1/3: the cost
@@ -82,6 +85,38 @@ class Nbdkit:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+class Quorum:
+    """qemu-nbd serving QEMU's quorum block driver over three nbdkit file servers."""
+
+    def __init__(self, tmp: Path, name: str, size: int, *, fua: bool) -> None:
+        self.kits = [Nbdkit(tmp / f"{name}-{i}.img", size, fua=fua) for i in range(3)]
+        self.port = free_port()
+        opts = "driver=quorum,vote-threshold=2,read-pattern=fifo"
+        for i, k in enumerate(self.kits):
+            opts += (
+                f",children.{i}.driver=nbd,children.{i}.server.type=inet"
+                f",children.{i}.server.host=127.0.0.1,children.{i}.server.port={k.port}"
+            )
+        cmd = ["qemu-nbd", "-t", "-e", "16", "-p", str(self.port), "-b", "127.0.0.1"]
+        cmd += ["-x", "q3", "--image-opts", opts]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port("127.0.0.1", self.port, 20)
+
+    @property
+    def target(self) -> list[str]:
+        return ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{self.port}/q3"]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *(k.proc.pid for k in self.kits)]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        for k in self.kits:
+            k.close()
 
 
 def nbd_target(uri: str) -> list[str]:
@@ -280,13 +315,18 @@ def main() -> None:
             print(json.dumps(result["profile"], indent=2))
             return
         up: dict[str, tuple[list[str], list[int]]] = {}
-        kits: list[Nbdkit] = []
+        kits: list[Nbdkit | Quorum] = []
         if "native" in targets:
             up["native"] = (["--ioengine=libaio", "--direct=1", f"--filename={tmp / 'n.img'}"], [])
         for name, fua in (("nbdkit", False), ("nbdkit_fua", True)):
             if name in targets:
                 kits.append(Nbdkit(tmp / f"{name}.img", size_b, fua=fua))
                 up[name] = (kits[-1].target, [kits[-1].proc.pid])
+        for name, fua in (("quorum", False), ("quorum_fua", True)):
+            if name in targets and shutil.which("qemu-nbd"):
+                quorum = Quorum(tmp, name, size_b, fua=fua)
+                kits.append(quorum)
+                up[name] = (quorum.target, quorum.pids)
         etcd.start()
         c = Cluster(tmp, etcd, name="bench", lease_ttl=5)
         for n in ("n1", "n2", "n3"):
@@ -332,8 +372,10 @@ def main() -> None:
         log("rebuild bench")
         result["rebuild"] = sub_bench("rebuild_bench.py", "1G")
     rat = report.ratios(cells)
+    peer = report.peer_ratios(cells)
     result["cells"] = cells
     result["ratios"] = rat
+    result["peer_ratios"] = peer
     result["targets"] = report.check_targets(rat)
     result["load_end"] = [round(x, 2) for x in load()]
     out = RESULTS / f"fio-{stamp}.json"
@@ -346,6 +388,10 @@ def main() -> None:
     print()
     print(report.targets_table(result["targets"]))
     print()
+    if peer:
+        print("repl-3 against the C replication peer (QEMU quorum over three nbdkit servers):")
+        print(report.peer_table(cells, peer))
+        print()
     print(
         "scaling (repl-3 rand write 4 KiB QD16, IOPS total):",
         result.get("scaling_repl3_rand_write_4k_qd16_iops"),

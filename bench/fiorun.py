@@ -39,6 +39,8 @@ WORKLOADS: tuple[Workload, ...] = (
         "rand_write_4k_qd16_fsync32", "rand write 4 KiB QD16 fsync/32", "randwrite", "4k", 16, 32
     ),
     Workload("rand_write_4k_qd1", "rand write 4 KiB QD1", "randwrite", "4k", 1),
+    # A database commit: one write, then its flush, one at a time.
+    Workload("commit_4k_qd1_fsync1", "commit: 4 KiB QD1, fsync each", "randwrite", "4k", 1, 1),
 )
 
 

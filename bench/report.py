@@ -20,10 +20,15 @@ REFERENCE: dict[str, str] = {
     "repl1_enc": "repl1",
     "repl3_enc": "repl3",
 }
+# The C replication peer: QEMU's quorum driver over three nbdkit file servers, behind qemu-nbd
+# (one front process, three replica processes, NBD between them: a repl-3 volume's topology).
+PEER: dict[str, str] = {"repl3": "quorum", "repl3_sync": "quorum_fua"}
 ORDER = (
     "native",
     "nbdkit",
     "nbdkit_fua",
+    "quorum",
+    "quorum_fua",
     "repl1",
     "repl3",
     "repl1_sync",
@@ -80,6 +85,38 @@ def ratios(cells: Cells) -> Cells:
                 continue
             out[t][w] = {k: round(v / r[k], 2) if r.get(k) else 0.0 for k, v in m.items()}
     return out
+
+
+def peer_ratios(cells: Cells) -> Cells:
+    """repl-3 volumes over the C replication peer, per workload: IOPS (MiB/s) and latency."""
+    out: Cells = {}
+    for t, peer in PEER.items():
+        if t not in cells or peer not in cells:
+            continue
+        out[t] = {}
+        for w, m in cells[t].items():
+            r = cells[peer].get(w)
+            if r:
+                out[t][w] = {k: round(v / r[k], 2) if r.get(k) else 0.0 for k, v in m.items()}
+    return out
+
+
+def peer_table(cells: Cells, rat: Cells) -> str:
+    lines = [
+        "| workload | ours | peer | IOPS | peer IOPS | ratio IOPS | p50 us | peer p50 us |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in WORKLOADS:
+        for t, peer in PEER.items():
+            m, p, r = (cells.get(x, {}).get(w.key) for x in (t, peer, t))
+            ratio = rat.get(t, {}).get(w.key)
+            if m is None or p is None or r is None or ratio is None:
+                continue
+            lines.append(
+                f"| {w.label} | {t} | {peer} | {m['iops']:,.0f} | {p['iops']:,.0f} | "
+                f"{ratio['iops']:.2f} | {m['p50_us']:,.0f} | {p['p50_us']:,.0f} |"
+            )
+    return "\n".join(lines)
 
 
 def check_targets(rat: Cells) -> list[dict[str, Any]]:
