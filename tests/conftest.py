@@ -9,6 +9,7 @@ import pytest
 
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
+from tests.harness.s3 import S3_BUCKET, SeaweedS3, weed_binary
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -44,3 +45,28 @@ def cluster3(cluster: Cluster) -> Cluster:
     for name in ("n1", "n2", "n3"):
         cluster.add_node(name)
     return cluster
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS) for the whole run, with the bucket S3_BUCKET."""
+    try:
+        weed_binary()
+    except Exception as e:
+        pytest.skip(f"SeaweedFS not installed: {e}")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        server.create_bucket(S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The AWS_* variables that reach the S3 server, set for this test (and the CLI it runs)."""
+    env = seaweed.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env

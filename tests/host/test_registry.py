@@ -18,9 +18,7 @@ import pytest
 from tests.harness.cluster import Cluster
 from tests.harness.host import HostEnv, sh, wait_for
 from tests.harness.registry import Registry, blob_count, build_image
-from tests.harness.s3 import SeaweedS3
-
-BUCKET = "pxc-registry"
+from tests.harness.s3 import S3_BUCKET
 
 pytestmark = pytest.mark.skipif(
     shutil.which("docker-registry") is None or shutil.which("skopeo") is None,
@@ -44,22 +42,16 @@ class Timer:
 
 @pytest.mark.timeout(600)
 def test_registry_on_a_volume_survives_its_host(
-    host: HostEnv, hcluster3: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    host: HostEnv, hcluster3: Cluster, tmp_path: Path, s3_env: dict[str, str]
 ) -> None:
     c = hcluster3
     t = Timer()
     registries: list[Registry] = []
-    s3 = SeaweedS3(tmp_path / "s3")  # a real S3 server for the backup
-    s3.start()
     try:
-        s3.create_bucket(BUCKET)
-        for k, v in s3.env().items():
-            monkeypatch.setenv(k, v)  # the CLI's backup commands read them
         _scenario(c, host, tmp_path, t, registries)
     finally:
         for r in registries:
             r.stop(kill=True)
-        s3.stop()
         print("\nregistry scenario timings:\n" + t.report())
 
 
@@ -67,7 +59,7 @@ def _scenario(c: Cluster, host: HostEnv, tmp: Path, t: Timer, registries: list[R
     first = build_image(tmp / "img-a", "v1", layers=3, layer_size=2 << 20, seed=1)
     second = tmp / "img-b"
     build_image(second, "v2", layers=4, layer_size=12 << 20, seed=2)
-    backups = f"s3://{BUCKET}/registry"
+    backups = f"s3://{S3_BUCKET}/registry-{tmp.name}"  # a real S3 server (s3_env)
 
     def serve(root: Path) -> Registry:
         r = Registry(tmp, root)

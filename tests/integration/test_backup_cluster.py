@@ -7,33 +7,17 @@ import hashlib
 import os
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.cluster import Cluster
 from tests.harness.etcd import EtcdServer
-from tests.harness.s3 import SeaweedS3, weed_binary
+from tests.harness.s3 import S3_BUCKET, SeaweedS3
 from tests.harness.volume_bytes import nbd_sha, nbd_write
 
 MiB = 1 << 20
-BUCKET = "pxc-cluster-backups"
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    try:
-        weed_binary()
-    except Exception as e:
-        pytest.skip(f"SeaweedFS not installed: {e}")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop()
+BUCKET = S3_BUCKET
 
 
 @pytest.fixture(params=["file", "s3"])
