@@ -126,6 +126,11 @@ class Registry:
                 raise AssertionError(f"registry did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.1)
 
+    def signal_kill(self) -> None:
+        """SIGKILL, not waited for (see stop)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
     def stop(self, kill: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:
             if kill:

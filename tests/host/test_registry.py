@@ -95,10 +95,14 @@ def _scenario(c: Cluster, host: HostEnv, tmp: Path, t: Timer, registries: list[R
         before = blob_count(m1)
         wait_for(lambda: blob_count(m1) > before, 60, "the second push storing blobs")
         c.kill("n1")
-        r1.stop(kill=True)  # the registry died with its host
+        # The registry dies with its host. It may be in the middle of a write to the
+        # filesystem of the dead node's device, uninterruptible until the host's mount is
+        # torn down: signal it, tear down, and only then wait for it.
+        r1.signal_kill()
         push.kill()
-        push.wait(10)
         host.crash("reg")
+        r1.stop(kill=True)
+        push.wait(10)
     with t.step("n1's lease expires (seen down)"):
         wait_for(lambda: not c.node_state("n1")["up"], 30, "n1 down")
     m2 = tmp / "m2"
