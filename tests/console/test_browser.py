@@ -120,6 +120,22 @@ def checked_page(driver: Any) -> None:
     assert errors == [], f"console errors on {driver.current_url}: {errors}"
 
 
+def click(driver: Any, css: str) -> None:
+    """Click what `css` names; a live update may swap the element out between finding and
+    clicking it, so find it again then."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def clicked() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_until(f"a click on {css}", clicked)
+
+
 def shot(driver: Any, name: str) -> None:
     checked_page(driver)
     # The whole page, not only the window: set the window as tall as the document first.
@@ -279,12 +295,12 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
 
     # Nodes: cordon n3, then the drain plan of n2 (a dry run: nothing changes).
     d.get(base + "/nodes")
-    d.find_element(By.CSS_SELECTOR, "form[action='/nodes/n3/cordon'] button").click()
+    click(d, "form[action='/nodes/n3/cordon'] button")
     wait_until("n3 cordoned", lambda: "node n3 cordoned" in text(d))
     assert c.node_state("n3")["state"] == "cordoned"
     assert "cordoned" in text(d, "node-n3")
     shot(d, "nodes")
-    d.find_element(By.CSS_SELECTOR, "a[href='/nodes/n2/drain']").click()
+    click(d, "a[href='/nodes/n2/drain']")
     wait_until("the drain plan", lambda: "Drain n2: the plan" in text(d))
     assert "web-vol" in text(d) or "cli-vol" in text(d)
     assert c.node_state("n2")["state"] == "active"
@@ -293,12 +309,12 @@ def test_console_in_a_browser(secured3: Cluster, browser: Any) -> None:
     # Uncordon n3, then drain n2 for real from its plan (its replicas have somewhere to go
     # now): progress on the overview, then drained.
     d.get(base + "/nodes")
-    d.find_element(By.CSS_SELECTOR, "form[action='/nodes/n3/uncordon'] button").click()
+    click(d, "form[action='/nodes/n3/uncordon'] button")
     wait_until("n3 active again", lambda: "node n3 is active again" in text(d))
     d.get(base + "/nodes/n2/drain")
     wait_until("the drain plan", lambda: "Drain n2: the plan" in text(d))
     assert not d.find_elements(By.NAME, "force")  # no volume would lose a replica
-    d.find_element(By.CSS_SELECTOR, "form[action='/nodes/n2/drain'] button").click()
+    click(d, "form[action='/nodes/n2/drain'] button")
     wait_until("the drain to start", lambda: "drain of n2 started" in text(d))
     d.get(base + "/")
     d.execute_script("window.__same_page = true")
