@@ -43,7 +43,7 @@ from pxcluster.controllers.runner import Controller, ControllerRunner
 from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.engine.errors import Fenced, NoInSyncReplica
 from pxcluster.engine.state import EtcdReplicaState
-from pxcluster.engine.volume import OpenReport, VolumeSpec
+from pxcluster.engine.volume import VOLUME_COUNTERS, OpenReport, VolumeSpec
 from pxcluster.nbd.export import Export, ExportRegistry
 from pxcluster.node.agent import NodeAgent, Peers
 from pxcluster.node.daemon import boot_id
@@ -92,7 +92,7 @@ class SimEngine:
         self.cipher: Any = None
         self.hydration: Any = None
         self.limits = _NoLimits()
-        self.counters = {"read_ops": 0, "read_bytes": 0, "write_ops": 0, "write_bytes": 0}
+        self.counters = dict.fromkeys(VOLUME_COUNTERS, 0)
 
     @property
     def in_sync_count(self) -> int:

@@ -397,7 +397,6 @@ class Node:
         m.used.set(sum(x.used for x in stats))
 
     async def _refresh_record(self) -> None:
-        last = b""
         while True:
             await asyncio.sleep(2.0)
             with contextlib.suppress(Exception):
@@ -406,10 +405,11 @@ class Node:
                     continue
                 state = NodeRecord.decode(kv.value).state
                 value = self.node_record(state).encode()
-                if value != last:
+                # Against what etcd holds, not what this loop wrote last: another writer (a
+                # cordon, a drain) may have put back an older view of the disks meanwhile.
+                if value != kv.value:
                     txn = self.etcd.txn().unchanged(self.keys.node(self.node_id), kv.mod_revision)
-                    if await self.etcd.commit(txn.put(self.keys.node(self.node_id), value)):
-                        last = value
+                    await self.etcd.commit(txn.put(self.keys.node(self.node_id), value))
 
     async def stop(self) -> None:
         self._stopping.set()

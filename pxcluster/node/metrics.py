@@ -64,17 +64,23 @@ class _VolumeCollector(Collector):
         limits = GaugeMetricFamily(
             "pxc_volume_limit", "I/O limits, 0 = none", labels=["volume", "kind"]
         )
+        freed = CounterMetricFamily(
+            "pxc_volume_chunks_freed",
+            "Chunks given back to the disks by trims (whole, or zeroed in pieces)",
+            labels=["volume"],
+        )
         for v in self.volumes():
             c = v.counters
-            for op in ("read", "write"):
+            for op in ("read", "write", "trim"):
                 ops.add_metric([v.name, op], c[f"{op}_ops"])
                 nbytes.add_metric([v.name, op], c[f"{op}_bytes"])
+            freed.add_metric([v.name], c["chunks_freed"])
             in_sync.add_metric([v.name], v.in_sync_count)
             stale.add_metric([v.name], v.replica_count - v.in_sync_count)
             iops, bw = v.limit_settings
             limits.add_metric([v.name, "iops"], iops)
             limits.add_metric([v.name, "bytes_per_second"], bw)
-        yield from (ops, nbytes, in_sync, stale, limits)
+        yield from (ops, nbytes, freed, in_sync, stale, limits)
 
 
 class Metrics:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,18 @@ class Cluster:
             )
             is not None
         )
+
+    def metric(self, name: str, sample: str) -> float:
+        """One sample from node `name`'s /metrics, named as Prometheus prints it
+        (`pxc_volume_ops_total{op="trim",volume="v"}`); 0 when the node does not report it."""
+        n = self.nodes[name]
+        with urllib.request.urlopen(
+            f"http://{n.address}:{n.ports['api']}/metrics", timeout=10
+        ) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.split()[-1])
+        return 0.0
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         try:
