@@ -425,6 +425,9 @@ async def test_a_chunk_trimmed_in_pieces_is_freed_once_it_reads_as_zeros(
         await asyncio.sleep(0.01)
     assert trims.count((1, 0, CHUNK)) == 2  # freed on both replicas
     assert (2, 0, CHUNK) not in trims
+    # What /metrics reports: six trims of a quarter chunk each, and the one chunk freed.
+    assert (eng.counters["trim_ops"], eng.counters["trim_bytes"]) == (6, 6 * piece)
+    assert eng.counters["chunks_freed"] == 1
     assert await eng.read(2 * CHUNK + CHUNK // 2, 4096) == b"c" * 4096
     assert await eng.read(1 * CHUNK, CHUNK) == bytes(CHUNK)
     assert all(
