@@ -45,8 +45,9 @@ from pxcluster.engine.errors import Fenced, NoInSyncReplica
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import OpenReport, VolumeSpec
 from pxcluster.nbd.export import Export, ExportRegistry
-from pxcluster.node.agent import NodeAgent, Peers
+from pxcluster.node.agent import NodeAgent
 from pxcluster.node.daemon import boot_id
+from pxcluster.node.peers import Peers
 from pxcluster.service.core import Service
 from replica.api import ReplicaAPI
 

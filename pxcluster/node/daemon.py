@@ -32,9 +32,10 @@ from pxcluster.errors import JoinRefused
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
 from pxcluster.nbd.tls import nbd_server_context
-from pxcluster.node.agent import NodeAgent, Peers
+from pxcluster.node.agent import NodeAgent
 from pxcluster.node.metrics import Metrics
 from pxcluster.node.paths import check_data_dir, inside
+from pxcluster.node.peers import Peers
 from pxcluster.service.core import Service, is_loopback
 from replica import auth
 from replica.chunkstore import ChunkStore
