@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
@@ -35,8 +37,26 @@ from pxcluster.node.rebuilds import Rebuilds
 from pxcluster.node.scrub_apply import apply_scrub
 from pxcluster.node.snapshot_apply import SnapshotApplier
 from pxcluster.service.core import Service, VolumeView
+from replica.api import ReplicaAPI
 
 log = logging.getLogger(__name__)
+
+
+class MakeEngine(Protocol):
+    """What the agent builds a volume's engine with: `VolumeEngine`, or a stand-in with its
+    constructor (the scale simulation, bench/scale_node.py)."""
+
+    def __call__(
+        self,
+        spec: VolumeSpec,
+        epoch: int,
+        replicas: dict[str, ReplicaAPI],
+        *,
+        local_node: str,
+        state: EtcdReplicaState,
+        lease_ok: Callable[[], bool],
+        on_fenced: Callable[[], Coroutine[Any, Any, None]],
+    ) -> VolumeEngine: ...
 
 
 _RELIST_EVERY = 30.0
@@ -58,6 +78,7 @@ class NodeAgent:
         rebuild_bandwidth: int = 0,
         clean_after: float = 2.0,
         metrics: Metrics | None = None,
+        make_engine: MakeEngine = VolumeEngine,
     ) -> None:
         self.node_id = node_id
         self.etcd = etcd
@@ -72,6 +93,7 @@ class NodeAgent:
         self._pass_interval = pass_interval
         self._failures: dict[str, float] = {}
         self.clean_after = clean_after
+        self.make_engine = make_engine
         self.metrics = metrics or Metrics()
         self.metrics.watch_volumes(lambda: list(self.engines.values()))
         self.rebuilds = Rebuilds(
@@ -279,7 +301,7 @@ class NodeAgent:
             for node_id, state in view.replicas.items()
             if state.state == "in_sync" and node_id in nodes
         }
-        engine = VolumeEngine(
+        engine = self.make_engine(
             VolumeSpec(vid, rec.name, rec.size, rec.chunk_size, rec.sync_writes),
             epoch,
             replicas,
