@@ -1,10 +1,12 @@
 """A worker process of `bench/scale.py`: many simulated storage nodes as asyncio tasks.
 
-Each simulated node runs the real control plane of `pxcluster.node.daemon.Node`: its own etcd client
-(`membership.etcd.Etcd`), a `LeaseKeeper` with `alive/<id>` bound to the lease, an `Election`,
-a `ControllerRunner` with the leader's four controllers, the node-record refresh, and the real
-`pxcluster.node.agent.NodeAgent`. Only the data path is replaced: `SimEngine` stands in for
-`VolumeEngine` (no replica connections, no NBD server), and the node has no disks.
+Each simulated node runs its own etcd client (`membership.etcd.Etcd`) and the control plane of
+`pxcluster.node.daemon.Node`, `pxcluster.node.control.NodeControl`: the node record and
+`alive/<id>` bound to a `LeaseKeeper`'s lease, the rejoin when the lease is lost, the
+node-record refresh, an `Election`, a `ControllerRunner` with the leader's controllers, and the
+real `pxcluster.node.agent.NodeAgent`. Only the data path is replaced: the agent builds
+`SimEngine`s instead of `VolumeEngine`s (no replica connections, no NBD server), and the node
+has no disks.
 
 Two agents:
   * `real`: `NodeAgent.run` unchanged (a full read of every volume on every change under the
@@ -28,26 +30,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
-import pxcluster.node.agent
-from membership.election import Election
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
-from membership.lease import LeaseKeeper
 from membership.records import Attachment, AttachTarget, DiskRecord, NodeRecord
-from pxcluster.controllers.drain import DrainController
-from pxcluster.controllers.failover import FailoverController
-from pxcluster.controllers.repair import RepairController
-from pxcluster.controllers.runner import Controller, ControllerRunner
-from pxcluster.controllers.schedules import ScheduleController
 from pxcluster.engine.errors import Fenced, NoInSyncReplica
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VOLUME_COUNTERS, OpenReport, VolumeSpec
 from pxcluster.nbd.export import Export, ExportRegistry
-from pxcluster.node.agent import NodeAgent, Peers
+from pxcluster.node.agent import MakeEngine, NodeAgent
+from pxcluster.node.control import NodeControl
 from pxcluster.node.daemon import boot_id
-from pxcluster.service.core import Service
+from pxcluster.node.peers import Peers
 from replica.api import ReplicaAPI
 
 log = logging.getLogger("scale")
@@ -147,10 +142,6 @@ class SimEngine:
 
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
         pass
-
-
-# The agent builds its engines from this module global: the only change to the real agent.
-pxcluster.node.agent.VolumeEngine = SimEngine  # type: ignore[misc, assignment, attr-defined]
 
 
 class SimPeers(Peers):
@@ -310,12 +301,6 @@ class LiteAgent(NodeAgent):
 # --- a simulated node
 
 
-@dataclass
-class NodeStats:
-    lease_lost: int = 0
-    leader_since: float = 0.0
-
-
 class SimNode:
     def __init__(
         self,
@@ -331,15 +316,11 @@ class SimNode:
         self.cfg = cfg
         self.keys = Keys(cfg["cluster"])
         self.etcd = Etcd(cfg["etcd"], spread_by=name)
-        self.lease = LeaseKeeper(self.etcd, cfg["ttl"], self._lease_lost)
+        self.control = NodeControl(self.etcd, self.keys, cfg["ttl"], self.record)
         self.registry = TrackingRegistry(node_id, served)
-        self.agent: NodeAgent | None = None
-        self.election: Election | None = None
-        self.tasks: list[asyncio.Task[None]] = []
-        self.stats = NodeStats()
         self.dead = False
 
-    def record(self) -> NodeRecord:
+    def record(self, state: str) -> NodeRecord:
         disk = DiskRecord(f"/sim/{self.name}/disk0", self.node_id[:12], NODE_CAPACITY, 0)
         return NodeRecord(
             id=self.node_id,
@@ -349,7 +330,7 @@ class SimNode:
             nbd_port=10809,
             api_port=9001,
             zone=self.zone,
-            state="active",
+            state=state,
             disks=[disk.to_dict()],
             capacity=NODE_CAPACITY,
             used=0,
@@ -358,90 +339,35 @@ class SimNode:
 
     async def start(self) -> None:
         await self.etcd.connect()
-        # Node.register
-        await self.lease.grant()
-        await self.etcd.put(self.keys.node(self.node_id), self.record().encode())
-        await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
-        self.lease.start()
+        await self.control.register(self.node_id)
         agent_cls = LiteAgent if self.cfg["agent"] == "lite" else NodeAgent
-        self.agent = agent_cls(
+        agent = agent_cls(
             self.node_id,
             self.etcd,
             self.keys,
-            self.lease,
+            self.control.lease,
             SimPeers(self.node_id, None, key=b""),  # type: ignore[arg-type]
             self.registry,
+            make_engine=cast(MakeEngine, SimEngine),
         )
-        self.election = Election(self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id)
-        service = Service(self.etcd, self.keys.cluster)
-        controllers: list[Controller] = [
-            FailoverController(service),
-            RepairController(service, replace_after=300.0),
-            DrainController(service),
-            ScheduleController(service),
-        ]
-        runner = ControllerRunner(self.etcd, self.keys.root.encode(), self.election, controllers)
-        self.tasks = [
-            asyncio.create_task(self.agent.run(), name="agent"),
-            asyncio.create_task(self.election.run(), name="election"),
-            asyncio.create_task(runner.run(), name="controllers"),
-            asyncio.create_task(self._refresh_record(), name="node-status"),
-        ]
-
-    async def _refresh_record(self) -> None:
-        """Node._refresh_record: the record is re-read every 2 s, written only when changed."""
-        last = b""
-        while True:
-            await asyncio.sleep(2.0)
-            with contextlib.suppress(Exception):
-                kv = await self.etcd.get(self.keys.node(self.node_id))
-                if kv is None:
-                    continue
-                state = NodeRecord.decode(kv.value).state
-                rec = self.record()
-                value = NodeRecord.from_dict({**rec.to_dict(), "state": state}).encode()
-                if value != last and value != kv.value:
-                    txn = self.etcd.txn().unchanged(self.keys.node(self.node_id), kv.mod_revision)
-                    if await self.etcd.commit(txn.put(self.keys.node(self.node_id), value)):
-                        last = value
-                else:
-                    last = value
-
-    async def _lease_lost(self) -> None:
-        """Node._lease_lost: fence, then rejoin with a new lease."""
-        self.stats.lease_lost += 1
-        if self.agent is not None:
-            await self.agent.fence_all("node lease expired")
-        while not self.dead:
-            try:
-                await self.lease.grant()
-                await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
-                self.lease.start()
-                return
-            except Exception as e:
-                log.warning("node %s: rejoin failed: %s", self.name, e)
-                await asyncio.sleep(1.0)
+        self.control.start(agent)
 
     async def kill(self) -> float:
         """As SIGKILL looks to etcd: everything stops at once, the lease is not revoked."""
         self.dead = True
         at = time.time()
-        for t in self.tasks:
-            t.cancel()
+        self.control.cancel()
         self.registry.close_all(at)
-        await self.lease.stop(revoke=False)
-        await asyncio.wait(self.tasks, timeout=5)
+        await self.control.lease.stop(revoke=False)
+        await self.control.wait_stopped()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.etcd.close()
         return at
 
     async def stop(self) -> None:
-        if self.dead:
-            return
-        at = await self.kill()
-        self.dead = True
-        del at
+        if not self.dead:
+            await self.kill()
 
 
 # --- the worker process
@@ -487,16 +413,20 @@ class Worker:
             "cpu_s": ru.ru_utime + ru.ru_stime,
             "max_rss_mb": ru.ru_maxrss // 1024,
             "lag": self.lag.summary(),
-            "lease_lost": {n.node_id: n.stats.lease_lost for n in self.nodes.values()},
+            "lease_lost": {n.node_id: n.control.leases_lost for n in self.nodes.values()},
             "leaders": [
                 n.node_id
                 for n in self.nodes.values()
-                if not n.dead and n.election is not None and n.election.is_leader
+                if not n.dead and n.control.election is not None and n.control.election.is_leader
             ],
             "watch_events": sum(
-                n.agent.watch_events for n in self.nodes.values() if isinstance(n.agent, LiteAgent)
+                n.control.agent.watch_events
+                for n in self.nodes.values()
+                if isinstance(n.control.agent, LiteAgent)
             ),
-            "attached": sum(len(n.agent.engines) for n in self.nodes.values() if n.agent),
+            "attached": sum(
+                len(n.control.agent.engines) for n in self.nodes.values() if n.control.agent
+            ),
         }
 
     async def start_all(self) -> None:

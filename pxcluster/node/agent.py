@@ -5,6 +5,10 @@ this node's lease, in one transaction, before the engine opens the replicas), de
 longer targeted here, fences every engine when the lease is at risk, and frees the chunks of
 deleted volumes. State is re-read on every pass, so a missed event or a CLI that died half way
 costs one pass, never a stuck volume.
+
+The work an attached engine does besides serving is in modules of its own, which the agent
+drives from its passes: rebuilds (`rebuilds.py`), clone copies (`hydration.py`), snapshot
+requests (`snapshot_apply.py`) and scrubs (`scrub_apply.py`).
 """
 
 from __future__ import annotations
@@ -12,75 +16,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from membership.etcd import Etcd, EtcdUnavailable
 from membership.keys import Keys
 from membership.lease import LeaseKeeper
-from membership.records import (
-    Attachment,
-    AttachTarget,
-    FailoverRecord,
-    HydrationRecord,
-    NodeRecord,
-    RebuildOp,
-    ReplicaState,
-    RevertRecord,
-    ScrubRecord,
-    SnapshotRecord,
-)
+from membership.records import Attachment, AttachTarget, FailoverRecord
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import VolumeIOError
-from pxcluster.engine.hydrate import Hydration
-from pxcluster.engine.rebuild import Progress, rebuild
-from pxcluster.engine.scrub import scrub
 from pxcluster.engine.state import EtcdReplicaState
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
 from pxcluster.errors import PxcError, UnknownVolume
 from pxcluster.nbd.export import ExportRegistry
+from pxcluster.node.hydration import Hydrations
 from pxcluster.node.metrics import Metrics
+from pxcluster.node.peers import Peers
+from pxcluster.node.rebuilds import Rebuilds
+from pxcluster.node.scrub_apply import apply_scrub
+from pxcluster.node.snapshot_apply import SnapshotApplier
 from pxcluster.service.core import Service, VolumeView
 from replica.api import ReplicaAPI
-from replica.client import ReplicaClient
-from replica.service import ReplicaService
 
 log = logging.getLogger(__name__)
 
 
-class Peers:
-    """One replica client per peer node, reused by every engine on this node."""
+class MakeEngine(Protocol):
+    """What the agent builds a volume's engine with: `VolumeEngine`, or a stand-in with its
+    constructor (the scale simulation, bench/scale_node.py)."""
 
-    def __init__(
+    def __call__(
         self,
-        local_id: str,
-        local: ReplicaService,
+        spec: VolumeSpec,
+        epoch: int,
+        replicas: dict[str, ReplicaAPI],
         *,
-        key: bytes,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self.local_id = local_id
-        self.local = local
-        self.key = key  # the cluster key every peer's replica server asks us to prove
-        self.tls = tls  # replica port TLS (replica.tls.client_context), None: plain TCP
-        self._clients: dict[str, tuple[tuple[str, int], ReplicaClient]] = {}
-
-    def get(self, node: NodeRecord) -> ReplicaAPI:
-        if node.id == self.local_id:
-            return self.local
-        where = (node.address, node.data_port)
-        known = self._clients.get(node.id)
-        if known is None or known[0] != where:
-            client = ReplicaClient(node.address, node.data_port, tls=self.tls, key=self.key)
-            self._clients[node.id] = (where, client)
-            return client
-        return known[1]
-
-    async def close(self) -> None:
-        for _, client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        local_node: str,
+        state: EtcdReplicaState,
+        lease_ok: Callable[[], bool],
+        on_fenced: Callable[[], Coroutine[Any, Any, None]],
+    ) -> VolumeEngine: ...
 
 
 _RELIST_EVERY = 30.0
@@ -102,6 +78,7 @@ class NodeAgent:
         rebuild_bandwidth: int = 0,
         clean_after: float = 2.0,
         metrics: Metrics | None = None,
+        make_engine: MakeEngine = VolumeEngine,
     ) -> None:
         self.node_id = node_id
         self.etcd = etcd
@@ -115,12 +92,24 @@ class NodeAgent:
         self._retry_after = retry_after
         self._pass_interval = pass_interval
         self._failures: dict[str, float] = {}
-        self.rebuild_bandwidth = rebuild_bandwidth
         self.clean_after = clean_after
+        self.make_engine = make_engine
         self.metrics = metrics or Metrics()
         self.metrics.watch_volumes(lambda: list(self.engines.values()))
-        self.rebuilds: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._rebuild_backoff: dict[tuple[str, str], float] = {}
+        self.rebuilds = Rebuilds(
+            etcd,
+            keys,
+            self.service,
+            peers,
+            self.metrics,
+            self.wake,
+            bandwidth=rebuild_bandwidth,
+            retry_after=retry_after,
+        )
+        self.hydrations = Hydrations(
+            node_id, etcd, keys, self.service, peers, self.wake, bandwidth=rebuild_bandwidth
+        )
+        self.snapshots = SnapshotApplier(etcd, keys, self.rebuilds)
         # Volumes whose attach target names this node, kept from the watch's events: a pass
         # reads only these and the ones served here, not every volume of the cluster (at 200
         # nodes and 2000 volumes, a full read per pass per node was ~400 MB/s out of etcd).
@@ -238,9 +227,10 @@ class NodeAgent:
         for vid, engine in list(self.engines.items()):
             view = views.get(vid)
             if view is not None:
-                await self._apply_snapshots(view, engine)
-                await self._apply_scrub(view, engine)
-                await self._reconcile_rebuilds(view, engine, alive)
+                await self.snapshots.apply(view, engine)
+                await apply_scrub(self.etcd, self.keys, view, engine)
+                if not await self.rebuilds.reconcile(view, engine, alive):
+                    await self._let_go_if_done(view)
                 await self._apply_settings(view, engine)
         self.metrics.attached_volumes.set(len(self.engines))
         self.metrics.degraded_volumes.set(
@@ -311,7 +301,7 @@ class NodeAgent:
             for node_id, state in view.replicas.items()
             if state.state == "in_sync" and node_id in nodes
         }
-        engine = VolumeEngine(
+        engine = self.make_engine(
             VolumeSpec(vid, rec.name, rec.size, rec.chunk_size, rec.sync_writes),
             epoch,
             replicas,
@@ -335,7 +325,7 @@ class NodeAgent:
         engine.start_cleaner(self.clean_after)
         if view.hydration is not None and view.hydration.state == "running":
             try:
-                await self._start_hydration(view, engine, view.hydration)
+                await self.hydrations.start(view, engine, view.hydration)
             except Exception as e:
                 log.error("volume %s: clone copy cannot start: %s", rec.name, e)
                 await self._drop(vid, engine, reason=f"clone source unavailable: {e}")
@@ -365,7 +355,7 @@ class NodeAgent:
         )
 
     async def detach(self, vid: str) -> None:
-        await self._cancel_rebuilds(vid)
+        await self.rebuilds.cancel(vid)
         engine = self.engines.pop(vid)
         engine.stop_hydration()
         await self.registry.remove(engine.name)
@@ -399,7 +389,7 @@ class NodeAgent:
         self.engines.pop(vid, None)
         engine.fenced = True
         engine.stop_hydration()
-        await self._cancel_rebuilds(vid)
+        await self.rebuilds.cancel(vid)
         await self.registry.remove(engine.name)
         log.warning("volume %s epoch %d: stopped serving: %s", engine.name, engine.epoch, reason)
 
@@ -456,272 +446,14 @@ class NodeAgent:
         m.failover_seconds.labels("reconcile").observe(max(0.0, reconciled - fenced))
         m.failover_seconds.labels("serve").observe(max(0.0, done.serving - rec.detected))
 
-    # --- rebuilds (invariant 6), run by the engine that serves the volume
-
-    async def _reconcile_rebuilds(
-        self, view: VolumeView, engine: VolumeEngine, alive: set[str]
-    ) -> None:
-        vid = view.record.id
-        now = asyncio.get_running_loop().time()
-        pending = False
-        nodes: dict[str, NodeRecord] | None = None
-        for node_id, state in view.replicas.items():
-            if state.state == "in_sync" or node_id not in alive:
-                continue
-            pending = True
-            key = (vid, node_id)
-            if key in self.rebuilds or node_id in engine.in_sync or node_id in engine.rebuilding:
-                continue
-            if now < self._rebuild_backoff.get(key, 0.0):
-                continue
-            if nodes is None:
-                nodes = {n.id: n for n in await self.service.nodes()}
-            if node_id not in nodes:
-                continue
-            target = self.peers.get(nodes[node_id])
-            self.rebuilds[key] = asyncio.create_task(
-                self._rebuild(vid, engine, node_id, target), name=f"rebuild-{vid}-{node_id}"
-            )
-        if (
-            not pending
-            and not any(k[0] == vid for k in self.rebuilds)
-            and view.target is not None
-            and view.target.reason in ("rebuild", "snapshot")
-            and not _snapshot_work(view)
-        ):
-            # Attached here only to rebuild it or to work on its snapshots: done, let it go.
-            txn = self.etcd.txn().value_is(self.keys.target(vid), view.target.encode())
-            await self.etcd.commit(txn.delete(self.keys.target(vid)))
-
-    async def _rebuild(
-        self, vid: str, engine: VolumeEngine, node_id: str, target: ReplicaAPI
-    ) -> None:
-        key = (vid, node_id)
-        op_key = self.keys.rebuild_op(vid, node_id)
-        epoch = engine.epoch
-        last_report = 0.0
-
-        def op(state: str, p: Progress | None = None, error: str = "") -> bytes:
-            d = p.to_dict() if p is not None else {}
-            fields = {**d, "volume": vid, "node": node_id, "epoch": epoch, "state": state}
-            return RebuildOp.from_dict({**fields, "error": error}).encode()
-
-        async def report(p: Progress) -> None:
-            nonlocal last_report
-            now = time.monotonic()
-            if now - last_report >= 0.5:
-                last_report = now
-                with contextlib.suppress(EtcdUnavailable):
-                    await self.etcd.put(op_key, op("running", p))
-
-        async def mark_in_sync() -> bool:
-            txn = (
-                self.etcd.txn()
-                .value_is(self.keys.epoch(vid), str(epoch).encode())
-                .present(self.keys.replica(vid, node_id))
-                .put(
-                    self.keys.replica(vid, node_id),
-                    ReplicaState(node_id, "in_sync", epoch).encode(),
-                )
-                .put(op_key, op("done", progress_box[0]))
-            )
-            return await self.etcd.commit(txn)
-
-        progress_box: list[Progress | None] = [None]
-
-        async def track(p: Progress) -> None:
-            progress_box[0] = p
-            await report(p)
-
-        async def mark_rebuilding() -> bool:
-            state = ReplicaState(node_id, "rebuilding", epoch).encode()
-            txn = (
-                self.etcd.txn()
-                .value_is(self.keys.epoch(vid), str(epoch).encode())
-                .present(self.keys.replica(vid, node_id))
-                .put(self.keys.replica(vid, node_id), state)
-                .put(op_key, op("running"))
-            )
-            return await self.etcd.commit(txn)
-
-        try:
-            progress = await rebuild(
-                engine,
-                node_id,
-                target,
-                mark_in_sync=mark_in_sync,
-                on_open=mark_rebuilding,
-                on_progress=track,
-                bandwidth=self.rebuild_bandwidth,
-            )
-            self._rebuild_backoff.pop(key, None)
-            self.metrics.rebuilds.labels("done").inc()
-            self.metrics.rebuild_bytes.inc(progress.bytes_done)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.warning("volume %s: rebuild of replica %s failed: %s", engine.name, node_id, e)
-            self.metrics.rebuilds.labels("failed").inc()
-            self._rebuild_backoff[key] = asyncio.get_running_loop().time() + self._retry_after * 2
-            with contextlib.suppress(Exception):
-                await self.etcd.put(op_key, op("failed", progress_box[0], str(e) or repr(e)))
-        finally:
-            self.rebuilds.pop(key, None)
-            self.wake.set()
-
-    # --- snapshots, taken and dropped by the engine that serves the volume
-
-    async def _apply_snapshots(self, view: VolumeView, engine: VolumeEngine) -> None:
-        vid = view.record.id
-        for rec in sorted(view.snapshots.values(), key=lambda r: (r.requested, r.id)):
-            key = self.keys.snapshot(vid, rec.id)
-            if rec.state == "creating":
-                await self._cancel_rebuilds(vid)  # they restart, copying the snapshot too
-                try:
-                    created = time.time()
-                    await engine.snapshot(rec.id, rec.name, created)
-                    done = SnapshotRecord.from_dict(
-                        rec.to_dict() | {"state": "ready", "created": created}
-                    )
-                    log.info("volume %s: snapshot %s taken", engine.name, rec.name)
-                except (VolumeIOError, PxcError) as e:
-                    done = SnapshotRecord.from_dict(
-                        rec.to_dict() | {"state": "failed", "error": str(e)}
-                    )
-                    log.warning("volume %s: snapshot %s failed: %s", engine.name, rec.name, e)
-                txn = self.etcd.txn().value_is(key, rec.encode()).put(key, done.encode())
-                await self.etcd.commit(txn)
-            elif rec.state in ("deleting", "failed"):
-                await self._cancel_rebuilds(vid)
-                try:
-                    await engine.delete_snapshot(rec.id)
-                except (VolumeIOError, PxcError) as e:
-                    log.warning("volume %s: deleting snapshot %s: %s", engine.name, rec.name, e)
-                    continue
-                if rec.state == "deleting":
-                    await self.etcd.commit(self.etcd.txn().value_is(key, rec.encode()).delete(key))
-        known = set(view.snapshots)
-        for snap in [x for x in engine.snapshots if x.id not in known]:
-            with contextlib.suppress(VolumeIOError, PxcError):
-                await engine.delete_snapshot(snap.id)
-        rv = view.revert
-        if rv is not None and rv.state == "pending" and view.target is not None:
-            key = self.keys.revert(vid)
-            if view.target.reason == "user":
-                failed = RevertRecord(rv.snapshot, "failed", "the volume is attached for clients")
-                txn = self.etcd.txn().value_is(key, rv.encode()).put(key, failed.encode())
-                await self.etcd.commit(txn)
-                return
-            await self._cancel_rebuilds(vid)
-            try:
-                await engine.revert(rv.snapshot)
-            except (VolumeIOError, PxcError) as e:
-                failed = RevertRecord(rv.snapshot, "failed", str(e))
-                txn = self.etcd.txn().value_is(key, rv.encode()).put(key, failed.encode())
-                await self.etcd.commit(txn)
-                return
-            log.info("volume %s: reverted to snapshot %s", engine.name, rv.snapshot)
-            await self.etcd.commit(self.etcd.txn().value_is(key, rv.encode()).delete(key))
-
-    async def _start_hydration(
-        self, view: VolumeView, engine: VolumeEngine, rec: HydrationRecord
-    ) -> None:
-        src = await self.service.volume_by_id(rec.source_volume)
-        alive = await self.service.alive()
-        nodes = {n.id: n for n in await self.service.nodes()}
-        sources = [
-            self.peers.get(nodes[n])
-            for n, st in sorted(src.replicas.items(), key=lambda x: x[0] != self.node_id)
-            if st.state == "in_sync" and n in alive and n in nodes
-        ]
-        gens: dict[int, tuple[int, int]] | None = None
-        for s in sources:
-            try:
-                gens = await s.snapshot_generations(rec.source_volume, rec.snapshot)
-                break
-            except Exception as e:
-                log.warning("volume %s: clone source replica: %s", view.record.name, e)
-        if gens is None:
-            raise VolumeIOError("no replica of the source snapshot is reachable")
-        extra = set(rec.extra)
-        pending = {c for c in gens if c >= rec.watermark and c not in extra}
-        key = self.keys.hydration(view.record.id)
-
-        async def update(change: Callable[[HydrationRecord], HydrationRecord]) -> None:
-            for _ in range(20):
-                kv = await self.etcd.get(key)
-                if kv is None:
-                    return
-                new = change(HydrationRecord.decode(kv.value))
-                txn = self.etcd.txn().unchanged(key, kv.mod_revision).put(key, new.encode())
-                if await self.etcd.commit(txn):
-                    return
-            raise VolumeIOError("clone copy progress could not be recorded")
-
-        async def record_extra(chunk: int) -> None:
-            await update(
-                lambda r: HydrationRecord.from_dict(
-                    r.to_dict() | {"extra": sorted({*r.extra, chunk})}
-                )
-            )
-
-        async def record_watermark(mark: int) -> None:
-            await update(
-                lambda r: HydrationRecord.from_dict(
-                    r.to_dict() | {"watermark": max(r.watermark, mark)}
-                )
-            )
-
-        async def done() -> None:
-            await update(
-                lambda r: HydrationRecord.from_dict(
-                    r.to_dict() | {"state": "done", "watermark": r.chunks_total}
-                )
-            )
-            self.wake.set()
-
-        engine.start_hydration(
-            Hydration(
-                rec.source_volume,
-                rec.snapshot,
-                sources,
-                pending,
-                record_extra,
-                record_watermark,
-                bandwidth=self.rebuild_bandwidth,
-            ),
-            done,
-        )
-
-    async def _apply_scrub(self, view: VolumeView, engine: VolumeEngine) -> None:
-        rec = view.scrub
-        if rec is None or rec.state != "pending":
+    async def _let_go_if_done(self, view: VolumeView) -> None:
+        """Called once no replica of the volume waits for a rebuild: a volume attached here
+        only to rebuild it or to work on its snapshots is let go when that work is done."""
+        target = view.target
+        if target is None or target.reason not in ("rebuild", "snapshot") or _snapshot_work(view):
             return
-        key = self.keys.scrub(view.record.id)
-        try:
-            report = await scrub(engine)
-            done = ScrubRecord.from_dict(
-                rec.to_dict() | report.to_dict() | {"state": "done", "finished": time.time()}
-            )
-            log.info(
-                "volume %s: scrubbed %d chunks, repaired %d, unrepairable %d",
-                engine.name,
-                report.chunks,
-                len(report.repaired),
-                len(report.unrepairable),
-            )
-        except (VolumeIOError, PxcError) as e:
-            done = ScrubRecord.from_dict(
-                rec.to_dict() | {"state": "failed", "error": str(e), "finished": time.time()}
-            )
-        txn = self.etcd.txn().value_is(key, rec.encode()).put(key, done.encode())
-        await self.etcd.commit(txn)
-
-    async def _cancel_rebuilds(self, vid: str) -> None:
-        tasks = [t for k, t in self.rebuilds.items() if k[0] == vid]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        key = self.keys.target(view.record.id)
+        await self.etcd.commit(self.etcd.txn().value_is(key, target.encode()).delete(key))
 
     async def _empty_trash(self) -> None:
         for kv in await self.etcd.get_prefix(self.keys.trash_prefix(self.node_id)):

@@ -1,9 +1,10 @@
 """The node daemon: `pxcluster cluster join` runs one in the foreground.
 
-Wiring only: it opens (or formats) the disks, registers the node in etcd under a lease, and
-starts the replica server, the NBD server, the REST/metrics endpoint, the agent and the leader
-election. SIGTERM/SIGINT stop it gracefully: volumes attached here are detached cleanly (flushed,
-chunks marked clean) before the lease is revoked, so a planned stop is never an unclean failover.
+Wiring only: it opens (or formats) the disks, starts the replica server, the NBD server and
+the REST/metrics endpoint, and runs the node's control plane over them (`control.py`: the node's
+record and lease in etcd, the agent, the leader election and the controllers). SIGTERM/SIGINT
+stop it gracefully: volumes attached here are detached cleanly (flushed, chunks marked clean)
+before the lease is revoked, so a planned stop is never an unclean failover.
 """
 
 from __future__ import annotations
@@ -20,22 +21,21 @@ from pathlib import Path
 
 from aiohttp import web
 
-from membership.election import Election
 from membership.etcd import Etcd, EtcdSettings
 from membership.keys import Keys
-from membership.lease import LeaseKeeper
 from membership.records import ClusterRecord, DiskRecord, NodeRecord
 from pxcluster.api import access
 from pxcluster.api.app import ApiConfig, build_app, serve
-from pxcluster.controllers.runner import ControllerRunner, leader_controllers
 from pxcluster.errors import JoinRefused
 from pxcluster.nbd.export import ExportRegistry
 from pxcluster.nbd.server import NbdServer
 from pxcluster.nbd.tls import nbd_server_context
-from pxcluster.node.agent import NodeAgent, Peers
+from pxcluster.node.agent import NodeAgent
+from pxcluster.node.control import NodeControl
 from pxcluster.node.metrics import Metrics
 from pxcluster.node.paths import check_data_dir, inside
-from pxcluster.service.core import Service, is_loopback
+from pxcluster.node.peers import Peers
+from pxcluster.service.core import is_loopback
 from replica import auth
 from replica.chunkstore import ChunkStore
 from replica.errors import ForeignDisk, NotFormatted, UnjustifiedEpoch
@@ -123,10 +123,13 @@ class Node:
         # leave the API open.
         self.api_tokens = access.read_tokens(config.api_token_file, config.api_read_token_file)
         self.metrics = Metrics()
-        self.lease = LeaseKeeper(self.etcd, config.lease_ttl, self._lease_lost)
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.agent: NodeAgent | None = None
+        self.control = NodeControl(
+            self.etcd,
+            self.keys,
+            config.lease_ttl,
+            self.node_record,
+            replace_after=config.replace_after,
+        )
         self.replica_server: ReplicaServer | None = None
         self.nbd: NbdServer | None = None
         self.api: web.AppRunner | None = None
@@ -234,33 +237,6 @@ class Node:
             nbd_tls_dir=c.nbd_tls_dir,
         )
 
-    async def register(self) -> None:
-        existing = await self.etcd.get(self.keys.node(self.node_id))
-        state = "active"
-        if existing is not None:
-            state = NodeRecord.decode(existing.value).state
-            if state == "removed":
-                state = "active"
-        await self.lease.grant()
-        await self.etcd.put(self.keys.node(self.node_id), self.node_record(state).encode())
-        await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
-
-    async def _lease_lost(self) -> None:
-        if self.agent is not None:
-            await self.agent.fence_all("node lease expired")
-        if self._stopping.is_set():
-            return
-        while not self._stopping.is_set():
-            try:
-                await self.lease.grant()
-                await self.etcd.put(self.keys.alive(self.node_id), b"1", self.lease.lease_id)
-                self.lease.start()
-                log.warning("rejoined with a new lease %x", self.lease.lease_id)
-                return
-            except Exception as e:
-                log.warning("rejoin failed: %s", e)
-                await asyncio.sleep(1.0)
-
     # --- run
 
     async def start(self) -> None:
@@ -300,39 +276,25 @@ class Node:
             self.docker_plugin = await start_plugin(
                 c.docker_plugin_socket, self, c.name, c.data_dir
             )
-        await self.register()
-        self.lease.start()
+        await self.control.register(self.node_id)
         peers = Peers(
             self.node_id,
             self.service,
             key=replica_key,
             tls=client_context(tls) if tls else None,
         )
-        self.agent = NodeAgent(
+        agent = NodeAgent(
             self.node_id,
             self.etcd,
             self.keys,
-            self.lease,
+            self.control.lease,
             peers,
             self.registry,
             rebuild_bandwidth=c.rebuild_bandwidth,
             clean_after=c.clean_after,
             metrics=self.metrics,
         )
-        election = Election(self.etcd, self.keys, self.node_id, lambda: self.lease.lease_id)
-        service = Service(self.etcd, c.cluster)
-        runner = ControllerRunner(
-            self.etcd,
-            self.keys.root.encode(),
-            election,
-            leader_controllers(service, replace_after=c.replace_after),
-        )
-        self._tasks = [
-            asyncio.create_task(self.agent.run(), name="agent"),
-            asyncio.create_task(election.run(), name="election"),
-            asyncio.create_task(runner.run(), name="controllers"),
-            asyncio.create_task(self._refresh_record(), name="node-status"),
-        ]
+        self.control.start(agent)
         log.info(
             "node %s (%s) joined cluster %s: data %s:%d nbd %s:%d%s",
             c.name,
@@ -387,47 +349,24 @@ class Node:
         return self.config.cluster
 
     def lease_healthy(self) -> bool:
-        return self.lease.healthy()
+        return self.control.lease.healthy()
 
     def refresh_metrics(self) -> None:
         m = self.metrics
-        m.lease_healthy.set(1 if self.lease.healthy() else 0)
+        m.lease_healthy.set(1 if self.control.lease.healthy() else 0)
         stats = [st.stats() for st in self.stores]
         m.capacity.set(sum(x.capacity for x in stats))
         m.used.set(sum(x.used for x in stats))
 
-    async def _refresh_record(self) -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            with contextlib.suppress(Exception):
-                kv = await self.etcd.get(self.keys.node(self.node_id))
-                if kv is None:
-                    continue
-                state = NodeRecord.decode(kv.value).state
-                value = self.node_record(state).encode()
-                # Against what etcd holds, not what this loop wrote last: another writer (a
-                # cordon, a drain) may have put back an older view of the disks meanwhile.
-                if value != kv.value:
-                    txn = self.etcd.txn().unchanged(self.keys.node(self.node_id), kv.mod_revision)
-                    await self.etcd.commit(txn.put(self.keys.node(self.node_id), value))
-
     async def stop(self) -> None:
-        self._stopping.set()
-        for t in self._tasks:
-            t.cancel()
-        _, stuck = await asyncio.wait(self._tasks, timeout=5)
-        for t in stuck:
-            log.error("task %s did not stop within 5 s; leaving it", t.get_name())
-        if self.agent is not None:
-            await self.agent.hand_off_all()
-            await self.agent.peers.close()
+        await self.control.stop()
         if self.nbd is not None:
             await self.nbd.close()
         if self.replica_server is not None:
             await self.replica_server.close()
         if self.api is not None:
             await self.api.cleanup()
-        await self.lease.stop(revoke=True)
+        await self.control.lease.stop(revoke=True)
         for store in self.stores:
             await store.close()
         await self.etcd.close()
@@ -436,9 +375,9 @@ class Node:
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self.control.stopping.set)
         loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         print(f"node {self.config.name} ({self.node_id}) is up", flush=True)
-        await self._stopping.wait()
+        await self.control.stopping.wait()
         log.info("stopping node %s", self.config.name)
         await self.stop()
