@@ -210,10 +210,11 @@ def scaling(c: Cluster, args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
-def pyspy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
+def pyspy(pid: int, out: Path, seconds: int, native: bool = False) -> subprocess.Popen[bytes]:
     exe = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    extra = ["--native", "--idle"] if native else []
     return subprocess.Popen(
-        [exe, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-d", str(seconds)],
+        [exe, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-d", str(seconds), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -230,7 +231,7 @@ def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
     for key in args.profile_workloads.split(","):
         w = next(x for x in WORKLOADS if x.key == key)
         procs = [
-            pyspy(p.proc.pid, d / f"{key}-{n}.txt", 5)
+            pyspy(p.proc.pid, d / f"{key}-{n}.txt", 5, args.profile_native)
             for n, p in c.nodes.items()
             if n in ("n1", "n2") and p.proc is not None
         ]
@@ -251,9 +252,9 @@ def profile(c: Cluster, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
     return info
 
 
-def sub_bench(script: str, size: str) -> Any:
+def sub_bench(script: str, size: str, *extra: str) -> Any:
     res = subprocess.run(
-        [PY, str(ROOT / "bench" / script), "--size", size],
+        [PY, str(ROOT / "bench" / script), "--size", size, *extra],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -277,6 +278,11 @@ def main() -> None:
     ap.add_argument("--no-extras", action="store_true", help="skip failover and rebuild")
     ap.add_argument("--profile", action="store_true", help="only the py-spy profile")
     ap.add_argument("--profile-sync", action="store_true", help="profile a --sync-writes volume")
+    ap.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="profile C frames too (uvloop, syscalls), idle time included",
+    )
     ap.add_argument("--profile-repl", type=int, default=3, help="replicas of the profiled volume")
     ap.add_argument(
         "--profile-workloads",
@@ -370,7 +376,7 @@ def main() -> None:
         log("failover bench")
         result["failover"] = sub_bench("failover_bench.py", "256M")
         log("rebuild bench")
-        result["rebuild"] = sub_bench("rebuild_bench.py", "1G")
+        result["rebuild"] = sub_bench("rebuild_bench.py", "1G", "--floor")
     rat = report.ratios(cells)
     peer = report.peer_ratios(cells)
     result["cells"] = cells
