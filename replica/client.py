@@ -303,7 +303,7 @@ class ReplicaClient:
             self._sweep_handle = loop.call_later(self._tick, self._sweep)
         return rid, fut
 
-    # -- a write without a coroutine (the engine's fast path, VolumeEngine.write_begin) ---------
+    # -- a write without a coroutine (the engine's fast path: write_begin, engine/fastpath.py) --
     def ready_to_send(self) -> bool:
         """A frame can leave now: connected, and the transport takes more."""
         c = self._conn

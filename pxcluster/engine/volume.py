@@ -5,6 +5,10 @@ in-sync replica at once and acknowledges only when all hold it (invariant 1). A 
 fails is dropped from the in-sync set only after etcd recorded it stale under this engine's
 epoch (invariant 2); if that cannot be recorded, the write fails. Before any acknowledgement
 the engine checks that its node's lease is safe (invariant 4, self-fencing).
+
+The common NBD request is done without a coroutine by the engine's fast path
+(`pxcluster/engine/fastpath.py`); this module holds the coroutine path, which handles every
+other case, and the bookkeeping both share.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from pxcluster.engine.crypt import BLOCK as CRYPT_BLOCK
 from pxcluster.engine.crypt import BlockCipher
 from pxcluster.engine.errors import Fenced, NoInSyncReplica, OutOfBounds, VolumeIOError
 from pxcluster.engine.fanout import fan_out, fan_out_calls
+from pxcluster.engine.fastpath import FastPath
 from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.limits import IoLimiter
 from pxcluster.engine.rangelock import RangeLocks
 from pxcluster.engine.reconcile import reconcile_dirty
 from pxcluster.engine.state import ReplicaStateWriter
-from replica.api import LocalFastPath, RemoteFastPath, ReplicaAPI, SnapshotInfo, VolumeInfo
+from replica.api import ReplicaAPI, SnapshotInfo, VolumeInfo
 from replica.errors import ReplicaError, StaleEpoch
 
 log = logging.getLogger(__name__)
@@ -98,11 +103,6 @@ class OpenReport:
     reconciled_chunks: int
 
 
-def _flush_outcome(fut: asyncio.Future[Any]) -> None:
-    """Raise what the local replica's flush raised (write_begin's durable writes)."""
-    fut.result()
-
-
 class VolumeEngine:
     def __init__(
         self,
@@ -122,14 +122,10 @@ class VolumeEngine:
         self.local_node = local_node
         self._all = replicas
         self.in_sync: dict[str, ReplicaAPI] = {}
-        # Each replica's fast path (replica/api.py), found once per replica object: the local
-        # replica's calls done at once, a remote one's write sent at once.
         # Chunks trimmed piece by piece lately, and when to look whether they read as zeros
         # now (see _trim_raw).
         self._trim_checks: dict[int, asyncio.TimerHandle] = {}
         self._trim_tasks: set[asyncio.Task[None]] = set()
-        self._fast_local: tuple[ReplicaAPI | None, LocalFastPath | None] = (None, None)
-        self._fast_remote: dict[str, tuple[ReplicaAPI, RemoteFastPath | None]] = {}
         self._state = state
         self._lease_ok = lease_ok
         self._on_fenced = on_fenced
@@ -150,7 +146,6 @@ class VolumeEngine:
         self._serial = itertools.count(1)
         self.inflight: set[int] = set()
         self._write_done = asyncio.Event()
-        self._settling: set[asyncio.Task[None]] = set()  # write_begin's failures being handled
         self.limits = IoLimiter()
         self.cipher: BlockCipher | None = None  # set for encrypted volumes before serving
         self._block_locks = RangeLocks()
@@ -165,6 +160,12 @@ class VolumeEngine:
         # Plain counters, read by the metrics collector at scrape time (no cost per request
         # beyond an add).
         self.counters = dict.fromkeys(VOLUME_COUNTERS, 0)
+        # The fast path (pxcluster/engine/fastpath.py): the NBD server's requests done without
+        # a coroutine. Its bound methods are the engine's own, so a request costs no extra call.
+        fast = FastPath(self)
+        self.read_now = fast.read_now
+        self.write_now = fast.write_now
+        self.write_begin = fast.write_begin
 
     # --- lifecycle
 
@@ -418,7 +419,8 @@ class VolumeEngine:
                 del self.copying[c]
                 gate.set()
 
-    # --- Export (NBD frontend)
+    # --- Export (NBD frontend): the coroutine path. The NBD server tries the fast path first
+    # (`read_now`, `write_now`, `write_begin`: fastpath.py, bound in __init__).
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
@@ -442,220 +444,6 @@ class VolumeEngine:
             await self._write_encrypted(offset, data, fua)
         else:
             await self._write_raw(offset, data, fua)
-
-    # The common request done at once, asked by the NBD server before the coroutine path:
-    # no coroutine, task or future per request. Each returns None (or False), with nothing
-    # changed, whenever anything beyond the plain case applies; and on any error, because the
-    # coroutine path then does the request again and owns what errors mean (fencing,
-    # degrading a replica, trying another). Reads and writes are idempotent, so doing one
-    # twice is safe.
-
-    def read_now(self, offset: int, length: int) -> bytes | None:
-        """A read inside one chunk, served by the local in-sync replica."""
-        if self.cipher is not None or not self.limits.unlimited or self.fenced:
-            return None
-        local = self._local_fast()
-        where = self._plain_chunk(offset, length)
-        if local is None or where is None:
-            return None
-        chunk, inner = where
-        try:
-            data: bytes = local.read_now(self.spec.id, self.epoch, chunk, inner, length)
-        except Exception:
-            return None
-        if not self._lease_ok():  # as _read_raw's guard: the coroutine path fences
-            return None
-        c = self.counters
-        c["read_ops"] += 1
-        c["read_bytes"] += length
-        return data
-
-    def write_now(self, offset: int, data: memoryview, fua: bool) -> bool:
-        """A non-durable write inside one chunk of a volume whose only in-sync replica is the
-        local one, with no rebuild, snapshot, copy or clone copy in the way."""
-        if not self._plain_write(fua) or len(self.in_sync) != 1:
-            return False
-        local = self._local_fast()
-        length = len(data)
-        where = self._plain_chunk(offset, length)
-        if local is None or where is None or where[0] in self.copying:
-            return False
-        chunk, inner = where
-        if not self._lease_ok():  # as _fan_write's guard, before the write
-            return False
-        seq = next(self._seq)
-        try:
-            done = local.write_now(self.spec.id, self.epoch, chunk, inner, data, seq=seq)
-        except Exception:
-            return False
-        if not done:
-            return False
-        # What _mutate does after a write; it waited for nothing, so nobody saw it in flight.
-        self._dirty_at[chunk] = time.monotonic()
-        c = self.counters
-        c["write_ops"] += 1
-        c["write_bytes"] += length
-        return True
-
-    def write_begin(self, offset: int, data: memoryview, fua: bool) -> asyncio.Future[None] | None:
-        """A write `write_now` declines only because other replicas are in sync or because it
-        is durable (FUA, or a `--sync-writes` volume), started with no coroutine: the local
-        replica (if in sync) applies it at once and every remote one gets its frame now; a
-        durable one joins the local replica's next group commit (`flush_soon`) and goes to
-        the remote ones in a durable frame (synced there before the reply). Returns the future
-        of its acknowledgement: done when every in-sync replica holds it (durably if durable),
-        or failed as the coroutine path fails it (a failed replica recorded stale in etcd
-        first: invariant 2). None, with nothing changed, when it needs the coroutine path (the
-        same reasons as `write_now`, or a remote connection not ready)."""
-        durable = fua or self.spec.sync_writes
-        if not self._unhindered() or (len(self.in_sync) < 2 and not durable):
-            return None
-        length = len(data)
-        where = self._plain_chunk(offset, length)
-        if where is None or where[0] in self.copying:
-            return None
-        chunk, inner = where
-        local: LocalFastPath | None = None
-        remotes: list[tuple[str, RemoteFastPath]] = []
-        for node, r in self.in_sync.items():
-            if node == self.local_node:
-                local = self._local_fast()
-                if local is None:
-                    return None
-            else:
-                remote = self._remote_fast(node, r)
-                if remote is None or not remote.ready_to_send():
-                    return None
-                remotes.append((node, remote))
-        if not self._lease_ok():  # as _fan_write's guard, before the write
-            return None
-        vid, epoch, seq = self.spec.id, self.epoch, next(self._seq)
-        if local is not None:
-            try:
-                if not local.write_now(
-                    vid, epoch, chunk, inner, data, seq=seq, flushed_after=durable
-                ):
-                    return None
-            except Exception:
-                return None
-        # Under way from here: it ends through the future, as _mutate ends a write, and counts
-        # as in flight until then (the rebuild's and the copy gates' waits see it).
-        serial = self._begin_write((chunk,))
-        c = self.counters
-        c["write_ops"] += 1
-        c["write_bytes"] += length
-        failed: dict[str, BaseException] = {}
-        sent: list[tuple[str, Callable[[asyncio.Future[Any]], None], asyncio.Future[Any]]] = []
-        if local is not None and durable:
-            try:
-                sent.append((self.local_node, _flush_outcome, local.flush_soon(vid, epoch)))
-            except Exception as e:
-                failed[self.local_node] = e
-        for node, remote in remotes:
-            try:
-                fut = remote.write_nowait(vid, epoch, chunk, inner, data, seq=seq, durable=durable)
-                sent.append((node, remote.write_outcome, fut))
-            except Exception as e:
-                failed[node] = e
-        loop = sent[0][2].get_loop() if sent else asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        left = len(sent)
-
-        def one_done(_: asyncio.Future[Any]) -> None:
-            nonlocal left
-            left -= 1
-            if left:
-                return
-            for node, outcome, fut in sent:
-                try:
-                    outcome(fut)
-                except (Exception, asyncio.CancelledError) as e:
-                    failed[node] = e
-            self._write_settle(serial, chunk, failed, done)
-
-        if sent:
-            for _, _, fut in sent:
-                fut.add_done_callback(one_done)
-        else:
-            self._write_settle(serial, chunk, failed, done)
-        return done
-
-    def _write_settle(
-        self, serial: int, chunk: int, failed: dict[str, BaseException], done: asyncio.Future[None]
-    ) -> None:
-        """Every replica of a `write_begin` answered: acknowledge, or degrade first."""
-        if failed:
-            task = done.get_loop().create_task(self._write_failed(serial, chunk, failed, done))
-            self._settling.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self._settling.discard)
-            return
-        try:
-            self._guard()  # as at the end of _fan_write: no acknowledgement on a lease at risk
-        except Fenced as e:
-            done.set_exception(e)
-        else:
-            done.set_result(None)
-        finally:
-            self._end_write(serial, (chunk,))
-
-    async def _write_failed(
-        self, serial: int, chunk: int, failed: dict[str, BaseException], done: asyncio.Future[None]
-    ) -> None:
-        try:
-            await self._degrade(failed)
-            self._guard()
-        except Exception as e:
-            done.set_exception(e)
-        except BaseException:
-            done.cancel()
-            raise
-        else:
-            done.set_result(None)
-        finally:
-            self._end_write(serial, (chunk,))
-
-    def _plain_write(self, fua: bool) -> bool:
-        """Nothing about the volume keeps a write from the fast paths: not durable, and
-        `_unhindered`."""
-        return not (fua or self.spec.sync_writes) and self._unhindered()
-
-    # A replica's fast path is found once per replica object: a runtime Protocol check costs
-    # too much to repeat for every request.
-
-    def _local_fast(self) -> LocalFastPath | None:
-        r = self.in_sync.get(self.local_node)
-        known, fast = self._fast_local
-        if known is not r:
-            fast = r if isinstance(r, LocalFastPath) else None
-            self._fast_local = (r, fast)
-        return fast
-
-    def _remote_fast(self, node: str, r: ReplicaAPI) -> RemoteFastPath | None:
-        known = self._fast_remote.get(node)
-        if known is None or known[0] is not r:
-            known = self._fast_remote[node] = (r, r if isinstance(r, RemoteFastPath) else None)
-        return known[1]
-
-    def _unhindered(self) -> bool:
-        """Not encrypted or limited, not fenced, no snapshot barrier, no replica catching up."""
-        return not (
-            self.cipher is not None
-            or not self.limits.unlimited
-            or self.fenced
-            or self._barrier is not None
-            or self.rebuilding
-        )
-
-    def _plain_chunk(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(chunk, offset inside it) of a request the fast paths may take: not empty, inside
-        one chunk and the volume, and not in a chunk a clone has still to copy."""
-        chunk, inner = divmod(offset, self.spec.chunk_size)
-        if not length or inner + length > self.spec.chunk_size or offset + length > self.size:
-            return None
-        h = self.hydration
-        if h is not None and chunk in h.pending:
-            return None
-        return chunk, inner
 
     async def flush(self) -> None:
         await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
@@ -877,7 +665,8 @@ class VolumeEngine:
 
     def _begin_write(self, chunks: Sequence[int]) -> int:
         """A write is under way on `chunks`: in flight until `_end_write`, so the rebuild's
-        and the copy gates' waits see it. Every write path, fast or not, starts here."""
+        and the copy gates' waits see it. The one place a write starts, for the coroutine path
+        (`_mutate`) and the fast path's `write_begin` (fastpath.py) alike."""
         serial = next(self._serial)
         self.inflight.add(serial)
         counts = self.chunk_writes
