@@ -19,6 +19,7 @@ from typing import Any
 
 from membership.etcd import Etcd, EtcdSettings, EtcdUnavailable, parse_endpoint
 from pxcluster.errors import OperationTimeout, PxcError
+from pxcluster.host.proc import pid_alive
 from pxcluster.service.core import Service
 
 STATE = "dev.json"
@@ -33,21 +34,6 @@ def _listening(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.3)
         return s.connect_ex((host, port)) == 0
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _spawn(cmd: list[str], log: Path) -> int:
@@ -85,7 +71,7 @@ def up(
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     state_file = d / STATE
-    if state_file.exists() and any(_running(p["pid"]) for p in status(directory)):
+    if state_file.exists() and any(pid_alive(p["pid"]) for p in status(directory)):
         raise PxcError(f"a dev cluster from {d} is already running (pxcluster dev down first)")
     host, port = parse_endpoint(etcd_url)
     procs: list[dict[str, Any]] = []
@@ -162,12 +148,12 @@ def up(
         ports = node_ports(i)
         _wait(
             lambda p=p, ports=ports: (
-                _listening("127.0.0.1", ports["nbd"]) or not _running(p["pid"])
+                _listening("127.0.0.1", ports["nbd"]) or not pid_alive(p["pid"])
             ),
             30,
             f"node {p['name']} did not start (see {p['log']})",
         )
-        if not _running(p["pid"]):
+        if not pid_alive(p["pid"]):
             tail = Path(p["log"]).read_text().strip().splitlines()[-1:]
             raise PxcError(f"node {p['name']} exited: {' '.join(tail)}")
     # Listening comes before registering: wait until etcd shows every node up.
@@ -205,7 +191,7 @@ def status(directory: str) -> list[dict[str, Any]]:
     if not state_file.exists():
         return []
     procs: list[dict[str, Any]] = json.loads(state_file.read_text())
-    return [{**p, "running": _running(p["pid"])} for p in procs]
+    return [{**p, "running": pid_alive(p["pid"])} for p in procs]
 
 
 def down(directory: str, *, purge: bool = False) -> None:
@@ -215,7 +201,7 @@ def down(directory: str, *, purge: bool = False) -> None:
         if p["running"]:
             os.kill(p["pid"], signal.SIGTERM)
             try:
-                _wait(lambda p=p: not _running(p["pid"]), 15, "")
+                _wait(lambda p=p: not pid_alive(p["pid"]), 15, "")
             except OperationTimeout:
                 os.kill(p["pid"], signal.SIGKILL)
     d = Path(directory)
