@@ -103,7 +103,9 @@ class ChunkStore:
         # A hook told (flush callers, journal records) of each sync (the node feeds /metrics).
         self.on_sync: Callable[[int, int], None] | None = None
         self.unclean = unclean
-        self._commit = GroupCommit(state, self._sync)
+        # The file's change count when the latest sync took its first step (-1: none yet).
+        self._covered = -1
+        self._commit = GroupCommit(state, self._sync, self._quiet)
         self._blocks = Blocks(f, sb, state.csums, state.quarantine)
         self._slots = SlotPool(
             set(range(sb.slots)) - meta.used_slots(),
@@ -295,14 +297,28 @@ class ChunkStore:
                 if blob:
                     self._f.pwrite(blob, self._sb.journal_offset + self._tail)
                     self._tail += len(blob)
+                self._covered = self._f.changes  # what the fdatasync below makes durable
                 await asyncio.to_thread(self._f.fdatasync)
             else:
                 # The journal is full: the checkpoint holds everything the batch would have.
+                self._covered = self._f.changes
                 await asyncio.to_thread(self._write_checkpoint, *self._snapshot())
         except BaseException:
             self._slots.sync_failed(punched)
             raise
         self._slots.synced(punched)
+
+    def _quiet(self) -> bool:
+        """Nothing applied since the latest sync's first step: no write or punch reached the
+        file, and no record, generation, checksum entry or punched slot waits for a sync."""
+        st = self._state
+        return (
+            self._f.changes == self._covered
+            and not st.records
+            and not st.gen_dirty
+            and not self._csums.due
+            and not self._slots.punches_due
+        )
 
     def _take_records(self) -> list[Record]:
         batch, self._state.records = self._state.records, []

@@ -53,6 +53,11 @@ class ChecksumPages:
     def dirty(self) -> int:
         return len(self._dirty) + len(self._lazy)
 
+    @property
+    def due(self) -> bool:
+        """Entries the next sync's write_back writes (lazy ones wait for their chunk)."""
+        return bool(self._dirty)
+
     def get(self, slot: int, first: int, blocks: int) -> bytes:
         """The stored entries of `blocks` blocks from block `first` of the slot."""
         start = first * CSUM_SIZE

@@ -70,6 +70,12 @@ class BlockFile(Protocol):
         the same result as `pwrite` otherwise. Durable only after `fdatasync`, like `pwrite`."""
         ...
 
+    @property
+    def changes(self) -> int:
+        """How many writes and punches have completed, from any thread: an unchanged count
+        means nothing reached the file in between (the group commit skips a sync then)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -102,6 +108,8 @@ class OSFile:
         self._direct_ok = True  # False once the filesystem refused O_DIRECT
         self._bounce: list[mmap.mmap] = []
         self._bounce_lock = threading.Lock()
+        self._changes = 0
+        self._changes_lock = threading.Lock()  # writes complete on worker threads too
 
     @classmethod
     def open(cls, path: str) -> OSFile:
@@ -127,6 +135,17 @@ class OSFile:
         if self._held.busy:
             self._held.wait_clear(offset, len(data))
         self._pwrite(self._fd, memoryview(data), offset)
+        self._changed()
+
+    @property
+    def changes(self) -> int:
+        return self._changes
+
+    def _changed(self) -> None:
+        # Counted once the write is done, never before: a sync that read the count may only
+        # vouch for writes that had completed when it read it.
+        with self._changes_lock:
+            self._changes += 1
 
     @staticmethod
     def _pwrite(fd: int, view: memoryview, offset: int) -> None:
@@ -154,6 +173,7 @@ class OSFile:
         n = len(view)
         if not n or offset % DIRECT_ALIGN or n % DIRECT_ALIGN or not self._open_direct():
             self._pwrite(self._fd, view, offset)  # the caller holds the range already
+            self._changed()
             return
         # A large frame's payload sits page-aligned in its receive buffer: O_DIRECT takes it
         # from there. Anything else goes through an aligned bounce buffer.
@@ -173,6 +193,7 @@ class OSFile:
             if buf is not None:
                 out.release()
                 self._give_bounce(buf)
+        self._changed()
 
     def _open_direct(self) -> bool:
         if self._dfd >= 0:
@@ -222,6 +243,7 @@ class OSFile:
         if self._can_punch and _fallocate is not None:
             mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
             if _fallocate(self._fd, mode, offset, length) == 0:
+                self._changed()
                 return
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -323,6 +345,7 @@ class VolatileFile:
         self._pending: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
         self.syncs = 0
+        self._changes = 0
 
     @classmethod
     def from_image(cls, image: bytes) -> VolatileFile:
@@ -342,6 +365,11 @@ class VolatileFile:
         with self._lock:
             self._current[offset : offset + len(blob)] = blob
             self._pending.append((offset, blob))
+            self._changes += 1
+
+    @property
+    def changes(self) -> int:
+        return self._changes
 
     def fdatasync(self) -> None:
         with self._lock:

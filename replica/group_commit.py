@@ -2,8 +2,10 @@
 
 Syncs are numbered in order. `flush` asks for the first sync that covers everything applied
 so far: a sync started but not yet past its first step covers it (it has not looked at
-anything yet), otherwise the next one does. So however many callers flush at once, each sync
-is one run of the store's commit step (one journal append and fdatasync).
+anything yet); so does the latest sync when the store says nothing was applied since that
+sync's first step (`quiet`): a flush right after a durable write, or a second flush, costs no
+fdatasync. Otherwise the next sync does. So however many callers flush at once, each sync is
+one run of the store's commit step (one journal append and fdatasync).
 """
 
 from __future__ import annotations
@@ -17,11 +19,18 @@ __all__ = ["GroupCommit"]
 
 
 class GroupCommit:
-    def __init__(self, state: StoreState, commit: Callable[[int], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        state: StoreState,
+        commit: Callable[[int], Awaitable[None]],
+        quiet: Callable[[], bool],
+    ) -> None:
         """`commit(callers)`: one sync's work, told how many flush callers it serves; its
-        first step (up to its first wait) takes what the sync covers."""
+        first step (up to its first wait) takes what the sync covers. `quiet()`: nothing was
+        applied since the first step of the latest sync."""
         self._state = state  # a flush on a closed store fails
         self._commit = commit
+        self._quiet = quiet
         self.started = 0  # the number of the latest sync started
         self.done = 0  # the number of the latest sync completed
         self._task: asyncio.Task[None] | None = None
@@ -55,11 +64,17 @@ class GroupCommit:
     def _sync_needed(self) -> int:
         """The number of the first sync that covers everything applied so far."""
         self._state.check_open()
-        self._callers += 1
         if self._task is not None and not self._begun:
             # That sync has not looked at anything yet: everything applied before this call
             # (data written, records appended) is in what it will take and fdatasync.
+            self._callers += 1
             return self.started
+        if self._quiet():
+            # Everything applied was applied before the latest sync's first step: that sync
+            # covers it (done already, or running). Had it failed, `done` is behind and
+            # `_flush_to` starts another.
+            return self.started
+        self._callers += 1
         return self.started + 1
 
     async def _flush_to(self, need: int) -> None:

@@ -83,6 +83,11 @@ class SlotPool:
         if self._prefill is not None:
             await asyncio.gather(self._prefill, return_exceptions=True)
 
+    @property
+    def punches_due(self) -> bool:
+        """Slots punched since the latest sync began, whose zeros the next sync makes durable."""
+        return bool(self._punched)
+
     def sync_begins(self) -> list[int]:
         """A sync takes the slots punched so far; it ends in `synced` or `sync_failed`."""
         punched, self._punched = self._punched, []

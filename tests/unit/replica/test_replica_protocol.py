@@ -661,8 +661,12 @@ async def test_client_that_stops_reading_bounds_server_memory() -> None:
         )
         for _ in range(600):  # 300 MiB of replies asked for
             w.write(req)
-        await asyncio.sleep(1.0)
         (conn,) = server._conns
+        # Wait (bounded) for the server to stop: reading paused, nothing left in flight.
+        for _ in range(1000):
+            if conn._parsing_paused and conn._inflight == 0:
+                break
+            await asyncio.sleep(0.01)
         assert conn.transport is not None
         buffered = conn.transport.get_write_buffer_size()
         # In flight at the pause, at most: MAX_INFLIGHT replies of 512 KiB.
