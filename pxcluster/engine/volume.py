@@ -512,21 +512,20 @@ class VolumeEngine:
                 await r.flush(vid, epoch)
 
         await self._mutate(pieces, one)
-        self.counters["chunks_freed"] += sum(
-            1 for p in pieces if p.length == self._chunk_len(p.chunk)
-        )
         # A whole-chunk trim frees the chunk; a chunk trimmed in pieces (fstrim through
         # nbdfuse arrives as 64 KiB discards) is only zeroed. Once its trims go quiet, look
         # whether it reads as zeros now, and free it if so.
         loop = asyncio.get_running_loop()
         for p in pieces:
-            if p.length < self._chunk_len(p.chunk):
-                old = self._trim_checks.pop(p.chunk, None)
-                if old is not None:
-                    old.cancel()
-                self._trim_checks[p.chunk] = loop.call_later(
-                    TRIM_SETTLE, self._start_trim_check, p.chunk
-                )
+            if p.length == self._chunk_len(p.chunk):
+                self.counters["chunks_freed"] += 1
+                continue
+            old = self._trim_checks.pop(p.chunk, None)
+            if old is not None:
+                old.cancel()
+            self._trim_checks[p.chunk] = loop.call_later(
+                TRIM_SETTLE, self._start_trim_check, p.chunk
+            )
 
     def _chunk_len(self, chunk: int) -> int:
         return min(self.spec.chunk_size, self.size - chunk * self.spec.chunk_size)

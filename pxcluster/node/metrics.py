@@ -66,7 +66,7 @@ class _VolumeCollector(Collector):
         )
         freed = CounterMetricFamily(
             "pxc_volume_chunks_freed",
-            "Chunks given back to the disks by trims (whole, or zeroed in pieces)",
+            "Whole chunks trimmed, at once or in pieces that left them zeros (freed where held)",
             labels=["volume"],
         )
         for v in self.volumes():
