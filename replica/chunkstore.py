@@ -43,7 +43,6 @@ the journal area, the two checkpoints); its parts do the rest, each in its own m
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +68,7 @@ from replica.store_io import ChunkIO
 from replica.store_slots import SlotPool
 from replica.store_snapshots import Snapshots, layer_chunks
 from replica.store_state import StoreState
+from replica.sync_thread import SyncThread
 
 __all__ = ["ChunkStore", "StoreStats", "Superblock", "VolumeMeta"]
 
@@ -105,6 +105,7 @@ class ChunkStore:
         self.unclean = unclean
         # The file's change count when the latest sync took its first step (-1: none yet).
         self._covered = -1
+        self._syncs = SyncThread()  # fdatasync and checkpoints, off the loop
         self._commit = GroupCommit(state, self._sync, self._quiet)
         self._blocks = Blocks(f, sb, state.csums, state.quarantine)
         self._slots = SlotPool(
@@ -203,14 +204,19 @@ class ChunkStore:
         await self._slots.settle()
         await self.flush()
         self._state.closed = True
-        await self._commit.idle()
-        if self._csums.dirty:
-            # A store opened clean recomputes nothing: every entry is durable before the
-            # checkpoint that says clean (in one sync, a power cut could keep only the latter).
-            self._csums.write_back(everything=True)
-            await asyncio.to_thread(self._f.fdatasync)
-        self._meta.clean = True
-        await asyncio.to_thread(self._write_checkpoint, *self._snapshot())
+        try:
+            await self._commit.idle()
+            if self._csums.dirty:
+                # A store opened clean recomputes nothing: every entry is durable before the
+                # checkpoint that says clean (in one sync, a power cut could keep only the
+                # latter).
+                self._csums.write_back(everything=True)
+                await self._syncs.run(self._f.fdatasync)
+            self._meta.clean = True
+            checkpoint = self._snapshot()
+            await self._syncs.run(lambda: self._write_checkpoint(*checkpoint))
+        finally:
+            self._syncs.close()
 
     @property
     def superblock(self) -> Superblock:
@@ -298,11 +304,12 @@ class ChunkStore:
                     self._f.pwrite(blob, self._sb.journal_offset + self._tail)
                     self._tail += len(blob)
                 self._covered = self._f.changes  # what the fdatasync below makes durable
-                await asyncio.to_thread(self._f.fdatasync)
+                await self._syncs.run(self._f.fdatasync)
             else:
                 # The journal is full: the checkpoint holds everything the batch would have.
                 self._covered = self._f.changes
-                await asyncio.to_thread(self._write_checkpoint, *self._snapshot())
+                checkpoint = self._snapshot()
+                await self._syncs.run(lambda: self._write_checkpoint(*checkpoint))
         except BaseException:
             self._slots.sync_failed(punched)
             raise
