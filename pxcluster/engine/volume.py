@@ -247,7 +247,7 @@ class VolumeEngine:
             self._barrier = gate
             try:
                 await self.wait_writes(lambda: not self.inflight)
-                await self.flush()
+                await self.sync_replicas()
                 self._stop_rebuilds("a snapshot was taken")
                 vid, epoch = self.spec.id, self.epoch
                 await self._fan_write(
@@ -296,7 +296,7 @@ class VolumeEngine:
                     await h.pace(self.spec.chunk_size)
                 if h.copied % 8 == 0:
                     await h.record_watermark(min(h.pending, default=chunk + 1))
-            await self.flush()
+            await self.sync_replicas()
             await on_done()
             self.hydration = None
             log.info("volume %s: clone copy done (%d chunks)", self.name, h.copied)
@@ -344,7 +344,7 @@ class VolumeEngine:
             await asyncio.gather(*self._trim_tasks, return_exceptions=True)
         if self.fenced:
             return
-        await self.flush()
+        await self.sync_replicas()
         self.stop_cleaner()
         dirty = sorted(self._dirty_at)
         if dirty:
@@ -394,7 +394,7 @@ class VolumeEngine:
         cutoff = started - idle
         if not any(t < cutoff for t in self._dirty_at.values()):
             return []
-        await self.flush()
+        await self.sync_replicas()
         chunks = sorted(
             c for c, t in self._dirty_at.items() if t < cutoff and c not in self.chunk_writes
         )
@@ -446,6 +446,22 @@ class VolumeEngine:
             await self._write_raw(offset, data, fua)
 
     async def flush(self) -> None:
+        """The client's FLUSH: every write answered before it is durable on every replica."""
+        if self.spec.sync_writes and self.hydration is None:
+            # Each write and trim of a --sync-writes volume was durable on every replica that
+            # took it before it was answered, and a FLUSH promises no more than what was
+            # answered before it: nothing is left to sync. (A clone still copying its source
+            # holds copied chunks that only a sync of the replicas makes durable.)
+            self._guard()
+            if not self.in_sync:
+                raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+            return
+        await self.sync_replicas()
+
+    async def sync_replicas(self) -> None:
+        """Sync every replica: whatever any of them has applied is durable after this (what
+        a snapshot, a clean detach, the dirty log's cleaning and a finished clone copy need,
+        beyond the client's writes)."""
         await self._fan_write(lambda r: r.flush(self.spec.id, self.epoch))
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:

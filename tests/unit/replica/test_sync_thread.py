@@ -17,9 +17,9 @@ def _sync_threads() -> list[threading.Thread]:
 
 
 async def _gone(timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while _sync_threads():
-            await asyncio.sleep(0.01)
+    for t in _sync_threads():
+        await asyncio.to_thread(t.join, timeout)
+        assert not t.is_alive()
 
 
 async def test_calls_run_off_the_loop_in_order() -> None:
