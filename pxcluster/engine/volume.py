@@ -447,11 +447,12 @@ class VolumeEngine:
 
     async def flush(self) -> None:
         """The client's FLUSH: every write answered before it is durable on every replica."""
-        if self.spec.sync_writes and self.hydration is None:
+        if self.spec.sync_writes:
             # Each write and trim of a --sync-writes volume was durable on every replica that
             # took it before it was answered, and a FLUSH promises no more than what was
-            # answered before it: nothing is left to sync. (A clone still copying its source
-            # holds copied chunks that only a sync of the replicas makes durable.)
+            # answered before it: nothing is left to sync. Whole-chunk copies (a clone's, a
+            # rebuild's) are durable when `write_chunk` returns; a chunk freed after its trims
+            # read as zeros reads as zeros whether the free survives or not.
             self._guard()
             if not self.in_sync:
                 raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")

@@ -1,13 +1,12 @@
 """The client's FLUSH: on a --sync-writes volume every write and trim was durable on every
-replica before its answer, so a FLUSH syncs none of them; everywhere else (default volumes, a
-clone still copying its source, the engine's own barriers) every replica is synced."""
+replica before its answer, so a FLUSH syncs none of them; everywhere else (default volumes, the
+engine's own barriers) every replica is synced."""
 
 from __future__ import annotations
 
 import pytest
 
 from pxcluster.engine.errors import Fenced
-from pxcluster.engine.hydrate import Hydration
 from pxcluster.engine.volume import VolumeEngine, VolumeSpec
 from tests.unit.engine.test_engine import CHUNK, FakeReplica, Recorder
 
@@ -66,17 +65,6 @@ async def test_a_flush_on_a_default_volume_syncs_every_replica() -> None:
     await eng.flush()
     assert [r.flushes for r in reps] == [1, 1, 1]
     assert all(r.durable[0][100:5100] == b"a" * 5000 for r in reps)
-
-
-async def test_a_clone_still_copying_takes_the_full_flush() -> None:
-    eng, reps = await engine(sync=True)
-
-    async def nothing(_: int) -> None:
-        pass
-
-    eng.hydration = Hydration("src", "snap", [], {5}, nothing, nothing)
-    await eng.flush()
-    assert [r.flushes for r in reps] == [1, 1, 1]
 
 
 async def test_the_engines_own_barriers_still_sync_every_replica() -> None:
