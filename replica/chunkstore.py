@@ -213,8 +213,7 @@ class ChunkStore:
                 self._csums.write_back(everything=True)
                 await self._syncs.run(self._f.fdatasync)
             self._meta.clean = True
-            checkpoint = self._snapshot()
-            await self._syncs.run(lambda: self._write_checkpoint(*checkpoint))
+            await self._checkpoint()
         finally:
             self._syncs.close()
 
@@ -308,8 +307,7 @@ class ChunkStore:
             else:
                 # The journal is full: the checkpoint holds everything the batch would have.
                 self._covered = self._f.changes
-                checkpoint = self._snapshot()
-                await self._syncs.run(lambda: self._write_checkpoint(*checkpoint))
+                await self._checkpoint()
         except BaseException:
             self._slots.sync_failed(punched)
             raise
@@ -345,6 +343,11 @@ class ChunkStore:
         if len(blob) > self._sb.meta_size:
             raise NoSpace(f"metadata ({len(blob)} bytes) exceeds its area ({self._sb.meta_size})")
         return seq, blob
+
+    async def _checkpoint(self) -> None:
+        """The next checkpoint, taken on the loop and written on the sync thread."""
+        seq, blob = self._snapshot()
+        await self._syncs.run(lambda: self._write_checkpoint(seq, blob))
 
     def _write_checkpoint(self, seq: int, blob: bytes) -> None:
         """Blocking. Seq n goes to area n % 2, sparing the current one until n is durable."""

@@ -453,9 +453,7 @@ class VolumeEngine:
             # answered before it: nothing is left to sync. Whole-chunk copies (a clone's, a
             # rebuild's) are durable when `write_chunk` returns; a chunk freed after its trims
             # read as zeros reads as zeros whether the free survives or not.
-            self._guard()
-            if not self.in_sync:
-                raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+            self._check_writable()
             return
         await self.sync_replicas()
 
@@ -640,6 +638,12 @@ class VolumeEngine:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfBounds(f"range {offset}+{length} outside volume of {self.size} bytes")
 
+    def _check_writable(self) -> None:
+        """Not fenced, the lease safe, and a replica in sync to take a change."""
+        self._guard()
+        if not self.in_sync:
+            raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+
     def _guard(self) -> None:
         if self.fenced:
             raise Fenced(f"volume {self.name}: engine fenced")
@@ -719,9 +723,7 @@ class VolumeEngine:
         pieces: list[Piece] | None = None,
         piece_call: Callable[[ReplicaAPI, list[Piece]], Awaitable[None]] | None = None,
     ) -> None:
-        self._guard()
-        if not self.in_sync:
-            raise NoInSyncReplica(f"volume {self.name}: no in-sync replica")
+        self._check_writable()
         calls: dict[str, Callable[[], Awaitable[None]]] = {
             n: functools.partial(call, r) for n, r in self.in_sync.items()
         }
